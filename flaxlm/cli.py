@@ -1,0 +1,147 @@
+"""``flaxlm <command>``: a thin layer that parses arguments and calls the library.
+
+    flaxlm data demo data/shakespeare             # write the demo corpus
+    flaxlm train configs/gpt_demo.yaml train.steps=600
+    flaxlm eval runs/gpt_demo --json
+    flaxlm sample runs/gpt_demo --prompt "ROMEO." --temperature 0.8
+    flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from flaxlm.config import ConfigError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        # Library errors already name the bad value; print one line, not a traceback.
+        print(f"flaxlm {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"flaxlm {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flaxlm", description="JAX/Flax LM pretraining")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train or resume a run")
+    p.add_argument("config", help="YAML config, e.g. configs/gpt_demo.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("eval", help="loss / perplexity of a run or checkpoint")
+    p.add_argument("path", help="RUN_DIR or RUN_DIR/checkpoints/<step>")
+    p.add_argument("--data", nargs="+", help="text/JSONL sources instead of the run's val split")
+    p.add_argument("--split", default="val", choices=("train", "val"))
+    p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("sample", help="generate text from a run or checkpoint")
+    p.add_argument("path", help="RUN_DIR or RUN_DIR/checkpoints/<step>")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_sample)
+
+    p = sub.add_parser("tokenizer", help="tokenizer tools")
+    tok = p.add_subparsers(dest="tokenizer_command", required=True)
+    t = tok.add_parser("train", help="train a sentencepiece model with flaxlm's special tokens")
+    t.add_argument("paths", nargs="+", help="text files or directories")
+    t.add_argument("--out", required=True, help="model prefix; writes OUT.model and OUT.vocab")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--type", default="bpe", choices=("bpe", "unigram"))
+    t.add_argument("--no-byte-fallback", action="store_true")
+    t.set_defaults(func=_tokenizer_train)
+
+    p = sub.add_parser("data", help="data tools")
+    data = p.add_subparsers(dest="data_command", required=True)
+    d = data.add_parser("demo", help="write the Shakespeare demo corpus as text files")
+    d.add_argument("out", nargs="?", default="data/shakespeare")
+    d.set_defaults(func=_data_demo)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from flaxlm.config import load_config
+    from flaxlm.train import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    if result.evals:
+        last = result.evals[-1]
+        print(
+            f"done: step {result.step}, val_loss {last['val_loss']:.4f}, "
+            f"perplexity {last['perplexity']:.2f}; run dir {result.run_dir}"
+        )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from flaxlm.tools.evaluate import evaluate
+
+    report = evaluate(
+        args.path, args.data, args.split, args.max_batches, progress=not args.json
+    )
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"checkpoint step      {report['step']}")
+    print(f"tokens               {report['tokens']:,}")
+    print(f"val_loss             {report['val_loss']:.4f} nats/token")
+    print(f"perplexity           {report['perplexity']:.2f}")
+    print(f"next-token accuracy  {100 * report['accuracy']:.1f}%")
+    if "unigram_loss" in report:
+        print(f"unigram baseline     {report['unigram_loss']:.4f} nats/token")
+        print(f"gain over unigram    {report['gain_over_unigram']:.4f} nats/token")
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> int:
+    from flaxlm.tools.load import load_checkpoint
+    from flaxlm.tools.sample import generate
+
+    loaded = load_checkpoint(args.path)
+    text = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+    print(args.prompt + text)
+    return 0
+
+
+def _tokenizer_train(args: argparse.Namespace) -> int:
+    from flaxlm.data.sources import iter_documents
+    from flaxlm.tokenizer import train_tokenizer
+
+    files = sorted({Path(d.doc_id.split(":")[0]) for d in iter_documents(args.paths, "text")})
+    path = train_tokenizer(
+        [f for f in files if f.is_file()] or [Path(p) for p in args.paths],
+        Path(args.out),
+        args.vocab_size,
+        model_type=args.type,
+        byte_fallback=not args.no_byte_fallback,
+    )
+    print(f"wrote {path}")
+    return 0
+
+
+def _data_demo(args: argparse.Namespace) -> int:
+    from flaxlm.data.demo import write_shakespeare
+
+    files = write_shakespeare(Path(args.out))
+    print(f"wrote {len(files)} plays to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

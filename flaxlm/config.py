@@ -1,0 +1,287 @@
+"""Typed, nested run configuration.
+
+Defaults live in the dataclasses below; a YAML file holds only what differs, and the command
+line overrides single keys as ``section.key=value``. Everything is validated once, in
+:func:`load_config`; nothing below this layer reads YAML or argv.
+
+    cfg = load_config("configs/gpt_demo.yaml", ["train.steps=100", "optim.lr=1e-3"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    family: str = "gpt"
+    vocab_size: int = 8192
+    d_model: int = 384
+    n_layers: int = 6
+    n_heads: int = 6
+    d_ff: int = 1536
+    max_seq_len: int = 1024  # size of the learned / sinusoidal position table
+    positions: str = "learned"  # learned | sinusoidal | rope
+    rope_theta: float = 10000.0
+    activation: str = "gelu"  # gelu (tanh approximation, as GPT-2) | gelu_exact | relu
+    tie_embeddings: bool = True
+    use_bias: bool = True
+    dropout: float = 0.0
+    norm_eps: float = 1e-5
+    init_std: float = 0.02
+    dtype: str = "float32"  # compute dtype; matmuls accumulate in float32
+    param_dtype: str = "float32"
+
+
+@dataclass
+class DataConfig:
+    paths: list[str] = field(default_factory=list)  # text files, directories, .jsonl files
+    jsonl_field: str = "text"
+    seq_len: int = 256
+    val_fraction: float = 0.1  # fraction of documents held out, chosen by a hash of the doc
+    cache_dir: str = ".cache/flaxlm"
+    tokenizer: str = ""  # an existing sentencepiece .model; empty = train one on the train split
+    tokenizer_type: str = "bpe"  # bpe | unigram (only when training one)
+    tokenizer_vocab_size: int = 8192
+    byte_fallback: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    schedule: str = "cosine"  # cosine | linear | constant | noam
+    warmup_steps: int = 100
+    decay_steps: int = 0  # 0 = train.steps
+    min_lr_ratio: float = 0.1  # the floor of cosine / linear decay, as a fraction of the peak
+    b1: float = 0.9
+    b2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0  # 0 = no clipping
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 32  # global sequences per step (all devices, all micro-batches)
+    grad_accum: int = 1
+    seed: int = 0
+    run_dir: str = "runs/default"
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 16  # 0 = the whole validation split
+    label_smoothing: float = 0.0
+    z_loss: float = 0.0
+    progress: bool = True
+
+
+@dataclass
+class MeshConfig:
+    data: int = -1  # one axis may be -1: it takes the devices the others leave
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    keep: int = 3
+    asynchronous: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mesh: MeshConfig = field(default_factory=MeshConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model.family": ("gpt",),
+    "model.positions": ("learned", "sinusoidal", "rope"),
+    "model.activation": ("gelu", "gelu_exact", "relu"),
+    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": ("float32", "bfloat16"),
+    "data.tokenizer_type": ("bpe", "unigram"),
+    "optim.schedule": ("cosine", "linear", "constant", "noam"),
+}
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """The config as plain nested dicts (what ``config.yaml`` in a run dir holds)."""
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: dict[str, Any], check_paths: bool = True) -> Config:
+    """Builds and validates a Config from nested dicts; unknown keys and bad types raise.
+
+    ``check_paths=False`` is for configs read back from a checkpoint, whose data may live on
+    another machine.
+    """
+    cfg = Config()
+    for section, values in (raw or {}).items():
+        _set(cfg, section, values, allow_section=True)
+    validate(cfg, check_paths=check_paths)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads a YAML config, applies ``key.sub=value`` overrides, validates, returns it."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
+    cfg = Config()
+    for section, values in raw.items():
+        _set(cfg, section, values, allow_section=True)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form section.key=value")
+        _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "")
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Writes the resolved config as YAML (atomically: a failure leaves any old file intact)."""
+    path = Path(path)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Checks values that types cannot express. Raises ConfigError naming the bad value."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "model.vocab_size": m.vocab_size,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.d_ff": m.d_ff,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len,
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"
+        )
+    if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError(f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}")
+    if m.positions != "rope" and d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} exceeds the position table model.max_seq_len={m.max_seq_len}"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be > 0")
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
+    for axis, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{axis}={v} must be a positive size or -1")
+    if not check_paths:
+        return
+    for p in d.paths:
+        if not Path(p).exists():
+            raise ConfigError(f"data.paths entry {p!r} does not exist")
+    if d.tokenizer and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
+
+
+def _set(cfg: Config, key: str, value: Any, allow_section: bool = False) -> None:
+    section, _, name = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}{_suggest(section, sections)}")
+    target = getattr(cfg, section)
+    if not name:
+        if not allow_section or not isinstance(value, dict):
+            raise ConfigError(f"{section!r} must be a mapping of keys, got {value!r}")
+        for sub, v in value.items():
+            _set(cfg, f"{section}.{sub}", v)
+        return
+    fields = {f.name: f for f in dataclasses.fields(target)}
+    if name not in fields:
+        full = [f"{section}.{n}" for n in fields]
+        raise ConfigError(f"unknown config key {key!r}{_suggest(key, full)}")
+    hint = typing.get_type_hints(type(target))[name]
+    setattr(target, name, _coerce(key, value, hint))
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item_type,) = typing.get_args(hint)[:1]
+        if isinstance(value, str | int | float) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} should be a list, got {type(value).__name__}")
+        return [_coerce(key, v, item_type) for v in value]
+    if isinstance(hint, types.UnionType):
+        raise TypeError(f"unsupported config type {hint} for {key}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"{key}={value!r} should be of type {hint.__name__}, got {type(value).__name__}")
+
+
+def _suggest(name: str, options: Any) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,76 @@
+"""Loading a trained model back from a run directory or one of its checkpoints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import linen as nn
+from jax.sharding import Mesh
+
+from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
+from flaxlm.config import Config, MeshConfig, from_dict
+from flaxlm.models import build_model
+from flaxlm.optim import make_optimizer
+from flaxlm.sharding import build_mesh
+from flaxlm.tokenizer import Tokenizer
+from flaxlm.train.state import abstract_state, state_shardings
+
+
+@dataclass
+class LoadedModel:
+    cfg: Config
+    model: nn.Module
+    params: Any
+    tokenizer: Tokenizer
+    step: int
+    mesh: Mesh
+    params_sharding: Any
+    meta: dict[str, Any]
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None]:
+    """``RUN_DIR`` -> (run dir, None = newest); ``RUN_DIR/checkpoints/<step>`` -> (run dir, step)."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path, None
+    if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
+        return path.parent.parent, int(path.name)
+    raise CheckpointError(
+        f"{str(path)!r} is neither a run directory (with checkpoints/) nor RUN_DIR/checkpoints/<step>"
+    )
+
+
+def load_checkpoint(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
+    """Restores the parameters, config and tokenizer of a run's newest (or a given) checkpoint.
+
+    The mesh defaults to pure data parallelism over all local devices, whatever mesh the run
+    was trained on: Orbax reshards on restore.
+    """
+    run_dir, step = resolve_checkpoint(path)
+    ckpt = Checkpointer(run_dir, asynchronous=False)
+    try:
+        meta = ckpt.read_meta(step)
+        cfg = from_dict(meta["config"], check_paths=False)
+        cfg.mesh = mesh_cfg or MeshConfig()
+        mesh = build_mesh(cfg.mesh)
+        model = build_model(cfg.model)
+        tx, _ = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
+        state_sh = state_shardings(model, tx, mesh, cfg.data.seq_len)
+        abstract = abstract_state(model, tx, cfg.data.seq_len)
+        state, meta = ckpt.restore(abstract, state_sh, step)
+    finally:
+        ckpt.close()
+    tokenizer = Tokenizer.from_bytes(tokenizer_bytes_from_meta(meta))
+    return LoadedModel(
+        cfg=cfg,
+        model=model,
+        params=state.params,
+        tokenizer=tokenizer,
+        step=int(jax.device_get(state.step)),
+        mesh=mesh,
+        params_sharding=state_sh.params,
+        meta=meta,
+    )

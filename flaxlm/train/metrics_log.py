@@ -1,0 +1,113 @@
+"""Where metrics go: ``metrics.jsonl`` (one JSON object per line), TensorBoard events and
+``loss.png``. Only process 0 writes; the others get a logger that does nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+class MetricsLog:
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_from_step: int = 0):
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self._tb = None
+        self._file = None
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._drop_lines_after(resume_from_step)
+        self._file = self.path.open("a")
+
+    def _drop_lines_after(self, step: int) -> None:
+        """On resume from step s, lines logged after s by the lost attempt are replayed anyway;
+        dropping them keeps one line per step. Rewritten atomically."""
+        if not self.path.exists():
+            return
+        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        tmp = self.path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(self.path)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        clean = {k: _plain(v) for k, v in record.items()}
+        self._file.write(json.dumps(clean) + "\n")
+        self._file.flush()
+        writer = self._tensorboard()
+        step = clean.get("step", 0)
+        for key, value in clean.items():
+            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
+                writer.add_scalar(key, value, step)
+
+    def _tensorboard(self):
+        if self._tb is None:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+        return self._tb
+
+    def plot(self) -> Path | None:
+        """Writes ``loss.png`` (train and validation loss against step)."""
+        if not self.enabled:
+            return None
+        return plot_loss(self.path, self.run_dir / "loss.png")
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All records of a metrics.jsonl; a torn last line (crash mid-write) is ignored."""
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def plot_loss(metrics_path: str | Path, out_path: str | Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*np.array(train).T, label="train loss", lw=1)
+    if val:
+        ax.plot(*np.array(val).T, "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = Path(out_path).with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(out_path)
+    return Path(out_path)
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic | np.ndarray):
+        value = value.item() if np.ndim(value) == 0 else value.tolist()
+    return value

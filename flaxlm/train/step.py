@@ -1,0 +1,137 @@
+"""Jitted train and eval steps.
+
+A batch is a dict of ``(A, b, L)`` arrays: ``A`` gradient-accumulation micro-batches of ``b``
+rows each (``A * b`` = the global batch), split over the (data, fsdp) mesh axes along ``b``.
+Losses are summed over micro-batches and divided once by the total number of predicted
+tokens, so accumulation gives the same update as one big batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from flax.training.train_state import TrainState
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from flaxlm.config import Config
+from flaxlm.objectives import causal_lm_loss
+from flaxlm.sharding import BATCH_AXES, LOGICAL_RULES
+
+BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+
+
+def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+    """Micro-batch axis replicated, rows split over (data, fsdp), length whole."""
+    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
+    return {k: sharding for k in BATCH_KEYS}
+
+
+def _loss_on(params, batch, model: nn.Module, cfg: Config, dropout_rng, deterministic: bool):
+    logits_BxLxV = model.apply(
+        {"params": params},
+        batch["inputs"],
+        batch["positions"],
+        batch["segment_ids"],
+        deterministic=deterministic,
+        rngs={"dropout": dropout_rng},
+    )
+    return causal_lm_loss(
+        logits_BxLxV,
+        batch["targets"],
+        batch["loss_mask"],
+        label_smoothing=cfg.train.label_smoothing,
+        z_loss=cfg.train.z_loss,
+    )
+
+
+def make_train_step(
+    model: nn.Module, cfg: Config, schedule: optax.Schedule
+) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step ``(state, batch) -> (state, metrics)``; jit it with :func:`jit_step`."""
+    base_rng = jax.random.key(cfg.train.seed)
+    deterministic = cfg.model.dropout == 0.0
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        step_rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)
+        grad_fn = jax.value_and_grad(_loss_on, has_aux=True)
+
+        def micro(carry, xs):
+            grads_acc, metrics_acc = carry
+            index, mb = xs
+            rng = jax.random.fold_in(step_rng, index)
+            (_, metrics), grads = grad_fn(state.params, mb, model, cfg, rng, deterministic)
+            grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+            metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
+            return (grads_acc, metrics_acc), None
+
+        n_micro = batch["inputs"].shape[0]
+        zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
+        zeros_metrics = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "correct", "n_tokens")}
+        if n_micro == 1:
+            first = jax.tree.map(lambda x: x[0], batch)
+            (grads, metrics), _ = micro((zeros_grads, zeros_metrics), (0, first))
+        else:
+            (grads, metrics), _ = jax.lax.scan(
+                micro, (zeros_grads, zeros_metrics), (jnp.arange(n_micro), batch)
+            )
+        n_tokens = jnp.maximum(metrics["n_tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / n_tokens, grads)
+        grad_norm = optax.global_norm(grads)
+        new_state = state.apply_gradients(grads=grads)
+        out = {
+            "loss": metrics["ce_sum"] / n_tokens,
+            "accuracy": metrics["correct"] / n_tokens,
+            "n_tokens": metrics["n_tokens"],
+            "grad_norm": grad_norm,
+            "lr": schedule(state.step),
+        }
+        return new_state, out
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, cfg: Config) -> Callable[..., dict[str, jax.Array]]:
+    """``(params, batch) -> summed metrics`` for one ``(b, L)`` batch (no micro-batch axis)."""
+
+    def eval_step(params, batch: dict[str, jax.Array]):
+        _, metrics = _loss_on(params, batch, model, cfg, jax.random.key(0), True)
+        return metrics
+
+    return eval_step
+
+
+def jit_train_step(train_step, mesh: Mesh, state_sh: Any):
+    """jit with explicit shardings; the old state is donated so its buffers are reused."""
+    replicated = NamedSharding(mesh, PartitionSpec())
+    jitted = jax.jit(
+        train_step,
+        in_shardings=(state_sh, batch_shardings(mesh)),
+        out_shardings=(state_sh, replicated),
+        donate_argnums=(0,),
+    )
+    return _with_rules(jitted, mesh)
+
+
+def jit_eval_step(eval_step, mesh: Mesh, params_sh: Any):
+    rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    jitted = jax.jit(
+        eval_step,
+        in_shardings=(params_sh, {k: rows for k in BATCH_KEYS}),
+        out_shardings=NamedSharding(mesh, PartitionSpec()),
+    )
+    return _with_rules(jitted, mesh)
+
+
+def _with_rules(fn, mesh: Mesh):
+    """Tracing needs the mesh and the logical rules in scope for the model's constraints."""
+
+    def call(*args):
+        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return fn(*args)
+
+    return call

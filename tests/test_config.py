@@ -1,0 +1,75 @@
+"""Config loading, overrides and the one-line validation errors."""
+
+import pytest
+import yaml
+
+from flaxlm.config import ConfigError, load_config, save_config, to_dict
+from flaxlm.sharding import resolve_mesh_shape
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": {"d_model": 128, "n_heads": 4}}))
+    cfg = load_config(path, ["train.steps=7", "optim.lr=0.01", "data.seq_len=64"])
+    assert (cfg.model.d_model, cfg.train.steps, cfg.optim.lr, cfg.data.seq_len) == (
+        128, 7, 0.01, 64
+    )
+    assert cfg.model.n_layers == 6  # default from the dataclass
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.seed=3", "model.positions=rope"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.stepz=3"], "unknown config key 'train.stepz' (did you mean 'train.steps'?)"),
+        (["trian.steps=3"], "unknown config section 'trian' (did you mean 'train'?)"),
+        (["train.steps=abc"], "train.steps='abc' should be of type int, got str"),
+        (["model.dropout=high"], "model.dropout='high' should be of type float"),
+        (["model.d_model=100", "model.n_heads=3"], "model.d_model=100 is not divisible by"),
+        (["data.seq_len=2048"], "data.seq_len=2048 exceeds the position table"),
+        (["data.paths=[/no/such/dir]"], "data.paths entry '/no/such/dir' does not exist"),
+        (["model.positions=alibi"], "model.positions='alibi' is not one of"),
+        (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis may be -1"),
+        (["train.steps"], "is not of the form section.key=value"),
+    ],
+)
+def test_validation_errors_name_the_value(overrides, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_rope_has_no_position_table_limit():
+    cfg = load_config(None, ["model.positions=rope", "data.seq_len=4096"])
+    assert cfg.data.seq_len == 4096
+
+
+def test_mesh_product_must_match_devices():
+    cfg = load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
+    assert resolve_mesh_shape(cfg.mesh, 8) == (2, 2, 2)
+    with pytest.raises(ConfigError, match="has 8 devices but 4 are available"):
+        resolve_mesh_shape(cfg.mesh, 4)
+    fill = load_config(None, ["mesh.data=-1", "mesh.tensor=2"])
+    assert resolve_mesh_shape(fill.mesh, 8) == (4, 1, 2)
+    with pytest.raises(ConfigError, match="cannot fill 6 devices"):
+        resolve_mesh_shape(load_config(None, ["mesh.tensor=4"]).mesh, 6)
+
+
+def test_missing_config_file():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/nope.yaml")
+
+
+def test_shipped_configs_load():
+    for name in ("gpt_small", "gpt_tiny"):
+        cfg = load_config(f"configs/{name}.yaml")
+        assert cfg.model.d_model % cfg.model.n_heads == 0
+    small = load_config("configs/gpt_small.yaml")
+    assert (small.model.n_layers, small.model.d_model, small.model.max_seq_len) == (12, 768, 1024)
