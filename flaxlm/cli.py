@@ -1,10 +1,10 @@
 """``flaxlm <command>``: a thin layer that parses arguments and calls the library.
 
-    flaxlm data demo data/shakespeare             # write the demo corpus
-    flaxlm train configs/gpt_demo.yaml train.steps=600
-    flaxlm eval runs/gpt_demo --json
-    flaxlm sample runs/gpt_demo --prompt "ROMEO." --temperature 0.8
-    flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
+flaxlm data demo data/shakespeare             # write the demo corpus
+flaxlm train configs/gpt_demo.yaml train.steps=600
+flaxlm eval runs/gpt_demo --json
+flaxlm sample runs/gpt_demo --prompt "ROMEO." --temperature 0.8
+flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
 """
 
 from __future__ import annotations
@@ -92,9 +92,7 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from flaxlm.tools.evaluate import evaluate
 
-    report = evaluate(
-        args.path, args.data, args.split, args.max_batches, progress=not args.json
-    )
+    report = evaluate(args.path, args.data, args.split, args.max_batches, progress=not args.json)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -120,12 +118,10 @@ def _sample(args: argparse.Namespace) -> int:
 
 
 def _tokenizer_train(args: argparse.Namespace) -> int:
-    from flaxlm.data.sources import iter_documents
-    from flaxlm.tokenizer import train_tokenizer
+    from flaxlm.data import iter_documents, train_tokenizer_on_documents
 
-    files = sorted({Path(d.doc_id.split(":")[0]) for d in iter_documents(args.paths, "text")})
-    path = train_tokenizer(
-        [f for f in files if f.is_file()] or [Path(p) for p in args.paths],
+    path = train_tokenizer_on_documents(
+        iter_documents(args.paths, "text"),
         Path(args.out),
         args.vocab_size,
         model_type=args.type,

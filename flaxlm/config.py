@@ -24,7 +24,7 @@ class ConfigError(ValueError):
     """A config key or value is wrong; the message names it and what was expected."""
 
 
-@dataclass
+@dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
 class ModelConfig:
     family: str = "gpt"
     vocab_size: int = 8192
@@ -149,7 +149,9 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise ConfigError(f"config file {str(path)!r} does not exist")
         raw = yaml.safe_load(path.read_text()) or {}
         if not isinstance(raw, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}")
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}"
+            )
     cfg = Config()
     for section, values in raw.items():
         _set(cfg, section, values, allow_section=True)
@@ -200,7 +202,9 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"
         )
     if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
-        raise ConfigError(f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}")
+        raise ConfigError(
+            f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"
+        )
     if m.positions != "rope" and d.seq_len > m.max_seq_len:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds the position table model.max_seq_len={m.max_seq_len}"
@@ -279,7 +283,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
             return value
         if isinstance(value, int | float) and not isinstance(value, bool):
             return str(value)
-    raise ConfigError(f"{key}={value!r} should be of type {hint.__name__}, got {type(value).__name__}")
+    raise ConfigError(
+        f"{key}={value!r} should be of type {hint.__name__}, got {type(value).__name__}"
+    )
 
 
 def _suggest(name: str, options: Any) -> str:

@@ -33,7 +33,9 @@ def make_schedule(cfg: OptimConfig, total_steps: int, d_model: int) -> optax.Sch
     if cfg.schedule == "constant":
         after = optax.constant_schedule(peak)
     elif cfg.schedule == "cosine":
-        after = optax.cosine_decay_schedule(peak, max(decay_steps - warmup, 1), alpha=cfg.min_lr_ratio)
+        after = optax.cosine_decay_schedule(
+            peak, max(decay_steps - warmup, 1), alpha=cfg.min_lr_ratio
+        )
     else:  # linear
         after = optax.linear_schedule(peak, floor, max(decay_steps - warmup, 1))
     if warmup <= 0:

@@ -12,7 +12,10 @@ def test_yaml_then_overrides(tmp_path):
     path.write_text(yaml.safe_dump({"model": {"d_model": 128, "n_heads": 4}}))
     cfg = load_config(path, ["train.steps=7", "optim.lr=0.01", "data.seq_len=64"])
     assert (cfg.model.d_model, cfg.train.steps, cfg.optim.lr, cfg.data.seq_len) == (
-        128, 7, 0.01, 64
+        128,
+        7,
+        0.01,
+        64,
     )
     assert cfg.model.n_layers == 6  # default from the dataclass
 

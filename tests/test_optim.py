@@ -44,7 +44,10 @@ def test_noam_formula():
 
 
 def test_decay_mask_skips_biases_and_norm_scales():
-    params = {"dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)}, "ln": {"scale": jnp.ones(3)}}
+    params = {
+        "dense": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones(4)},
+        "ln": {"scale": jnp.ones(3)},
+    }
     assert decay_mask(params) == {"dense": {"kernel": True, "bias": False}, "ln": {"scale": False}}
 
 

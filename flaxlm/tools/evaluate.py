@@ -45,14 +45,20 @@ def evaluate(
         data = prepare_data(data_cfg, cfg.model.vocab_size, progress=progress)
         tokens = data.val if split == "val" else data.train
         report["split"] = split
-        report["unigram_loss"] = unigram_cross_entropy(data.train, tokens, loaded.tokenizer.vocab_size)
+        report["unigram_loss"] = unigram_cross_entropy(
+            data.train, tokens, loaded.tokenizer.vocab_size
+        )
     shards = rows_per_shard(loaded.mesh)
     batch_size = batch_size or cfg.train.batch_size // cfg.train.grad_accum
     batch_size = -(-batch_size // shards) * shards  # round up to a multiple of the shards
     batches = CausalBatches(tokens, seq_len, batch_size, seed=0, shuffle=False)
-    eval_step = jit_eval_step(make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding)
+    eval_step = jit_eval_step(
+        make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding
+    )
     report.update(
-        evaluate_batches(eval_step, loaded.params, batches.eval_batches(batch_size, max_batches), loaded.mesh)
+        evaluate_batches(
+            eval_step, loaded.params, batches.eval_batches(batch_size, max_batches), loaded.mesh
+        )
     )
     if "unigram_loss" in report:
         report["gain_over_unigram"] = report["unigram_loss"] - report["val_loss"]

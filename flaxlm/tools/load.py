@@ -32,14 +32,15 @@ class LoadedModel:
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None]:
-    """``RUN_DIR`` -> (run dir, None = newest); ``RUN_DIR/checkpoints/<step>`` -> (run dir, step)."""
+    """``RUN_DIR`` -> (run dir, None = newest); ``RUN_DIR/checkpoints/N`` -> (run dir, N)."""
     path = Path(path)
     if (path / "checkpoints").is_dir():
         return path, None
     if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
         return path.parent.parent, int(path.name)
     raise CheckpointError(
-        f"{str(path)!r} is neither a run directory (with checkpoints/) nor RUN_DIR/checkpoints/<step>"
+        f"{str(path)!r} is neither a run directory (with checkpoints/) "
+        "nor a checkpoint RUN_DIR/checkpoints/<step>"
     )
 
 

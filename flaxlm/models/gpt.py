@@ -1,0 +1,113 @@
+"""GPT: a pre-LN transformer decoder with an LM head (GPT-2 layout).
+
+    model = GPT(cfg)
+    params = model.init(jax.random.key(0), tokens_BxL)["params"]
+    logits_BxLxV = model.apply({"params": params}, tokens_BxL, positions_BxL, segment_ids_BxL)
+    # training: deterministic=False, rngs={"dropout": key}
+
+Packed rows: ``segment_ids`` name the document of each token (attention never crosses
+documents) and ``positions`` restart at 0 at each document start.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from flaxlm.config import ModelConfig
+from flaxlm.models import layers
+from flaxlm.models.layers import Array, constrain
+
+POSITIONS = ("learned", "sinusoidal", "rope")
+
+
+class GPT(nn.Module):
+    """Decoder-only LM. Param tree: ``token_embed``, ``position_embed`` (learned only),
+    ``blocks_{i}`` (``ln_attn``, ``attn/{query,key,value,out}``, ``ln_mlp``, ``mlp/{up,down}``),
+    ``ln_final``, ``lm_head`` (untied only)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens_BxL: Array,
+        positions_BxL: Array | None = None,
+        segment_ids_BxL: Array | None = None,
+        deterministic: bool = True,
+    ) -> Array:
+        """Args: int32 ``tokens_BxL``; optional int32 ``positions_BxL`` (default 0..L-1) and
+        ``segment_ids_BxL`` (default all ones: one document per row).
+
+        Returns: float32 ``logits_BxLxV``.
+        """
+        cfg = self.cfg
+        if cfg.positions not in POSITIONS:
+            raise ValueError(f"positions={cfg.positions!r} is not one of {POSITIONS}")
+        dtype = layers.dtype_of(cfg.dtype)
+        batch, length = tokens_BxL.shape
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids_BxL is None:
+            segment_ids_BxL = jnp.ones((batch, length), dtype=jnp.int32)
+
+        embed = layers.token_embed(cfg)
+        x_BxLxD = embed(tokens_BxL)
+        if cfg.positions == "learned":
+            x_BxLxD = x_BxLxD + layers.position_embed(cfg)(positions_BxL)
+        elif cfg.positions == "sinusoidal":
+            x_BxLxD = x_BxLxD + layers.sinusoidal_embedding(positions_BxL, cfg.d_model)
+        # rope: positions enter inside attention, on q and k.
+        x_BxLxD = x_BxLxD.astype(dtype)
+        x_BxLxD = nn.Dropout(rate=cfg.dropout, deterministic=deterministic)(x_BxLxD)
+        x_BxLxD = constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
+
+        mask_Bx1xLxL = layers.causal_segment_mask(segment_ids_BxL)
+        for i in range(cfg.n_layers):
+            block = layers.Block(cfg, norm_placement="pre", name=f"blocks_{i}")
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
+
+        x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)
+        if cfg.tie_embeddings:
+            logits_BxLxV = embed.attend(x_BxLxD)
+        else:
+            # No bias, as GPT-2's head.
+            head = layers.Dense(
+                cfg, (cfg.vocab_size,), ("embed", "vocab"), (), use_bias=False, name="lm_head"
+            )
+            logits_BxLxV = head(x_BxLxD)
+        logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+        return constrain(logits_BxLxV, "act_batch", "act_length", "act_vocab")
+
+
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model named by ``cfg.family``."""
+    if cfg.family == "gpt":
+        return GPT(cfg)
+    raise ValueError(f"model.family={cfg.family!r} is not one of gpt")
+
+
+def _inner(params) -> dict:
+    """Accepts ``{"params": ...}`` or the params dict itself, boxed or not."""
+    params = nn.meta.unbox(params)
+    if isinstance(params, dict) and set(params) == {"params"}:
+        return params["params"]
+    return params
+
+
+def count_params(params) -> int:
+    """Total number of parameters; works on arrays, boxed arrays and ``jax.eval_shape`` output."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(_inner(params)))
+
+
+def non_embedding_params(params, cfg: ModelConfig) -> int:
+    """Parameters minus the lookup tables (token and learned position embeddings), as in
+    Kaplan et al. An untied ``lm_head`` is a matmul and is counted."""
+    inner = _inner(params)
+    lookups = count_params(inner["token_embed"])
+    if "position_embed" in inner:
+        lookups += count_params(inner["position_embed"])
+    return count_params(inner) - lookups

@@ -1,0 +1,314 @@
+"""Transformer building blocks shared by the GPT decoder and (later) the BERT encoder.
+
+Shape suffixes: B batch, L length (query), S length (key), D d_model, H heads, K head dim,
+F d_ff, V vocab. Every parameter carries logical axis names (see ``flaxlm.sharding``) and key
+activations carry ``act_*`` constraints; both are no-ops until a mesh and rules are active.
+
+Mixed precision: parameters live in ``cfg.param_dtype``; matmuls take ``cfg.dtype`` inputs and
+accumulate in float32; LayerNorm and softmax run in float32; activations between layers are
+stored in ``cfg.dtype``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from flaxlm.config import ModelConfig
+
+Array = jax.Array
+
+NORM_PLACEMENTS = ("pre", "post")
+
+
+def dtype_of(name: str) -> jnp.dtype:
+    """``"bfloat16"`` -> ``jnp.bfloat16``; raises on names jnp does not know."""
+    return jnp.dtype(name)
+
+
+def constrain(x: Array, *names: str) -> Array:
+    """Logical sharding constraint on an activation; a no-op without active axis rules."""
+    return nn.with_logical_constraint(x, names)
+
+
+def normal_init(std: float, names: tuple[str, ...]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+
+
+def zeros_init(names: tuple[str, ...]) -> nn.initializers.Initializer:
+    return nn.with_logical_partitioning(nn.initializers.zeros_init(), names)
+
+
+class Dense(nn.Module):
+    """``y = x . kernel + bias`` contracting the last ``n_in`` axes of x; kernel shape is
+    ``x.shape[-n_in:] + features``. Inputs are cast to ``cfg.dtype`` and the product is
+    accumulated (and returned) in float32; callers cast where they store activations.
+
+    Why not ``nn.DenseGeneral``: it initialises a multi-axis kernel as a flat 2-D array and
+    unboxes its logical names on that, which fails under a mesh (3 names, rank 2); and
+    bf16 x bf16 -> bf16 dots are both less exact and slower on our CPUs (PLATFORM.md).
+    """
+
+    cfg: ModelConfig
+    features: tuple[int, ...]
+    kernel_names: tuple[str, ...]
+    bias_names: tuple[str, ...]
+    n_in: int = 1
+    std: float | None = None  # default cfg.init_std
+    use_bias: bool | None = None  # default cfg.use_bias
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        cfg = self.cfg
+        in_shape = x.shape[x.ndim - self.n_in :]
+        std = cfg.init_std if self.std is None else self.std
+        kernel = self.param(
+            "kernel",
+            normal_init(std, self.kernel_names),
+            in_shape + tuple(self.features),
+            dtype_of(cfg.param_dtype),
+        )
+        dtype = dtype_of(cfg.dtype)
+        contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(
+            x.astype(dtype),
+            kernel.astype(dtype),
+            (contract, ((), ())),
+            preferred_element_type=jnp.float32,
+        )
+        if cfg.use_bias if self.use_bias is None else self.use_bias:
+            bias = self.param(
+                "bias", zeros_init(self.bias_names), tuple(self.features), dtype_of(cfg.param_dtype)
+            )
+            y = y + bias.astype(jnp.float32)
+        return y
+
+
+def layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
+    """LayerNorm computed in float32 (its variance is what bf16 gets wrong first)."""
+    return nn.LayerNorm(
+        epsilon=cfg.norm_eps,
+        use_bias=cfg.use_bias,
+        dtype=jnp.float32,
+        param_dtype=dtype_of(cfg.param_dtype),
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+        bias_init=zeros_init(("norm",)),
+        name=name,
+    )
+
+
+def residual_std(cfg: ModelConfig) -> float:
+    """GPT-2 init: projections that write into the residual stream are scaled by
+    1/sqrt(2 n_layers), so the stream's variance does not grow with depth."""
+    return cfg.init_std / math.sqrt(2 * cfg.n_layers)
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+    fns = {
+        "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+        "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+        "relu": jax.nn.relu,
+    }
+    if name not in fns:
+        raise ValueError(f"activation {name!r} is not one of {', '.join(fns)}")
+    return fns[name]
+
+
+# --- masks (built by the caller, so an encoder can pass a bidirectional one) ---------------
+
+
+def causal_mask(length: int) -> Array:
+    """``mask_1x1xLxS``: query i may attend to key j iff j <= i."""
+    return jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
+
+
+def segment_mask(segment_ids_BxL: Array) -> Array:
+    """``mask_Bx1xLxS``: tokens attend only within their own packed document."""
+    same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    return same_BxLxS[:, None]
+
+
+def causal_segment_mask(segment_ids_BxL: Array) -> Array:
+    """``mask_Bx1xLxS`` = causal AND same segment: what a packed decoder needs."""
+    return segment_mask(segment_ids_BxL) & causal_mask(segment_ids_BxL.shape[1])
+
+
+# --- positions ------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(positions_BxL: Array, dim: int, max_timescale: float = 1e4) -> Array:
+    """Fixed sinusoidal positions (Vaswani et al.), ``[sin | cos]`` halves: ``x_BxLxD`` f32.
+
+    Computed from the given positions rather than a table, so packed documents restart at 0.
+    """
+    if dim % 2:
+        raise ValueError(f"sinusoidal positions need an even d_model, got {dim}")
+    inv_freq = 1.0 / (max_timescale ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    angles_BxLxD2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+    return jnp.concatenate([jnp.sin(angles_BxLxD2), jnp.cos(angles_BxLxD2)], axis=-1)
+
+
+def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
+    """Rotary position embedding, "rotate half" layout (GPT-NeoX / LLaMA).
+
+    Feature pairs (i, i + K/2) are rotated by angle ``pos * theta^(-2i/K)``, so the dot product
+    of a rotated query and key depends only on their position difference. Computed in f32.
+    """
+    head_dim = x_BxLxHxK.shape[-1]
+    if head_dim % 2:
+        raise ValueError(f"rope needs an even head dim, got {head_dim}")
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim))
+    angles_BxLxK2 = positions_BxL[..., None].astype(jnp.float32) * inv_freq
+    sin_BxLx1xK2 = jnp.sin(angles_BxLxK2)[:, :, None, :]
+    cos_BxLx1xK2 = jnp.cos(angles_BxLxK2)[:, :, None, :]
+    x1, x2 = jnp.split(x_BxLxHxK.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate(
+        [x1 * cos_BxLx1xK2 - x2 * sin_BxLx1xK2, x2 * cos_BxLx1xK2 + x1 * sin_BxLx1xK2], axis=-1
+    )
+    return rotated.astype(x_BxLxHxK.dtype)
+
+
+# --- embeddings -----------------------------------------------------------------------------
+
+
+class TokenEmbed(nn.Embed):
+    """``nn.Embed`` whose ``attend`` (the tied LM head) accumulates and returns float32."""
+
+    def attend(self, query: Array) -> Array:
+        query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
+        return jnp.einsum("...d,vd->...v", query, embedding, preferred_element_type=jnp.float32)
+
+
+def token_embed(cfg: ModelConfig, name: str = "token_embed") -> TokenEmbed:
+    return TokenEmbed(
+        num_embeddings=cfg.vocab_size,
+        features=cfg.d_model,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        embedding_init=normal_init(cfg.init_std, ("vocab", "embed")),
+        name=name,
+    )
+
+
+def position_embed(cfg: ModelConfig, name: str = "position_embed") -> nn.Embed:
+    """The learned position table ``(max_seq_len, d_model)``."""
+    return nn.Embed(
+        num_embeddings=cfg.max_seq_len,
+        features=cfg.d_model,
+        dtype=dtype_of(cfg.dtype),
+        param_dtype=dtype_of(cfg.param_dtype),
+        embedding_init=normal_init(cfg.init_std, ("position", "embed")),
+        name=name,
+    )
+
+
+# --- attention, MLP, block ------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with separate q, k, v projections.
+
+    The mask comes from the caller (causal + segment for GPT, segment-only for an encoder).
+    No dropout on the attention probabilities, so ``jax.nn.dot_product_attention`` can pick a
+    fused kernel; the output projection's dropout is applied by the block.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array, mask_Bx1xLxS: Array, positions_BxL: Array) -> Array:
+        cfg = self.cfg
+        dtype = dtype_of(cfg.dtype)
+        n_heads, head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+
+        def project(name: str) -> Array:
+            layer = Dense(
+                cfg, (n_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"), name=name
+            )
+            y_BxLxHxK = layer(x_BxLxD).astype(dtype)
+            return constrain(y_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
+
+        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
+        if cfg.positions == "rope":
+            q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
+            k_BxSxHxK = apply_rope(k_BxSxHxK, positions_BxL, cfg.rope_theta)
+
+        # Softmax runs in float32 inside jax.nn.dot_product_attention whatever the input dtype.
+        out_BxLxHxK = jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS, implementation="xla"
+        )
+        out_BxLxHxK = constrain(out_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
+        out = Dense(
+            cfg,
+            (cfg.d_model,),
+            ("heads", "kv", "embed"),
+            ("embed",),
+            n_in=2,
+            std=residual_std(cfg),
+            name="out",
+        )
+        return out(out_BxLxHxK).astype(dtype)
+
+
+class MLP(nn.Module):
+    """Position-wise feed-forward: D -> F -> activation -> D."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x_BxLxD: Array) -> Array:
+        cfg = self.cfg
+        dtype = dtype_of(cfg.dtype)
+        h_BxLxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), ("mlp",), name="up")(x_BxLxD)
+        h_BxLxF = activation_fn(cfg.activation)(h_BxLxF).astype(dtype)
+        h_BxLxF = constrain(h_BxLxF, "act_batch", "act_length", "act_mlp")
+        down = Dense(
+            cfg, (cfg.d_model,), ("mlp", "embed"), ("embed",), std=residual_std(cfg), name="down"
+        )
+        return down(h_BxLxF).astype(dtype)
+
+
+class Block(nn.Module):
+    """One transformer block, shared by decoder and encoder.
+
+    ``norm_placement="pre"`` (GPT-2): ``x + attn(LN(x))``, ``x + mlp(LN(x))``; the model adds
+    a final LayerNorm. ``"post"`` (original Transformer / BERT): ``LN(x + attn(x))``,
+    ``LN(x + mlp(x))``. Dropout (rng stream "dropout") is applied to each sublayer's output
+    before it joins the residual stream.
+    """
+
+    cfg: ModelConfig
+    norm_placement: str = "pre"
+
+    @nn.compact
+    def __call__(
+        self,
+        x_BxLxD: Array,
+        mask_Bx1xLxS: Array,
+        positions_BxL: Array,
+        deterministic: bool = True,
+    ) -> Array:
+        if self.norm_placement not in NORM_PLACEMENTS:
+            raise ValueError(
+                f"norm_placement={self.norm_placement!r} is not one of {NORM_PLACEMENTS}"
+            )
+        cfg = self.cfg
+        dtype = dtype_of(cfg.dtype)
+        attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
+        ln_attn, ln_mlp = layer_norm(cfg, name="ln_attn"), layer_norm(cfg, name="ln_mlp")
+        drop = nn.Dropout(rate=cfg.dropout, deterministic=deterministic)
+
+        if self.norm_placement == "pre":
+            h = attn(ln_attn(x_BxLxD).astype(dtype), mask_Bx1xLxS, positions_BxL)
+            x_BxLxD = x_BxLxD + drop(h)
+            x_BxLxD = x_BxLxD + drop(mlp(ln_mlp(x_BxLxD).astype(dtype)))
+        else:
+            h = attn(x_BxLxD, mask_Bx1xLxS, positions_BxL)
+            x_BxLxD = ln_attn(x_BxLxD + drop(h)).astype(dtype)
+            x_BxLxD = ln_mlp(x_BxLxD + drop(mlp(x_BxLxD))).astype(dtype)
+        return constrain(x_BxLxD, "act_batch", "act_length", "act_embed")

@@ -1,0 +1,209 @@
+"""SentencePiece tokenizers with fixed special-token ids.
+
+Every tokenizer flaxlm trains has the same special tokens at the same ids, so the GPT and BERT
+code can name them without asking the tokenizer:
+
+    <pad>=0  <unk>=1  <s>=2  </s>=3  [CLS]=4  [SEP]=5  [MASK]=6
+
+Training keeps text exactly (identity normalisation, whitespace kept, no dummy prefix, bytes
+for unseen characters), so ``decode(encode(text)) == text`` for any text.
+
+    path = train_tokenizer([Path("corpus.txt")], Path("out/tok"), vocab_size=8192)
+    tok = Tokenizer.load(path)
+    ids = tok.encode("To be, or not to be")
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import sentencepiece as spm
+
+from flaxlm.config import ConfigError
+
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
+PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+
+# sentencepiece samples this many lines at most; more only costs memory and time.
+MAX_TRAINING_SENTENCES = 2_000_000
+# Both fixed so that every host that trains on the same text gets the same model bytes
+# (the thread count is recorded in the model, though it does not change the pieces).
+TRAINING_SEED = 1234
+TRAINING_THREADS = 8
+
+
+def train_tokenizer(
+    input_files: list[Path],
+    model_prefix: Path,
+    vocab_size: int,
+    model_type: str = "bpe",
+    byte_fallback: bool = True,
+    character_coverage: float = 1.0,
+) -> Path:
+    """Trains a sentencepiece model on text files (one sentence per line); returns the .model path.
+
+    Writes ``<model_prefix>.model`` and ``<model_prefix>.vocab`` (piece, score per line), each
+    under a temporary name renamed into place, so a failure leaves no half-written model. The
+    same text gives the same model bytes on any machine. ``vocab_size`` is an upper bound: a
+    corpus too small to fill it gets a smaller vocabulary.
+    """
+    if model_type not in ("bpe", "unigram"):
+        raise ValueError(f"model_type={model_type!r} is not one of bpe, unigram")
+    model_prefix = Path(model_prefix)
+    proto = io.BytesIO()
+    spm.set_random_generator_seed(TRAINING_SEED)
+    spm.set_min_log_level(2)  # sentencepiece logs every EM step to stderr otherwise
+    try:
+        # Lines come from an iterator and the model from a writer, so no file name or temp path
+        # is recorded in the model (sentencepiece stores its input/model_prefix arguments).
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=_lines(input_files),
+            model_writer=proto,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            pad_id=PAD_ID,
+            unk_id=UNK_ID,
+            bos_id=BOS_ID,
+            eos_id=EOS_ID,
+            user_defined_symbols=list(SPECIAL_TOKENS[CLS_ID:]),
+            byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            # Exact round trips: no NFKC, keep runs of spaces, no invented leading space.
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            add_dummy_prefix=False,
+            allow_whitespace_only_pieces=True,
+            split_digits=True,
+            hard_vocab_limit=False,  # tiny corpora get a smaller vocab instead of an error
+            input_sentence_size=MAX_TRAINING_SENTENCES,
+            shuffle_input_sentence=True,
+            train_extremely_large_corpus=False,
+            num_threads=TRAINING_THREADS,
+            minloglevel=2,
+        )
+    except RuntimeError as e:
+        # sentencepiece's messages are long C++ asserts; keep the useful last part.
+        detail = str(e).splitlines()[0].split("] ")[-1]
+        raise ValueError(
+            f"sentencepiece training with vocab_size={vocab_size} failed: {detail}"
+        ) from e
+    tokenizer = Tokenizer.from_bytes(proto.getvalue())
+    vocab = "".join(
+        f"{tokenizer.id_to_piece(i)}\t{tokenizer._sp.get_score(i):g}\n"
+        for i in range(tokenizer.vocab_size)
+    )
+    model_path = model_prefix.with_name(model_prefix.name + ".model")
+    _write_atomic(model_path, proto.getvalue())
+    _write_atomic(model_prefix.with_name(model_prefix.name + ".vocab"), vocab.encode("utf-8"))
+    return model_path
+
+
+def _lines(files: list[Path]) -> Iterator[str]:
+    for path in files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                yield line.rstrip("\n")
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+class Tokenizer:
+    """A loaded sentencepiece model plus the ids of the special tokens.
+
+    ``cls_id``/``sep_id``/``mask_id`` are None for a foreign model that lacks them; pad, unk,
+    bos and eos are required.
+    """
+
+    def __init__(self, processor: spm.SentencePieceProcessor, source: str = "<bytes>"):
+        self._sp = processor
+        self.source = source
+        self.vocab_size: int = processor.get_piece_size()
+        ids = {
+            "pad": processor.pad_id(),
+            "unk": processor.unk_id(),
+            "bos": processor.bos_id(),
+            "eos": processor.eos_id(),
+        }
+        missing = [name for name, i in ids.items() if i < 0]
+        if missing:
+            raise ValueError(
+                f"tokenizer {source} has no {'/'.join(missing)} token; "
+                "expected pad, unk, bos and eos ids (flaxlm.tokenizer.train_tokenizer makes them)"
+            )
+        self.pad_id: int = ids["pad"]
+        self.unk_id: int = ids["unk"]
+        self.bos_id: int = ids["bos"]
+        self.eos_id: int = ids["eos"]
+        self.cls_id: int | None = self._piece_id("[CLS]")
+        self.sep_id: int | None = self._piece_id("[SEP]")
+        self.mask_id: int | None = self._piece_id("[MASK]")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Loads a sentencepiece ``.model`` file."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
+        return cls.from_bytes(path.read_bytes(), source=str(path))
+
+    @classmethod
+    def from_bytes(cls, model_bytes: bytes, source: str = "<bytes>") -> Tokenizer:
+        """Loads a serialized sentencepiece model (as stored in checkpoints)."""
+        processor = spm.SentencePieceProcessor()
+        try:
+            processor.LoadFromSerializedProto(model_bytes)
+        except (RuntimeError, OSError) as e:
+            raise ValueError(f"tokenizer {source} is not a sentencepiece model: {e}") from e
+        return cls(processor, source)
+
+    @property
+    def model_bytes(self) -> bytes:
+        """The serialized ``.model`` (store it next to the weights to decode later)."""
+        return self._sp.serialized_model_proto()
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text``; no bos/eos are added."""
+        return self._sp.encode(text, out_type=int)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text, encoded on all cores."""
+        return self._sp.encode(list(texts), out_type=int, num_threads=os.cpu_count() or 1)
+
+    def decode(self, ids: list[int]) -> str:
+        """The text of ``ids``; special tokens decode to nothing."""
+        return self._sp.decode([int(i) for i in ids])
+
+    def id_to_piece(self, i: int) -> str:
+        return self._sp.id_to_piece(int(i))
+
+    def _piece_id(self, piece: str) -> int | None:
+        i = self._sp.piece_to_id(piece)
+        # piece_to_id answers unk for pieces it does not know.
+        return i if self._sp.id_to_piece(i) == piece else None
+
+    def __repr__(self) -> str:
+        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
+
+
+def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:
+    """Raises ConfigError when the model's embedding table cannot hold every token id."""
+    if model_vocab_size < tokenizer.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_vocab_size} is smaller than the tokenizer's vocab size "
+            f"{tokenizer.vocab_size} ({tokenizer.source}); set model.vocab_size >= "
+            f"{tokenizer.vocab_size}"
+        )

@@ -1,0 +1,92 @@
+"""Run by tests/test_sharding.py in a fresh process with 8 simulated CPU devices.
+
+python tests/sharded_worker.py CORPUS CACHE RUN_DIR OUT_JSON data fsdp tensor
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+
+import json  # noqa: E402
+import math  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import linen as nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).parent))
+from conftest import tiny_config  # noqa: E402
+
+from flaxlm.models import build_model  # noqa: E402
+from flaxlm.optim import make_optimizer  # noqa: E402
+from flaxlm.sharding import LOGICAL_RULES, build_mesh  # noqa: E402
+from flaxlm.train import train  # noqa: E402
+from flaxlm.train.state import create_state  # noqa: E402
+
+
+def check_param_shardings(cfg) -> int:
+    """Every parameter (and its Adam moments) is laid out exactly as the rules table says."""
+    mesh = build_mesh(cfg.mesh)
+    model = build_model(cfg.model)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
+    state, _ = create_state(model, tx, mesh, cfg.data.seq_len, cfg.train.seed)
+    boxed = jax.eval_shape(
+        lambda r: model.init({"params": r}, np.zeros((1, cfg.data.seq_len), np.int32)),
+        jax.random.key(0),
+    )["params"]
+    names = jax.tree.leaves(
+        nn.get_partition_spec(boxed), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)
+    )
+    rules = dict(LOGICAL_RULES)
+    sharded = 0
+    mu = state.opt_state[-1][0].mu  # clip_by_global_norm, then adamw's ScaleByAdamState
+    for spec, param, moment in zip(
+        names, jax.tree.leaves(state.params), jax.tree.leaves(mu), strict=True
+    ):
+        expected = tuple(rules[n] if n is not None else None for n in spec)
+        actual = tuple(param.sharding.spec) + (None,) * (param.ndim - len(param.sharding.spec))
+        assert actual == expected, (spec, actual, expected)
+        assert moment.sharding.spec == param.sharding.spec, (spec, moment.sharding.spec)
+        shard_shape = param.addressable_shards[0].data.shape
+        for dim, axes in enumerate(expected):
+            axes = (axes,) if isinstance(axes, str) else (axes or ())
+            split = math.prod(mesh.shape[a] for a in axes)
+            assert shard_shape[dim] == param.shape[dim] // split, (spec, shard_shape)
+            sharded += split > 1
+    return sharded
+
+
+def main() -> None:
+    corpus, cache, run_dir, out, data, fsdp, tensor = sys.argv[1:8]
+    cfg = tiny_config(
+        Path(corpus),
+        Path(cache),
+        Path(run_dir),
+        "train.steps=6",
+        "train.eval_every=3",
+        "checkpoint.every=3",
+        f"mesh.data={data}",
+        f"mesh.fsdp={fsdp}",
+        f"mesh.tensor={tensor}",
+    )
+    assert jax.device_count() == 8
+    n_sharded = check_param_shardings(cfg)
+    result = train(cfg)
+    Path(out).write_text(
+        json.dumps(
+            {
+                "losses": [r["loss"] for r in result.history],
+                "grad_norms": [r["grad_norm"] for r in result.history],
+                "val": [r["val_loss"] for r in result.evals],
+                "sharded_dims": n_sharded,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
