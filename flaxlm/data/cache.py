@@ -103,25 +103,31 @@ class PreparedData:
 
 
 def prepare_data(
-    data_cfg: DataConfig, model_vocab_size: int | None = None, progress: bool = True
+    data_cfg: DataConfig,
+    model_vocab_size: int | None = None,
+    progress: bool = True,
+    tokenizer: Tokenizer | None = None,
 ) -> PreparedData:
     """Tokenizes the sources once (or reuses the cache) and returns both splits.
 
-    Trains a tokenizer on the train split when ``data_cfg.tokenizer`` is empty. Raises
+    Uses ``tokenizer`` if given (e.g. the one stored in a checkpoint), else the model file
+    ``data_cfg.tokenizer``, else trains one on the train split. Raises
     ConfigError when ``model_vocab_size`` cannot hold the tokenizer's ids, DataError for
     unusable sources.
     """
     start = time.perf_counter()
     if not data_cfg.paths:
         raise DataError("data.paths is empty; expected text files, folders or .jsonl files")
-    if model_vocab_size is not None and not data_cfg.tokenizer:
+    if model_vocab_size is not None and not data_cfg.tokenizer and tokenizer is None:
         # Fail before spending minutes on training a tokenizer the model cannot use.
         if data_cfg.tokenizer_vocab_size > model_vocab_size:
             raise ConfigError(
                 f"data.tokenizer_vocab_size={data_cfg.tokenizer_vocab_size} exceeds "
                 f"model.vocab_size={model_vocab_size}; expected tokenizer vocab <= model vocab"
             )
-    given = Tokenizer.load(data_cfg.tokenizer) if data_cfg.tokenizer else None
+    given = tokenizer
+    if given is None and data_cfg.tokenizer:
+        given = Tokenizer.load(data_cfg.tokenizer)
     if given is not None and model_vocab_size is not None:
         check_vocab(given, model_vocab_size)
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
+
+import jax
 
 from flaxlm.data import CausalBatches, prepare_data, tokenize_documents, unigram_cross_entropy
 from flaxlm.tools.load import LoadedModel, load_checkpoint
@@ -38,11 +39,7 @@ def evaluate(
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r} is not one of train, val")
         # The run's own data, through the tokenizer stored with the checkpoint.
-        tok_path = Path(cfg.data.cache_dir) / "eval_tokenizers" / f"step{loaded.step}.model"
-        tok_path.parent.mkdir(parents=True, exist_ok=True)
-        tok_path.write_bytes(loaded.tokenizer.model_bytes)
-        data_cfg = dataclasses.replace(cfg.data, tokenizer=str(tok_path))
-        data = prepare_data(data_cfg, cfg.model.vocab_size, progress=progress)
+        data = prepare_data(cfg.data, cfg.model.vocab_size, progress, loaded.tokenizer)
         tokens = data.val if split == "val" else data.train
         report["split"] = split
         report["unigram_loss"] = unigram_cross_entropy(
@@ -55,11 +52,9 @@ def evaluate(
     eval_step = jit_eval_step(
         make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding
     )
-    report.update(
-        evaluate_batches(
-            eval_step, loaded.params, batches.eval_batches(batch_size, max_batches), loaded.mesh
-        )
-    )
+    local = batches.eval_batches(batch_size, max_batches, jax.process_index(), jax.process_count())
+    report.update(evaluate_batches(eval_step, loaded.params, local, loaded.mesh))
+
     if "unigram_loss" in report:
         report["gain_over_unigram"] = report["unigram_loss"] - report["val_loss"]
     return report

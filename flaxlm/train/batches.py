@@ -57,23 +57,14 @@ def put_eval_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict:
     return out
 
 
-def evaluate_batches(
-    eval_step: Callable,
-    params,
-    global_batches,
-    mesh: Mesh,
-) -> dict[str, float]:
-    """Mean loss, perplexity and accuracy over an iterable of *global* ``(b, L)`` batches.
+def evaluate_batches(eval_step: Callable, params, local_batches, mesh: Mesh) -> dict[str, float]:
+    """Mean loss, perplexity and accuracy over an iterable of this process's ``(b, L)`` rows.
 
-    Every process sees the same global batches and keeps only its own rows.
+    Every process passes its own rows of the same global batches (``eval_batches`` with the
+    process index); padding rows carry ``loss_mask`` 0 and do not count.
     """
     totals = {"ce_sum": 0.0, "correct": 0.0, "n_tokens": 0.0}
-    pending = []
-    p, n_proc = jax.process_index(), jax.process_count()
-    for batch in global_batches:
-        b = next(iter(batch.values())).shape[0]
-        local = {k: v[p * b // n_proc : (p + 1) * b // n_proc] for k, v in batch.items()}
-        pending.append(eval_step(params, put_eval_batch(local, mesh)))
+    pending = [eval_step(params, put_eval_batch(batch, mesh)) for batch in local_batches]
     for metrics in jax.device_get(pending):  # one sync for the whole pass
         for key in totals:
             totals[key] += float(metrics[key])

@@ -92,7 +92,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     peak_flops = measure_matmul_peak() if show else float("nan")
 
     def run_eval(at_step: int) -> dict[str, Any]:
-        batches = val_batches.eval_batches(global_batch // accum, cfg.train.eval_batches)
+        batches = val_batches.eval_batches(
+            global_batch // accum, cfg.train.eval_batches, jax.process_index(), jax.process_count()
+        )
         record = {"step": at_step, **evaluate_batches(eval_step, state.params, batches, mesh)}
         log.write(record)
         result.evals.append(record)
