@@ -71,18 +71,10 @@ class Checkpointer:
             abstract_state,
             state_sh,
         )
-        try:
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-                ),
-            )
-        except Exception as exc:  # orbax raises many types; name the checkpoint either way
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} cannot be restored: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
+        restored = self._restore(
+            step,
+            ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()),
+        )
         return restored["state"], dict(restored["meta"])
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -90,8 +82,17 @@ class Checkpointer:
         step = self.latest_step() if step is None else step
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
-        restored = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        restored = self._restore(step, ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
+
+    def _restore(self, step: int, args: ocp.args.Composite) -> Any:
+        try:
+            return self._manager.restore(step, args=args)
+        except Exception as exc:  # orbax raises many types; name the checkpoint either way
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} cannot be restored: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
 
     def wait(self) -> None:
         """Blocks until every started save is durable on disk."""

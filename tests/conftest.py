@@ -50,3 +50,30 @@ def tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, *overrides: str) -
             *overrides,
         ],
     )
+
+
+TRAINED_RUN_STEPS = 200
+
+
+@pytest.fixture(scope="session")
+def trained_run(small_corpus, tiny_cache_dir, tmp_path_factory) -> Path:
+    """A finished tiny run, shared read-only by the tools and CLI tests.
+
+    200 steps (a few seconds) take the model past the unigram baseline, so greedy decoding
+    emits more than one distinct token. Checkpoints every 50 steps, the last 3 kept: 100, 150,
+    200. Tests must not write into it.
+    """
+    from flaxlm.train import train
+
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    cfg = tiny_config(
+        small_corpus,
+        tiny_cache_dir,
+        run_dir,
+        f"train.steps={TRAINED_RUN_STEPS}",
+        "train.eval_every=0",
+        "checkpoint.every=50",
+    )
+    result = train(cfg)
+    assert result.step == TRAINED_RUN_STEPS
+    return run_dir
