@@ -23,7 +23,7 @@ from flaxlm.perf import flops_per_token, measure_matmul_peak
 from flaxlm.sharding import build_mesh
 from flaxlm.train.batches import put_train_batch
 from flaxlm.train.state import create_state
-from flaxlm.train.step import jit_train_step, make_train_step
+from flaxlm.train.step import jit_train_step, make_train_step, step_controls
 
 
 def main(argv: list[str]) -> None:
@@ -44,19 +44,20 @@ def main(argv: list[str]) -> None:
         "loss_mask": np.ones((batch, seq_len), np.float32),
     }
     device_batch = put_train_batch(local, mesh, accum)
+    controls = step_controls()
 
     peak_before = measure_matmul_peak()
     t0 = time.perf_counter()
-    state, metrics = step(state, device_batch)
+    state, metrics = step(state, device_batch, controls)
     jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - t0
     for _ in range(3):  # warm-up
-        state, metrics = step(state, device_batch)
+        state, metrics = step(state, device_batch, controls)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(10):
         t0 = time.perf_counter()
-        state, metrics = step(state, device_batch)
+        state, metrics = step(state, device_batch, controls)
         jax.block_until_ready(metrics)
         times.append(time.perf_counter() - t0)
     peak_after = measure_matmul_peak()

@@ -5,6 +5,8 @@ flaxlm train configs/gpt_demo.yaml train.steps=600
 flaxlm eval runs/gpt_demo --json
 flaxlm sample runs/gpt_demo --prompt "ROMEO." --temperature 0.8
 flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
+flaxlm data inspect configs/gpt_demo.yaml     # sources, counts, cache, a decoded sample batch
+flaxlm data build-tfds corpus/ --name my_corpus --data-dir /shared/tfds
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 from pathlib import Path
 
 from flaxlm.config import ConfigError
+from flaxlm.train.guard import TrainingDiverged
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
+    except TrainingDiverged as exc:
+        print(f"flaxlm {args.command}: training diverged: {exc}", file=sys.stderr)
+        return 3
     except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
         # Library errors already name the bad value; print one line, not a traceback.
         print(f"flaxlm {args.command}: error: {exc}", file=sys.stderr)
@@ -64,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--vocab-size", type=int, default=8192)
     t.add_argument("--type", default="bpe", choices=("bpe", "unigram"))
     t.add_argument("--no-byte-fallback", action="store_true")
+    t.add_argument(
+        "--character-coverage", type=float, default=1.0, help="1.0 = every character (CJK)"
+    )
+    t.add_argument(
+        "--normalization",
+        default="identity",
+        choices=("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
+        help="identity = exact round trip; the others are lossy",
+    )
+    t.add_argument("--field", default="text", help="text field of .jsonl/.parquet/dataset rows")
     t.set_defaults(func=_tokenizer_train)
 
     p = sub.add_parser("data", help="data tools")
@@ -71,6 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     d = data.add_parser("demo", help="write the Shakespeare demo corpus as text files")
     d.add_argument("out", nargs="?", default="data/shakespeare")
     d.set_defaults(func=_data_demo)
+    d = data.add_parser("inspect", help="sources, counts, cache and a decoded sample batch")
+    d.add_argument("config", help="YAML config, e.g. configs/gpt_demo.yaml")
+    d.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    d.add_argument("--step", type=int, default=0, help="the step whose batch is shown")
+    d.add_argument("--rows", type=int, default=2, help="how many rows of it to decode")
+    d.add_argument("--json", action="store_true", help="print one JSON object")
+    d.set_defaults(func=_data_inspect)
+    d = data.add_parser("build-tfds", help="write local files as a TFDS array_record dataset")
+    d.add_argument("paths", nargs="+", help="text/JSONL/Parquet files or folders")
+    d.add_argument("--name", required=True, help="snake_case dataset name (read as tfds:NAME)")
+    d.add_argument(
+        "--data-dir", default="", help="default: $TFDS_DATA_DIR or ~/tensorflow_datasets"
+    )
+    d.add_argument("--field", default="text", help="text field of .jsonl/.parquet rows")
+    d.add_argument("--version", default="1.0.0")
+    d.add_argument("--split", default="train")
+    d.add_argument("--overwrite", action="store_true", help="replace an existing version")
+    d.set_defaults(func=_data_build_tfds)
     return parser
 
 
@@ -80,6 +114,11 @@ def _train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.overrides)
     result = train(cfg)
+    if result.preempted:
+        return 0  # the loop said where the checkpoint is
+    if result.rollbacks:
+        ledger = result.run_dir / "skip_ledger.json"
+        print(f"{len(result.rollbacks)} rollback(s); skipped data windows in {ledger}")
     if result.evals:
         last = result.evals[-1]
         print(
@@ -121,11 +160,13 @@ def _tokenizer_train(args: argparse.Namespace) -> int:
     from flaxlm.data import iter_documents, train_tokenizer_on_documents
 
     path = train_tokenizer_on_documents(
-        iter_documents(args.paths, "text"),
+        iter_documents(args.paths, args.field),
         Path(args.out),
         args.vocab_size,
         model_type=args.type,
         byte_fallback=not args.no_byte_fallback,
+        character_coverage=args.character_coverage,
+        normalization=args.normalization,
     )
     print(f"wrote {path}")
     return 0
@@ -136,6 +177,27 @@ def _data_demo(args: argparse.Namespace) -> int:
 
     files = write_shakespeare(Path(args.out))
     print(f"wrote {len(files)} plays to {args.out}")
+    return 0
+
+
+def _data_inspect(args: argparse.Namespace) -> int:
+    from flaxlm.config import load_config
+    from flaxlm.data.inspection import format_report, inspect_data
+
+    cfg = load_config(args.config, args.overrides)
+    report = inspect_data(cfg, args.step, args.rows, progress=not args.json)
+    print(json.dumps(report) if args.json else format_report(report))
+    return 0
+
+
+def _data_build_tfds(args: argparse.Namespace) -> int:
+    from flaxlm.data.tfds_source import build_tfds
+
+    out = build_tfds(
+        args.paths, args.name, args.data_dir, args.field, args.version, args.split,
+        overwrite=args.overwrite,
+    )  # fmt: skip
+    print(f"wrote {out}; read it with data.paths=[tfds:{args.name}] data.tfds_data_dir=...")
     return 0
 
 

@@ -46,9 +46,25 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (``data.sources``); see flaxlm/data/sources.py for the kinds."""
+
+    path: str = ""  # a file, a folder, a saved HF dataset folder, or tfds:NAME[/CONFIG][:VERSION]
+    weight: float = 1.0  # share of training rows, after normalising over the sources
+    name: str = ""  # for logs and per-source losses; default: derived from the path
+    field: str = ""  # text field / column; default: data.jsonl_field
+    split: str = "train"  # which split of a TFDS / HF dataset to read
+
+
+@dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # text files, directories, .jsonl files
     jsonl_field: str = "text"
+    # A weighted mixture instead of ``paths``: [{path: ..., weight: ..., field: ...}, ...]
+    sources: list[SourceConfig] = field(default_factory=list)
+    tfds_data_dir: str = (
+        ""  # where prepared TFDS datasets live; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
+    )
     seq_len: int = 256
     val_fraction: float = 0.1  # fraction of documents held out, chosen by a hash of the doc
     cache_dir: str = ".cache/flaxlm"
@@ -56,6 +72,13 @@ class DataConfig:
     tokenizer_type: str = "bpe"  # bpe | unigram (only when training one)
     tokenizer_vocab_size: int = 8192
     byte_fallback: bool = True
+    tokenizer_character_coverage: float = 1.0  # share of characters kept as pieces (CJK: 0.9995)
+    tokenizer_normalization: str = (
+        "identity"  # identity = exact round trip | nfkc | nmt_nfkc | nfkc_cf
+    )
+    # Special tokens a given tokenizer lacks: role -> piece, e.g. {pad: "</s>", mask: "[MASK]"};
+    # a piece not in its vocabulary is appended as a new control piece.
+    tokenizer_specials: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -102,6 +125,34 @@ class CheckpointConfig:
 
 
 @dataclass
+class GuardConfig:
+    """Spike / NaN detection and automatic rollback (see flaxlm/train/guard.py)."""
+
+    enabled: bool = True
+    window: int = 128  # healthy steps in the rolling statistics
+    warmup: int = 20  # healthy steps needed before the k-sigma test starts (NaN: always)
+    k_sigma: float = 6.0
+    max_ratio: float = 0.0  # also bad when value > max_ratio x rolling mean; 0 = off
+    known_good_after: int = 20  # healthy steps after a checkpoint that make it known good
+    margin: int = 0  # extra data positions skipped after the bad one
+    max_rollbacks: int = 5  # per run
+    max_per_window: int = 2  # rollbacks to the same checkpoint
+    cooldown_steps: int = 0  # after a rollback, scale the LR by cooldown_factor for this long
+    cooldown_factor: float = 0.1
+
+
+@dataclass
+class ChaosConfig:
+    """Fault injection for tests and demos. A fault is attached to the batch that step s
+    trains on in an undisturbed run (data position s - 1), so after a rollback it is skipped
+    with its batch, as a real bad batch would be."""
+
+    spike_at_steps: list[int] = field(default_factory=list)  # LR x spike_lr_scale there
+    spike_lr_scale: float = 1000.0
+    nan_at_steps: list[int] = field(default_factory=list)  # the loss becomes NaN there
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -109,6 +160,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mesh: MeshConfig = field(default_factory=MeshConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -118,6 +171,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "data.tokenizer_type": ("bpe", "unigram"),
+    "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
     "optim.schedule": ("cosine", "linear", "constant", "noam"),
 }
 
@@ -227,13 +281,68 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     for axis, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{axis}={v} must be a positive size or -1")
+    g = cfg.guard
+    for key, value in {
+        "guard.window": g.window,
+        "guard.k_sigma": g.k_sigma,
+        "guard.max_per_window": g.max_per_window,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if g.warmup < 2 or g.warmup > g.window:
+        raise ConfigError(f"guard.warmup={g.warmup} must be in [2, guard.window={g.window}]")
+    if g.known_good_after < 1:
+        raise ConfigError(f"guard.known_good_after={g.known_good_after} must be >= 1")
+    if not 0 < g.cooldown_factor <= 1:
+        raise ConfigError(f"guard.cooldown_factor={g.cooldown_factor} must be in (0, 1]")
+    _validate_sources(d)
     if not check_paths:
         return
     for p in d.paths:
-        if not Path(p).exists():
+        if not p.startswith("tfds:") and not Path(p).exists():
             raise ConfigError(f"data.paths entry {p!r} does not exist")
+    for i, s in enumerate(d.sources):
+        if not s.path.startswith("tfds:") and not Path(s.path).exists():
+            raise ConfigError(f"data.sources[{i}].path {s.path!r} does not exist")
     if d.tokenizer and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
+
+
+def _validate_sources(d: DataConfig) -> None:
+    if not 0.0 < d.tokenizer_character_coverage <= 1.0:
+        raise ConfigError(
+            f"data.tokenizer_character_coverage={d.tokenizer_character_coverage} must be in (0, 1]"
+        )
+    if d.tokenizer_specials and not d.tokenizer:
+        raise ConfigError(
+            "data.tokenizer_specials maps the specials of a given model; set data.tokenizer too"
+        )
+    if d.paths and d.sources:
+        raise ConfigError("set data.paths or data.sources, not both (paths = one source)")
+    names = set()
+    for i, s in enumerate(d.sources):
+        if not s.path:
+            raise ConfigError(
+                f"data.sources[{i}].path is empty; expected a file, folder or tfds:NAME"
+            )
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be > 0")
+        name = source_name(s)
+        if name in names:
+            raise ConfigError(
+                f"data.sources[{i}] name {name!r} is used twice; set data.sources[{i}].name"
+            )
+        names.add(name)
+
+
+def source_name(source: SourceConfig) -> str:
+    """The source's name: ``name`` if set, else the file / folder / TFDS name without suffixes."""
+    if source.name:
+        return source.name
+    if source.path.startswith("tfds:"):
+        return source.path[len("tfds:") :].split(":")[0].split("/")[0]
+    base = Path(source.path.rstrip("/")).name or source.path
+    return base.split(".")[0] or base
 
 
 def _set(cfg: Config, key: str, value: Any, allow_section: bool = False) -> None:
@@ -260,11 +369,25 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     if origin in (list, tuple):
         (item_type,) = typing.get_args(hint)[:1]
-        if isinstance(value, str | int | float) and not isinstance(value, bool):
+        if isinstance(value, str | int | float | dict) and not isinstance(value, bool):
             value = [value]
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}={value!r} should be a list, got {type(value).__name__}")
+        if dataclasses.is_dataclass(item_type):
+            return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
         return [_coerce(key, v, item_type) for v in value]
+    if origin is dict:
+        if value is None or value == "":
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} should be a mapping, got {type(value).__name__}")
+        key_type, value_type = typing.get_args(hint)
+        return {
+            _coerce(key, k, key_type): _coerce(f"{key}.{k}", v, value_type)
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        return _coerce_dataclass(key, value, hint)
     if isinstance(hint, types.UnionType):
         raise TypeError(f"unsupported config type {hint} for {key}")
     if hint is bool:
@@ -286,6 +409,23 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(
         f"{key}={value!r} should be of type {hint.__name__}, got {type(value).__name__}"
     )
+
+
+def _coerce_dataclass(key: str, value: Any, cls: type) -> Any:
+    """A dict (or, for SourceConfig, a bare path string) -> the dataclass, field by field."""
+    if isinstance(value, str) and cls is SourceConfig:
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} should be a mapping, got {type(value).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = cls()
+    for name, v in value.items():
+        if name not in fields:
+            full = [f"{key}.{n}" for n in fields]
+            raise ConfigError(f"unknown config key '{key}.{name}'{_suggest(f'{key}.{name}', full)}")
+        setattr(out, name, _coerce(f"{key}.{name}", v, hints[name]))
+    return out
 
 
 def _suggest(name: str, options: Any) -> str:

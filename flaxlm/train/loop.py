@@ -5,11 +5,14 @@
     result = train(load_config("configs/gpt_demo.yaml", ["train.steps=200"]))
 
 The device never waits for the host: step k+1 is dispatched before the metrics of step k are
-read, and the next batch is assembled on the host while the current step runs.
+read, and the next batch is assembled on the host while the current step runs. Every step's
+loss and gradient norm go through the spike guard; a bad step rolls the run back to the newest
+known-good checkpoint and the data since then goes into the skip ledger (flaxlm/train/guard.py).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +30,17 @@ from flaxlm.optim import make_optimizer
 from flaxlm.perf import flops_per_token, measure_matmul_peak
 from flaxlm.sharding import build_mesh
 from flaxlm.train.batches import check_batch_fits, evaluate_batches, put_train_batch
+from flaxlm.train.guard import RollbackPolicy, SkipLedger, SpikeDetector, TrainingDiverged
 from flaxlm.train.metrics_log import MetricsLog
+from flaxlm.train.preemption import PreemptionGuard
 from flaxlm.train.state import abstract_state, create_state, state_shardings
-from flaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
+from flaxlm.train.step import (
+    jit_eval_step,
+    jit_train_step,
+    make_eval_step,
+    make_train_step,
+    step_controls,
+)
 
 
 @dataclass
@@ -38,7 +49,18 @@ class TrainResult:
     step: int
     history: list[dict[str, Any]] = field(default_factory=list)  # every logged train record
     evals: list[dict[str, Any]] = field(default_factory=list)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
+    preempted: str | None = None  # the signal that stopped the run early, if any
+
+
+@dataclass
+class _Pending:
+    """A dispatched step whose metrics have not been read yet."""
+
+    step: int
+    data_index: int
+    metrics: Any
 
 
 def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
@@ -46,11 +68,13 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
 
     ``stop_at_step`` ends this invocation early at that step, with a checkpoint — what a
     preempted job does; running ``train`` again on the same run dir continues from there.
+    Raises :class:`TrainingDiverged` when rollbacks exceed the configured bounds.
     """
     run_dir = Path(cfg.train.run_dir)
     is_main = jax.process_index() == 0
     show = is_main and cfg.train.progress
     seq_len, global_batch, accum = cfg.data.seq_len, cfg.train.batch_size, cfg.train.grad_accum
+    proc = (jax.process_index(), jax.process_count())
 
     # Data first: it is the slowest thing to fail on, and the tokenizer must fit the model.
     data = prepare_data(cfg.data, cfg.model.vocab_size, progress=show)
@@ -64,133 +88,208 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     model = build_model(cfg.model)
     tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
     state_sh = state_shardings(model, tx, mesh, seq_len)
+    abstract = abstract_state(model, tx, seq_len)
 
-    # Resume from the newest checkpoint of this run dir, or start fresh.
+    def fresh_state():
+        return create_state(model, tx, mesh, seq_len, cfg.train.seed, shardings=state_sh)[0]
+
+    # Resume from the newest intact checkpoint of this run dir, or start fresh.
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "tokenizer.model").write_bytes(data.tokenizer.model_bytes)
     ckpt = Checkpointer(run_dir, cfg.checkpoint.keep, cfg.checkpoint.asynchronous)
-    resumed_from = ckpt.latest_step()
-    if resumed_from is not None:
-        state, meta = ckpt.restore(abstract_state(model, tx, seq_len), state_sh)
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(abstract, state_sh)
         data_index = int(meta["data_index"])
+        ledger = SkipLedger.from_json(meta.get("skip_ledger"))
+        policy = RollbackPolicy.from_json(cfg.guard, meta.get("rollback_policy"))
+        resumed_from = int(meta["step"])
+        ckpt.delete_after(resumed_from)  # damaged or unsealed newer folders
     else:
-        state, _ = create_state(model, tx, mesh, seq_len, cfg.train.seed, shardings=state_sh)
-        data_index = 0
+        state, data_index, resumed_from = fresh_state(), 0, None
+        ledger, policy = SkipLedger(), RollbackPolicy(cfg.guard)
     step = int(jax.device_get(state.step))
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
     log = MetricsLog(run_dir, enabled=is_main, resume_from_step=step)
     result = TrainResult(run_dir=run_dir, step=step, resumed_from=resumed_from)
     if resumed_from is not None and is_main:
-        print(f"resuming {run_dir} from step {step}")
+        skipped = f", skip ledger {ledger.to_json()}" if ledger.windows else ""
+        print(f"resuming {run_dir} from step {step}{skipped}")
 
     train_step = jit_train_step(make_train_step(model, cfg, schedule), mesh, state_sh)
     eval_step = jit_eval_step(make_eval_step(model, cfg), mesh, state_sh.params)
-    tokens_per_step = global_batch * seq_len
-    model_flops = flops_per_token(cfg.model, seq_len) * tokens_per_step
-    peak_flops = measure_matmul_peak() if show else float("nan")
+    detector = SpikeDetector(cfg.guard)
+    speed = _Speedometer(cfg, seq_len, global_batch, measure_peak=show)
+    chaos_spikes, chaos_nans = set(cfg.chaos.spike_at_steps), set(cfg.chaos.nan_at_steps)
+    cooldown_until = 0
 
     def run_eval(at_step: int) -> dict[str, Any]:
-        batches = val_batches.eval_batches(
-            global_batch // accum, cfg.train.eval_batches, jax.process_index(), jax.process_count()
-        )
+        batches = val_batches.eval_batches(global_batch // accum, cfg.train.eval_batches, *proc)
         record = {"step": at_step, **evaluate_batches(eval_step, state.params, batches, mesh)}
         log.write(record)
         result.evals.append(record)
+        speed.restart()  # keep evaluation time out of tokens/s
         return record
 
-    def save(at_step: int) -> None:
-        meta = {"data_index": data_index, "seed": cfg.train.seed, "config": to_dict(cfg)}
-        ckpt.save(state, meta, data.tokenizer.model_bytes)
+    def save() -> None:
+        meta = {
+            "data_index": data_index,
+            "seed": cfg.train.seed,
+            "skip_ledger": ledger.to_json(),
+            "rollback_policy": policy.to_json(),
+            "config": to_dict(cfg),
+        }
+        policy.saved(step, data_index)
+        ckpt.save(state, meta, data.tokenizer.model_bytes, protect={policy.newest_known_good()})
+
+    def check(pending: _Pending) -> str | None:
+        """Reads a finished step's metrics, logs them, returns why it is bad (or None)."""
+        values = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
+        reason = detector.check(values["loss"], values["grad_norm"]) if cfg.guard.enabled else None
+        if reason is None:
+            policy.healthy_through(pending.step)
+        if reason or pending.step % cfg.train.log_every == 0 or pending.step == last_step:
+            record = {"step": pending.step, **speed.record(values, pending.step)}
+            log.write(record)
+            result.history.append(record)
+            bar.set_postfix(speed.postfix(values), refresh=False)
+        return reason
+
+    def rollback(bad: _Pending, reason: str) -> None:
+        nonlocal state, step, data_index, cooldown_until
+        try:
+            plan = policy.plan(bad.step, bad.data_index, set(ckpt.steps()))
+        except TrainingDiverged as exc:
+            log.write({"event": "stopped", "step": bad.step, "reason": f"{reason}; {exc}"})
+            raise
+        ckpt.delete_after(plan.restore_step)
+        if plan.restore_step == 0:
+            state = fresh_state()
+        else:
+            state, _ = ckpt.restore(abstract, state_sh, plan.restore_step)
+        ledger.add(*plan.window)
+        step = plan.restore_step
+        data_index = ledger.next_allowed(plan.restore_data_index)
+        detector.reset()
+        cooldown_until = step + cfg.guard.cooldown_steps
+        event = {
+            "event": "rollback",
+            "step": bad.step,
+            "restored_step": plan.restore_step,
+            "skipped": list(plan.window),
+            "reason": reason,
+        }
+        log.write(event)
+        result.rollbacks.append(event)
+        if is_main:
+            (run_dir / "skip_ledger.json").write_text(json.dumps(ledger.to_json()))
+            bar.write(
+                f"step {bad.step}: {reason} -> rolled back to step {plan.restore_step}, "
+                f"skipping data positions {plan.window[0]}..{plan.window[1]}"
+            )
+        bar.reset(total=last_step)
+        bar.update(step)
 
     bar = tqdm(total=last_step, initial=step, disable=not show, unit="step", dynamic_ncols=True)
-    pending: tuple[int, Any] | None = None  # (step, device metrics) not yet read
-    window_start, window_steps = time.perf_counter(), 0
-    next_local = train_batches.batch(data_index, jax.process_index(), jax.process_count())
-    while step < last_step:
-        state, metrics = train_step(state, put_train_batch(next_local, mesh, accum))
-        step += 1
-        data_index += 1
-        window_steps += 1
-        # Host work overlaps the step just dispatched.
-        if step < last_step:
-            next_local = train_batches.batch(data_index, jax.process_index(), jax.process_count())
-        if pending is not None:
-            window_start, window_steps = _log_train(
-                pending,
-                log,
-                bar,
-                result,
-                window_start,
-                window_steps,
-                tokens_per_step,
-                model_flops,
-                peak_flops,
+    pending: _Pending | None = None
+    next_local = train_batches.batch(data_index, *proc)
+    with PreemptionGuard() as preempt:
+        while True:
+            if step >= last_step or preempt.requested:
+                # Drain: the last dispatched step is checked before anything is saved.
+                if pending is not None:
+                    last, pending = pending, None
+                    reason = check(last)
+                    if reason is not None:
+                        rollback(last, reason)
+                        next_local = train_batches.batch(data_index, *proc)
+                        continue
+                break
+
+            controls = step_controls(
+                lr_scale=(cfg.guard.cooldown_factor if step < cooldown_until else 1.0)
+                * (cfg.chaos.spike_lr_scale if data_index + 1 in chaos_spikes else 1.0),
+                inject_nan=data_index + 1 in chaos_nans,
             )
-            pending = None
-        if step % cfg.train.log_every == 0 or step == last_step:
-            pending = (step, metrics)
-        if step % cfg.checkpoint.every == 0 and step != last_step:
-            save(step)
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != cfg.train.steps:
-            record = run_eval(step)
-            bar.write(
-                f"step {step}: val_loss {record['val_loss']:.4f}  ppl {record['perplexity']:.1f}"
-            )
-            window_start = time.perf_counter()  # keep eval time out of tokens/s
-        bar.update(1)
-    if pending is not None:
-        _log_train(
-            pending,
-            log,
-            bar,
-            result,
-            window_start,
-            window_steps,
-            tokens_per_step,
-            model_flops,
-            peak_flops,
-        )
+            state, metrics = train_step(state, put_train_batch(next_local, mesh, accum), controls)
+            dispatched = _Pending(step + 1, data_index, metrics)
+            step += 1
+            data_index = ledger.next_allowed(data_index + 1)
+            speed.tick()
+            if step < last_step:  # host work overlaps the step just dispatched
+                next_local = train_batches.batch(data_index, *proc)
+
+            if pending is not None:
+                reason = check(pending)
+                if reason is not None:
+                    rollback(pending, reason)
+                    pending = None
+                    next_local = train_batches.batch(data_index, *proc)
+                    continue
+            pending = dispatched
+            if step % cfg.checkpoint.every == 0 and step != last_step:
+                save()
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
+                record = run_eval(step)
+                bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+            bar.update(1)
     bar.close()
+    result.preempted = preempt.signal_name
 
     if ckpt.latest_step() != step:
-        save(step)
+        save()
     if step == cfg.train.steps and (not result.evals or result.evals[-1]["step"] != step):
         record = run_eval(step)
         if show:
             print(f"step {step}: val_loss {record['val_loss']:.4f}  ppl {record['perplexity']:.1f}")
-    ckpt.close()  # waits until every checkpoint is durable
+    ckpt.close()  # waits until every checkpoint is durable, manifests included
+    if result.preempted and is_main:
+        print(
+            f"{result.preempted}: saved a checkpoint at step {step} in {run_dir}; rerun to resume"
+        )
     log.plot()
     log.close()
     result.step = step
     return result
 
 
-def _log_train(
-    pending, log, bar, result, window_start, window_steps, tokens_per_step, model_flops, peak
-):
-    """Reads one step's metrics (already computed: a later step has been dispatched)."""
-    step, metrics = pending
-    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    now = time.perf_counter()
-    elapsed = max(now - window_start, 1e-9)
-    tokens_per_s = window_steps * tokens_per_step / elapsed
-    mfu = model_flops * window_steps / elapsed / peak if np.isfinite(peak) else None
-    record = {
-        "step": step,
-        "loss": values["loss"],
-        "accuracy": values["accuracy"],
-        "lr": values["lr"],
-        "grad_norm": values["grad_norm"],
-        "tokens_per_s": tokens_per_s,
-    }
-    if mfu is not None:
-        record["mfu"] = mfu
-    log.write(record)
-    result.history.append(record)
-    postfix = {"loss": f"{values['loss']:.3f}", "tok/s": f"{tokens_per_s:,.0f}"}
-    if mfu is not None:
-        postfix["mfu"] = f"{100 * mfu:.0f}%"
-    bar.set_postfix(postfix, refresh=False)
-    return now, 0
+class _Speedometer:
+    """Tokens/s and MFU over the steps since the last logged one."""
+
+    def __init__(self, cfg: Config, seq_len: int, global_batch: int, measure_peak: bool):
+        self.tokens_per_step = global_batch * seq_len
+        self.flops_per_step = flops_per_token(cfg.model, seq_len) * self.tokens_per_step
+        self.peak = measure_matmul_peak() if measure_peak else float("nan")
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.steps = time.perf_counter(), 0
+
+    def tick(self) -> None:
+        self.steps += 1
+
+    def record(self, values: dict[str, float], step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.start, 1e-9)
+        out = {
+            "loss": values["loss"],
+            "accuracy": values["accuracy"],
+            "lr": values["lr"],
+            "grad_norm": values["grad_norm"],
+            "tokens_per_s": self.steps * self.tokens_per_step / elapsed,
+        }
+        if np.isfinite(self.peak):
+            out["mfu"] = self.steps * self.flops_per_step / elapsed / self.peak
+        self.start, self.steps = now, 0
+        self._last = out
+        return out
+
+    def postfix(self, values: dict[str, float]) -> dict[str, str]:
+        last = getattr(self, "_last", {})
+        out = {"loss": f"{values['loss']:.3f}"}
+        if "tokens_per_s" in last:
+            out["tok/s"] = f"{last['tokens_per_s']:,.0f}"
+        if "mfu" in last:
+            out["mfu"] = f"{100 * last['mfu']:.0f}%"
+        return out

@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import linen as nn
 from flax.training.train_state import TrainState
@@ -51,12 +52,15 @@ def _loss_on(params, batch, model: nn.Module, cfg: Config, dropout_rng, determin
 
 def make_train_step(
     model: nn.Module, cfg: Config, schedule: optax.Schedule
-) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
-    """The pure train step ``(state, batch) -> (state, metrics)``; jit it with :func:`jit_step`."""
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The pure train step ``(state, batch, controls) -> (state, metrics)``; jit it with
+    :func:`jit_train_step`."""
     base_rng = jax.random.key(cfg.train.seed)
     deterministic = cfg.model.dropout == 0.0
 
-    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    def train_step(state: TrainState, batch: dict[str, jax.Array], controls: dict[str, jax.Array]):
+        """``controls``: ``lr_scale`` (f32, multiplies the update: LR cool-down after a rollback,
+        chaos spikes) and ``inject_nan`` (bool, chaos: poison loss and gradients)."""
         step_rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)
         grad_fn = jax.value_and_grad(_loss_on, has_aux=True)
 
@@ -80,19 +84,31 @@ def make_train_step(
                 micro, (zeros_grads, zeros_metrics), (jnp.arange(n_micro), batch)
             )
         n_tokens = jnp.maximum(metrics["n_tokens"], 1.0)
-        grads = jax.tree.map(lambda g: g / n_tokens, grads)
+        poison = jnp.where(controls["inject_nan"], jnp.nan, 0.0)
+        grads = jax.tree.map(lambda g: g / n_tokens + poison, grads)
         grad_norm = optax.tree.norm(grads)
-        new_state = state.apply_gradients(grads=grads)
+        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+        updates = jax.tree.map(lambda u: u * controls["lr_scale"], updates)
+        new_state = state.replace(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            opt_state=opt_state,
+        )
         out = {
-            "loss": metrics["ce_sum"] / n_tokens,
+            "loss": metrics["ce_sum"] / n_tokens + poison,
             "accuracy": metrics["correct"] / n_tokens,
             "n_tokens": metrics["n_tokens"],
             "grad_norm": grad_norm,
-            "lr": schedule(state.step),
+            "lr": schedule(state.step) * controls["lr_scale"],
         }
         return new_state, out
 
     return train_step
+
+
+def step_controls(lr_scale: float = 1.0, inject_nan: bool = False) -> dict[str, np.ndarray]:
+    """The per-step control inputs of the train step (host values; jit moves them)."""
+    return {"lr_scale": np.float32(lr_scale), "inject_nan": np.bool_(inject_nan)}
 
 
 def make_eval_step(model: nn.Module, cfg: Config) -> Callable[..., dict[str, jax.Array]]:
@@ -110,7 +126,7 @@ def jit_train_step(train_step, mesh: Mesh, state_sh: Any):
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(
         train_step,
-        in_shardings=(state_sh, batch_shardings(mesh)),
+        in_shardings=(state_sh, batch_shardings(mesh), replicated),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )

@@ -1,0 +1,172 @@
+"""Keeping a run healthy: spike / NaN detection, the skip ledger, known-good checkpoints.
+
+A step is *bad* when its loss or gradient norm is not finite, or sits more than ``k`` standard
+deviations above the rolling mean of the last ``window`` healthy steps (or above ``max_ratio``
+times that mean). On a bad step the loop restores the newest checkpoint that is *known good* —
+followed by ``known_good_after`` healthy steps — and records the data it trained on since then
+in the :class:`SkipLedger`, so those batches are never seen again. The ledger travels in every
+later checkpoint, so resumes and other hosts honour it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from flaxlm.config import GuardConfig
+
+
+class TrainingDiverged(RuntimeError):
+    """Rollbacks did not help within the configured bounds; the message says what happened."""
+
+
+@dataclass
+class SkipLedger:
+    """Windows of data positions (inclusive) that training must never use again."""
+
+    windows: list[tuple[int, int]] = field(default_factory=list)
+
+    def add(self, start: int, end: int) -> None:
+        self.windows.append((int(start), int(end)))
+        self.windows.sort()
+
+    def next_allowed(self, index: int) -> int:
+        """The first data position >= ``index`` outside every window."""
+        moved = True
+        while moved:
+            moved = False
+            for start, end in self.windows:
+                if start <= index <= end:
+                    index = end + 1
+                    moved = True
+        return index
+
+    def to_json(self) -> list[list[int]]:
+        return [[s, e] for s, e in self.windows]
+
+    @classmethod
+    def from_json(cls, raw: list | None) -> SkipLedger:
+        return cls([(int(s), int(e)) for s, e in (raw or [])])
+
+    @property
+    def skipped(self) -> int:
+        return sum(e - s + 1 for s, e in self.windows)
+
+
+class SpikeDetector:
+    """Rolling statistics of healthy steps; decides whether a new step is bad."""
+
+    def __init__(self, cfg: GuardConfig):
+        self.cfg = cfg
+        self.losses: deque[float] = deque(maxlen=cfg.window)
+        self.grad_norms: deque[float] = deque(maxlen=cfg.window)
+
+    def check(self, loss: float, grad_norm: float) -> str | None:
+        """Returns why the step is bad, or None (and remembers it as healthy)."""
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if not math.isfinite(grad_norm):
+            return f"grad_norm is {grad_norm}"
+        for name, value, history in (
+            ("loss", loss, self.losses),
+            ("grad_norm", grad_norm, self.grad_norms),
+        ):
+            reason = self._outlier(name, value, history)
+            if reason:
+                return reason
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        return None
+
+    def _outlier(self, name: str, value: float, history: deque[float]) -> str | None:
+        if len(history) < self.cfg.warmup:
+            return None
+        values = np.asarray(history, dtype=np.float64)
+        mean, std = float(values.mean()), float(values.std())
+        if value > mean + self.cfg.k_sigma * std and value > mean * (1 + 1e-3):
+            return f"{name} {value:.4g} > mean {mean:.4g} + {self.cfg.k_sigma:g} std ({std:.3g})"
+        if self.cfg.max_ratio > 0 and value > self.cfg.max_ratio * mean:
+            return f"{name} {value:.4g} > {self.cfg.max_ratio:g} x mean {mean:.4g}"
+        return None
+
+    def reset(self) -> None:
+        """After a rollback the statistics restart: the restored weights are older."""
+        self.losses.clear()
+        self.grad_norms.clear()
+
+
+@dataclass
+class RollbackPlan:
+    restore_step: int
+    restore_data_index: int
+    window: tuple[int, int]
+
+
+class RollbackPolicy:
+    """Bookkeeping of checkpoints' health and of how many rollbacks were spent where."""
+
+    def __init__(self, cfg: GuardConfig, rollbacks: int = 0, per_window: dict | None = None):
+        self.cfg = cfg
+        self.rollbacks = rollbacks
+        self.per_restore: dict[int, int] = {int(k): v for k, v in (per_window or {}).items()}
+        # step -> data position of checkpoints that are saved but not yet proven healthy
+        self.candidates: dict[int, int] = {}
+        # step -> data position of checkpoints followed by enough healthy steps. Step 0 is the
+        # initial state, always recreatable from the seed.
+        self.known_good: dict[int, int] = {0: 0}
+
+    def saved(self, step: int, data_index: int) -> None:
+        self.candidates[step] = data_index
+
+    def healthy_through(self, step: int) -> list[int]:
+        """Step ``step`` was healthy: promotes checkpoints that are now far enough behind."""
+        promoted = [c for c in self.candidates if step - c >= self.cfg.known_good_after]
+        for c in promoted:
+            self.known_good[c] = self.candidates.pop(c)
+        return promoted
+
+    def newest_known_good(self) -> int:
+        return max(self.known_good)
+
+    def plan(self, bad_step: int, bad_data_index: int, existing: set[int]) -> RollbackPlan:
+        """Where to go back to after the bad step; raises TrainingDiverged past the bounds."""
+        usable = [s for s in self.known_good if s < bad_step and (s == 0 or s in existing)]
+        restore = max(usable)
+        self.rollbacks += 1
+        self.per_restore[restore] = self.per_restore.get(restore, 0) + 1
+        if self.rollbacks > self.cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"step {bad_step} is bad again after {self.cfg.max_rollbacks} rollbacks "
+                f"(guard.max_rollbacks); stopping"
+            )
+        if self.per_restore[restore] > self.cfg.max_per_window:
+            raise TrainingDiverged(
+                f"step {bad_step} is bad again after {self.cfg.max_per_window} rollbacks to "
+                f"checkpoint {restore} (guard.max_per_window); stopping"
+            )
+        # Checkpoints newer than the restored one saw the bad data: they stop being candidates.
+        self.candidates = {s: d for s, d in self.candidates.items() if s <= restore}
+        self.known_good = {s: d for s, d in self.known_good.items() if s <= restore}
+        start = self.known_good[restore]
+        return RollbackPlan(restore, start, (start, bad_data_index + self.cfg.margin))
+
+    def to_json(self) -> dict:
+        return {
+            "rollbacks": self.rollbacks,
+            "per_restore": {str(k): v for k, v in self.per_restore.items()},
+            "known_good": {str(k): v for k, v in self.known_good.items()},
+            "candidates": {str(k): v for k, v in self.candidates.items()},
+        }
+
+    @classmethod
+    def from_json(cls, cfg: GuardConfig, raw: dict | None) -> RollbackPolicy:
+        raw = raw or {}
+        policy = cls(cfg, int(raw.get("rollbacks", 0)), raw.get("per_restore"))
+        for k, v in (raw.get("known_good") or {}).items():
+            policy.known_good[int(k)] = int(v)
+        for k, v in (raw.get("candidates") or {}).items():
+            policy.candidates[int(k)] = int(v)
+        return policy
