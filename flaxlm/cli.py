@@ -4,6 +4,9 @@ flaxlm data demo data/shakespeare             # write the demo corpus
 flaxlm train configs/gpt_demo.yaml train.steps=600
 flaxlm eval runs/gpt_demo --json
 flaxlm sample runs/gpt_demo --prompt "ROMEO." --temperature 0.8
+flaxlm generate runs/gpt_demo --prompts prompts.txt --top-p 0.9 --temperature 0.8
+flaxlm convert to-hf runs/gpt_demo hf/gpt_demo
+flaxlm report runs/gpt_demo
 flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
 flaxlm data inspect configs/gpt_demo.yaml     # sources, counts, cache, a decoded sample batch
 flaxlm data build-tfds corpus/ --name my_corpus --data-dir /shared/tfds
@@ -51,7 +54,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", help="text/JSONL sources instead of the run's val split")
     p.add_argument("--split", default="val", choices=("train", "val"))
     p.add_argument("--max-batches", type=int, default=0, help="0 = the whole split")
+    p.add_argument("--batch-size", type=int, default=0, help="0 = the run's micro-batch")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument(
+        "--out", help="JSON report path (default RUN_DIR/evals/step_<N>.<split>.json)"
+    )
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("sample", help="generate text from a run or checkpoint")
@@ -61,6 +68,41 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_sample)
+
+    p = sub.add_parser("generate", help="generate text (KV cache; sampling or beam search)")
+    p.add_argument("path", help="RUN_DIR or RUN_DIR/checkpoints/<step>")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="text to continue")
+    src.add_argument("--prompts", help="a file with one prompt per line (generated in batches)")
+    p.add_argument("--max-new-tokens", type=int, default=100)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k likeliest; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 = off")
+    p.add_argument("--num-beams", type=int, default=1, help="> 1 = beam search")
+    p.add_argument("--length-penalty", type=float, default=0.6, help="GNMT alpha (beams)")
+    p.add_argument("--no-stop-at-eos", action="store_true", help="run to --max-new-tokens")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per batch")
+    p.add_argument("--json", action="store_true", help="one JSON object per prompt")
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("convert", help="HuggingFace transformers interop")
+    conv = p.add_subparsers(dest="convert_command", required=True)
+    c = conv.add_parser("to-hf", help="checkpoint -> config.json + model.safetensors")
+    c.add_argument("path", help="RUN_DIR or RUN_DIR/checkpoints/<step>")
+    c.add_argument("out", help="output directory")
+    c.set_defaults(func=_convert_to_hf)
+    c = conv.add_parser("from-hf", help="HF directory -> run dir with checkpoint 0")
+    c.add_argument("hf_dir", help="a directory with config.json + model.safetensors")
+    c.add_argument("out", help="the run directory to create")
+    c.add_argument("--tokenizer", help="sentencepiece .model (default HF_DIR/tokenizer.model)")
+    c.add_argument("--seq-len", type=int, default=0, help="context (default n_positions)")
+    c.set_defaults(func=_convert_from_hf)
+
+    p = sub.add_parser("report", help="plots and a Markdown summary of a run's metrics")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="output folder (default RUN_DIR/report)")
+    p.set_defaults(func=_report)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -129,9 +171,17 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from flaxlm.tools.evaluate import evaluate
+    from flaxlm.tools.evaluate import evaluate, save_report
 
-    report = evaluate(args.path, args.data, args.split, args.max_batches, progress=not args.json)
+    report = evaluate(
+        args.path,
+        args.data,
+        args.split,
+        args.max_batches,
+        batch_size=args.batch_size,
+        progress=not args.json,
+    )
+    path = save_report(report, args.path, args.out)
     if args.json:
         print(json.dumps(report))
         return 0
@@ -143,16 +193,73 @@ def _eval(args: argparse.Namespace) -> int:
     if "unigram_loss" in report:
         print(f"unigram baseline     {report['unigram_loss']:.4f} nats/token")
         print(f"gain over unigram    {report['gain_over_unigram']:.4f} nats/token")
+    print(f"report               {path}")
     return 0
 
 
 def _sample(args: argparse.Namespace) -> int:
+    """``flaxlm sample``: ``flaxlm generate`` with one prompt and sampling options only."""
+    from flaxlm.tools.generate import GenerateOptions, generate
     from flaxlm.tools.load import load_checkpoint
-    from flaxlm.tools.sample import generate
 
     loaded = load_checkpoint(args.path)
-    text = generate(loaded, args.prompt, args.max_new_tokens, args.temperature, args.seed)
-    print(args.prompt + text)
+    opts = GenerateOptions(args.max_new_tokens, args.temperature, seed=args.seed)
+    print(args.prompt + generate(loaded, args.prompt, opts))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from flaxlm.tools.generate import GenerateOptions, generate
+    from flaxlm.tools.load import load_checkpoint
+
+    opts = GenerateOptions(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        num_beams=args.num_beams,
+        length_penalty=args.length_penalty,
+        stop_at_eos=not args.no_stop_at_eos,
+        seed=args.seed,
+    )
+    if args.prompts:
+        lines = Path(args.prompts).read_text().splitlines()
+        prompts = [line for line in lines if line.strip()]
+        if not prompts:
+            raise ValueError(f"--prompts {args.prompts!r} holds no non-empty line")
+    else:
+        prompts = [args.prompt]
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size={args.batch_size} must be >= 1")
+    loaded = load_checkpoint(args.path)
+    for start in range(0, len(prompts), args.batch_size):
+        chunk = prompts[start : start + args.batch_size]
+        for prompt, text in zip(chunk, generate(loaded, chunk, opts), strict=True):
+            if args.json:
+                print(json.dumps({"prompt": prompt, "completion": text}))
+            else:
+                print(prompt + text + ("\n" if len(prompts) > 1 else ""))
+    return 0
+
+
+def _convert_to_hf(args: argparse.Namespace) -> int:
+    from flaxlm.tools.convert import to_hf
+
+    print(f"wrote {to_hf(args.path, args.out)}")
+    return 0
+
+
+def _convert_from_hf(args: argparse.Namespace) -> int:
+    from flaxlm.tools.convert import from_hf
+
+    print(f"wrote {from_hf(args.hf_dir, args.out, args.tokenizer, args.seq_len)}")
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from flaxlm.tools.report import write_report
+
+    print(f"wrote {write_report(args.run_dir, args.out)}")
     return 0
 
 

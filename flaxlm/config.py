@@ -132,6 +132,10 @@ class GuardConfig:
     window: int = 128  # healthy steps in the rolling statistics
     warmup: int = 20  # healthy steps needed before the k-sigma test starts (NaN: always)
     k_sigma: float = 6.0
+    # The same test on the gradient norm, with its own k; 0 = only non-finite norms are bad.
+    # Off by default: with clipping, a norm outlier alone cannot move the weights further
+    # than a normal step, and small models show harmless 10-sigma norm outliers.
+    grad_norm_k_sigma: float = 0.0
     max_ratio: float = 0.0  # also bad when value > max_ratio x rolling mean; 0 = off
     known_good_after: int = 20  # healthy steps after a checkpoint that make it known good
     margin: int = 0  # extra data positions skipped after the bad one
@@ -299,10 +303,10 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
     if not check_paths:
         return
     for p in d.paths:
-        if not p.startswith("tfds:") and not Path(p).exists():
+        if not _source_exists(p):
             raise ConfigError(f"data.paths entry {p!r} does not exist")
     for i, s in enumerate(d.sources):
-        if not s.path.startswith("tfds:") and not Path(s.path).exists():
+        if not _source_exists(s.path):
             raise ConfigError(f"data.sources[{i}].path {s.path!r} does not exist")
     if d.tokenizer and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
@@ -335,13 +339,18 @@ def _validate_sources(d: DataConfig) -> None:
         names.add(name)
 
 
+def _source_exists(path: str) -> bool:
+    # TFDS datasets are looked up (and explained when missing) by flaxlm.data.tfds_source.
+    return path.startswith("tfds:") or Path(path.removeprefix("hf:")).exists()
+
+
 def source_name(source: SourceConfig) -> str:
     """The source's name: ``name`` if set, else the file / folder / TFDS name without suffixes."""
     if source.name:
         return source.name
     if source.path.startswith("tfds:"):
         return source.path[len("tfds:") :].split(":")[0].split("/")[0]
-    base = Path(source.path.rstrip("/")).name or source.path
+    base = Path(source.path.removeprefix("hf:").rstrip("/")).name or source.path
     return base.split(".")[0] or base
 
 

@@ -13,6 +13,8 @@ def causal_lm_loss(
     loss_mask_BxL: jax.Array,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    source_ids_BxL: jax.Array | None = None,
+    n_sources: int = 0,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Next-token cross-entropy, summed over the positions where ``loss_mask`` is 1.
 
@@ -23,7 +25,8 @@ def causal_lm_loss(
 
     Returns:
       (objective_sum, metrics) where metrics holds summed ``ce_sum`` (plain cross-entropy,
-      what we report as loss), ``correct`` and ``n_tokens``.
+      what we report as loss), ``correct`` and ``n_tokens``; with ``source_ids_BxL`` (a data
+      mixture) also ``source_ce_sum`` and ``source_tokens``, each ``(n_sources,)``.
     """
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     mask_BxL = loss_mask_BxL.astype(jnp.float32)
@@ -42,4 +45,12 @@ def causal_lm_loss(
         "correct": jnp.sum(correct_BxL * mask_BxL),
         "n_tokens": jnp.sum(mask_BxL),
     }
+    if source_ids_BxL is not None:
+        ids = source_ids_BxL.reshape(-1)
+        metrics["source_ce_sum"] = jax.ops.segment_sum(
+            (ce_BxL * mask_BxL).reshape(-1), ids, num_segments=n_sources
+        )
+        metrics["source_tokens"] = jax.ops.segment_sum(
+            mask_BxL.reshape(-1), ids, num_segments=n_sources
+        )
     return jnp.sum(objective_BxL * mask_BxL), metrics

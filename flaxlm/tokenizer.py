@@ -5,12 +5,17 @@ code can name them without asking the tokenizer:
 
     <pad>=0  <unk>=1  <s>=2  </s>=3  [CLS]=4  [SEP]=5  [MASK]=6
 
-Training keeps text exactly (identity normalisation, whitespace kept, no dummy prefix, bytes
-for unseen characters), so ``decode(encode(text)) == text`` for any text.
+Training keeps text exactly by default (identity normalisation, whitespace kept, no dummy
+prefix, bytes for unseen characters), so ``decode(encode(text)) == text`` for any text.
 
     path = train_tokenizer([Path("corpus.txt")], Path("out/tok"), vocab_size=8192)
     tok = Tokenizer.load(path)
     ids = tok.encode("To be, or not to be")
+
+A foreign model (e.g. a 32k Llama/Mistral BPE) that lacks some specials gets them mapped:
+``Tokenizer.load(path, specials={"pad": "</s>", "mask": "[MASK]"})`` reuses the control piece
+``</s>`` as pad and appends ``[MASK]`` as a new control piece (id = old vocab size). The mapping
+is written into the model bytes, so a checkpoint's tokenizer reloads without it.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ from flaxlm.config import ConfigError
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
+# The roles a foreign model's pieces can be mapped to, and the piece appended for each.
+SPECIAL_ROLES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "cls": "[CLS]", "sep": "[SEP]",
+                 "mask": "[MASK]"}  # fmt: skip
+NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf")
 
 # sentencepiece samples this many lines at most; more only costs memory and time.
 MAX_TRAINING_SENTENCES = 2_000_000
@@ -43,8 +52,15 @@ def train_tokenizer(
     model_type: str = "bpe",
     byte_fallback: bool = True,
     character_coverage: float = 1.0,
+    normalization: str = "identity",
 ) -> Path:
     """Trains a sentencepiece model on text files (one sentence per line); returns the .model path.
+
+    ``character_coverage`` is the share of the training text's characters that get their own
+    piece (1.0 = all; 0.9995 is sentencepiece's advice for CJK, leaving rare characters to
+    byte fallback). ``normalization="identity"`` keeps text exactly; ``nfkc`` / ``nmt_nfkc`` /
+    ``nfkc_cf`` also collapse whitespace and add a dummy prefix, as sentencepiece does by
+    default (lossy round trips).
 
     Writes ``<model_prefix>.model`` and ``<model_prefix>.vocab`` (piece, score per line), each
     under a temporary name renamed into place, so a failure leaves no half-written model. The
@@ -53,6 +69,11 @@ def train_tokenizer(
     """
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type={model_type!r} is not one of bpe, unigram")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"normalization={normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
+        )
+    exact = normalization == "identity"
     model_prefix = Path(model_prefix)
     proto = io.BytesIO()
     spm.set_random_generator_seed(TRAINING_SEED)
@@ -73,9 +94,9 @@ def train_tokenizer(
             byte_fallback=byte_fallback,
             character_coverage=character_coverage,
             # Exact round trips: no NFKC, keep runs of spaces, no invented leading space.
-            normalization_rule_name="identity",
-            remove_extra_whitespaces=False,
-            add_dummy_prefix=False,
+            normalization_rule_name=normalization,
+            remove_extra_whitespaces=not exact,
+            add_dummy_prefix=not exact,
             allow_whitespace_only_pieces=True,
             split_digits=True,
             hard_vocab_limit=False,  # tiny corpora get a smaller vocab instead of an error
@@ -140,9 +161,11 @@ class Tokenizer:
         }
         missing = [name for name, i in ids.items() if i < 0]
         if missing:
+            example = ", ".join(f"{m}: {SPECIAL_ROLES.get(m, '?')}" for m in missing)
             raise ValueError(
-                f"tokenizer {source} has no {'/'.join(missing)} token; "
-                "expected pad, unk, bos and eos ids (flaxlm.tokenizer.train_tokenizer makes them)"
+                f"tokenizer {source} has no {'/'.join(missing)} token; expected pad, unk, bos "
+                f"and eos ids: map each to a control piece or append one, e.g. "
+                f"data.tokenizer_specials={{{example}}}"
             )
         self.pad_id: int = ids["pad"]
         self.unk_id: int = ids["unk"]
@@ -153,12 +176,15 @@ class Tokenizer:
         self.mask_id: int | None = self._piece_id("[MASK]")
 
     @classmethod
-    def load(cls, path: str | Path) -> Tokenizer:
-        """Loads a sentencepiece ``.model`` file."""
+    def load(cls, path: str | Path, specials: dict[str, str] | None = None) -> Tokenizer:
+        """Loads a sentencepiece ``.model`` file, mapping missing specials (see the module doc)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
-        return cls.from_bytes(path.read_bytes(), source=str(path))
+        model_bytes = path.read_bytes()
+        if specials:
+            model_bytes = map_special_tokens(model_bytes, specials, source=str(path))
+        return cls.from_bytes(model_bytes, source=str(path))
 
     @classmethod
     def from_bytes(cls, model_bytes: bytes, source: str = "<bytes>") -> Tokenizer:
@@ -197,6 +223,62 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
+
+
+def map_special_tokens(
+    model_bytes: bytes, specials: dict[str, str], source: str = "<bytes>"
+) -> bytes:
+    """The model with ``specials`` (role -> piece) written into it; ValueError if one cannot be.
+
+    A role maps to an existing *control* piece (never produced from text), or to its standard
+    piece (``SPECIAL_ROLES``), which is appended as a new control piece when the model lacks it.
+    pad/bos/eos point sentencepiece at the piece (several roles may share one, e.g. pad = eos);
+    cls/sep/mask rename the control piece to ``[CLS]``/``[SEP]``/``[MASK]``, the names flaxlm
+    looks up. Pieces that are text (ordinary, byte, unknown, user-defined) are refused: mapping
+    one would make the role ambiguous with real text.
+    """
+    from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+    proto = model_pb2.ModelProto()
+    try:
+        proto.ParseFromString(model_bytes)
+    except Exception as e:  # protobuf's DecodeError
+        raise ValueError(f"tokenizer {source} is not a sentencepiece model: {e}") from e
+    control = model_pb2.ModelProto.SentencePiece.CONTROL
+    spec = proto.trainer_spec
+    for role, piece in specials.items():
+        where = f"tokenizer {source}: data.tokenizer_specials.{role}={piece!r}"
+        if role not in SPECIAL_ROLES:
+            raise ValueError(f"{where}: unknown role; expected one of {', '.join(SPECIAL_ROLES)}")
+        ids = {p.piece: i for i, p in enumerate(proto.pieces)}
+        i = ids.get(piece)
+        if i is None:
+            if piece != SPECIAL_ROLES[role]:
+                raise ValueError(
+                    f"{where}: no such piece; expected an existing control piece or "
+                    f"{SPECIAL_ROLES[role]!r} to append one"
+                )
+            i = len(proto.pieces)
+            proto.pieces.add(piece=piece, score=0.0, type=control)
+        kind = model_pb2.ModelProto.SentencePiece.Type.Name(proto.pieces[i].type)
+        if proto.pieces[i].type != control:
+            raise ValueError(
+                f"{where}: piece id {i} has type {kind}, not CONTROL; expected a control piece "
+                f"or {SPECIAL_ROLES[role]!r} to append one"
+            )
+        if role in ("pad", "bos", "eos"):
+            setattr(spec, f"{role}_piece", piece)
+            setattr(spec, f"{role}_id", i)
+            continue
+        target = SPECIAL_ROLES[role]
+        held = {getattr(spec, f"{r}_piece") for r in ("pad", "bos", "eos")}
+        if piece != target and (piece in held or target in ids):
+            raise ValueError(
+                f"{where}: cannot rename piece id {i} to {target!r} (it serves another role or "
+                f"{target!r} exists); expected a free control piece"
+            )
+        proto.pieces[i].piece = target
+    return proto.SerializeToString()
 
 
 def check_vocab(tokenizer: Tokenizer, model_vocab_size: int) -> None:

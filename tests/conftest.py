@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import shutil
 from pathlib import Path
 
@@ -56,24 +58,34 @@ TRAINED_RUN_STEPS = 200
 
 
 @pytest.fixture(scope="session")
-def trained_run(small_corpus, tiny_cache_dir, tmp_path_factory) -> Path:
-    """A finished tiny run, shared read-only by the tools and CLI tests.
+def cli_trained_run(small_corpus, tiny_cache_dir, tmp_path_factory) -> tuple[Path, int, str]:
+    """A finished tiny run trained as a user would, with ``flaxlm train CONFIG OVERRIDES``.
 
-    200 steps (a few seconds) take the model past the unigram baseline, so greedy decoding
-    emits more than one distinct token. Checkpoints every 50 steps, the last 3 kept: 100, 150,
-    200. Tests must not write into it.
+    Returns (run dir, exit code, stdout). 200 steps (a few seconds) take the model past the
+    unigram baseline. Checkpoints every 50 steps, the last 3 kept: 100, 150, 200. Shared by
+    the CLI and tools tests, which must not write into it.
     """
-    from flaxlm.train import train
+    from flaxlm.cli import main
 
     run_dir = tmp_path_factory.mktemp("trained") / "run"
-    cfg = tiny_config(
-        small_corpus,
-        tiny_cache_dir,
-        run_dir,
+    argv = [
+        "train",
+        str(REPO / "configs" / "gpt_tiny.yaml"),
+        f"data.paths=[{small_corpus}]",
+        f"data.cache_dir={tiny_cache_dir}",
+        "data.val_fraction=0.34",
+        f"train.run_dir={run_dir}",
         f"train.steps={TRAINED_RUN_STEPS}",
         "train.eval_every=0",
         "checkpoint.every=50",
-    )
-    result = train(cfg)
-    assert result.step == TRAINED_RUN_STEPS
+    ]
+    with contextlib.redirect_stdout(io.StringIO()) as stdout:
+        code = main(argv)
+    return run_dir, code, stdout.getvalue()
+
+
+@pytest.fixture(scope="session")
+def trained_run(cli_trained_run) -> Path:
+    run_dir, code, _ = cli_trained_run
+    assert code == 0, "flaxlm train failed; see test_cli.py::test_train_with_overrides"
     return run_dir

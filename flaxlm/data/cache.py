@@ -11,6 +11,10 @@ hashes everything the tokens depend on (source paths, sizes and contents, the js
 tokenizer or the settings to train one, val_fraction, the format version). It is built in a
 temporary folder and renamed into place, so a crash never leaves a half cache, and processes
 that race to build it agree on one result.
+
+With several sources (``data.sources``) the documents are written source after source, so each
+source's documents are a contiguous range of each split: ``prepared.sources[i].train`` is a
+zero-copy view. Weights are not part of the key: re-weighting a mixture reuses the cache.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +36,11 @@ from flaxlm.config import ConfigError, DataConfig
 from flaxlm.data.sources import (
     DataError,
     Document,
+    SourceSpec,
     SourceStats,
     iter_documents,
     list_source_files,
+    resolve_sources,
 )
 from flaxlm.tokenizer import Tokenizer, check_vocab, train_tokenizer
 
@@ -58,6 +64,7 @@ class TokenSplit:
     doc_offsets: np.ndarray
     directory: Path | None = None  # where doc ids are stored; None for in-memory splits
     doc_id_list: list[str] | None = None  # the doc ids of an in-memory split
+    first_doc: int = 0  # for a view of documents [first_doc, ...) of the stored split
 
     @property
     def n_docs(self) -> int:
@@ -70,9 +77,25 @@ class TokenSplit:
     def doc_ids(self) -> list[str]:
         """The ids of this split's documents, in stream order."""
         if self.directory is None:
-            return list(self.doc_id_list or [])
-        text = (self.directory / f"{self.name}.doc_ids.txt").read_text(encoding="utf-8")
-        return text.split("\n")[:-1]
+            ids = list(self.doc_id_list or [])
+        else:
+            text = (self.directory / f"{self.name}.doc_ids.txt").read_text(encoding="utf-8")
+            ids = text.split("\n")[:-1]
+        return ids[self.first_doc : self.first_doc + self.n_docs]
+
+    def documents(self, lo: int, hi: int) -> TokenSplit:
+        """Documents [lo, hi) as a split of their own: a view, nothing is copied."""
+        if not 0 <= lo <= hi <= self.n_docs:
+            raise ValueError(f"document range [{lo}, {hi}) is outside [0, {self.n_docs}]")
+        start, stop = int(self.doc_offsets[lo]), int(self.doc_offsets[hi])
+        return TokenSplit(
+            self.name,
+            self.tokens[start:stop],
+            self.doc_offsets[lo : hi + 1] - start,
+            self.directory,
+            self.doc_id_list,
+            self.first_doc + lo,
+        )
 
     @classmethod
     def load(cls, directory: Path, name: str) -> TokenSplit:
@@ -82,14 +105,26 @@ class TokenSplit:
 
 
 @dataclass
+class SourceData:
+    """One source's share of the prepared data: its documents in each split, and its weight."""
+
+    name: str
+    weight: float  # normalised: the weights of all sources sum to 1
+    train: TokenSplit
+    val: TokenSplit
+    n_empty_docs: int = 0
+
+
+@dataclass
 class PreparedData:
     tokenizer: Tokenizer
-    train: TokenSplit
+    train: TokenSplit  # every source's documents, in source order
     val: TokenSplit
     cache_dir: Path
     cache_hit: bool  # True when the cache existed and nothing was tokenized
     n_empty_docs: int  # empty / whitespace-only documents skipped
     seconds: float  # wall time of prepare_data
+    sources: list[SourceData] = field(default_factory=list)  # in data.sources order
 
     def summary(self) -> str:
         """One line for the log."""
@@ -116,8 +151,11 @@ def prepare_data(
     unusable sources.
     """
     start = time.perf_counter()
-    if not data_cfg.paths:
-        raise DataError("data.paths is empty; expected text files, folders or .jsonl files")
+    if not data_cfg.paths and not data_cfg.sources:
+        raise DataError(
+            "data.paths and data.sources are empty; expected text files, folders, .jsonl, "
+            ".parquet, dataset folders or tfds:NAME"
+        )
     if model_vocab_size is not None and not data_cfg.tokenizer and tokenizer is None:
         # Fail before spending minutes on training a tokenizer the model cannot use.
         if data_cfg.tokenizer_vocab_size > model_vocab_size:
@@ -127,7 +165,7 @@ def prepare_data(
             )
     given = tokenizer
     if given is None and data_cfg.tokenizer:
-        given = Tokenizer.load(data_cfg.tokenizer)
+        given = Tokenizer.load(data_cfg.tokenizer, data_cfg.tokenizer_specials)
     if given is not None and model_vocab_size is not None:
         check_vocab(given, model_vocab_size)
 
@@ -155,28 +193,39 @@ def prepare_data(
     tokenizer = Tokenizer.load(final / "tokenizer.model")
     if model_vocab_size is not None:
         check_vocab(tokenizer, model_vocab_size)
+    train, val = TokenSplit.load(final, "train"), TokenSplit.load(final, "val")
+    specs = resolve_sources(data_cfg)
+    total_weight = sum(s.weight for s in specs)
+    ranges = meta.get("sources") or [  # caches built before mixtures: one source
+        {"train_docs": [0, train.n_docs], "val_docs": [0, val.n_docs], "n_empty_docs": 0}
+    ]
+    sources = [
+        SourceData(
+            spec.name,
+            spec.weight / total_weight,
+            train.documents(*r["train_docs"]),
+            val.documents(*r["val_docs"]),
+            r["n_empty_docs"],
+        )
+        for spec, r in zip(specs, ranges, strict=True)
+    ]
     return PreparedData(
         tokenizer=tokenizer,
-        train=TokenSplit.load(final, "train"),
-        val=TokenSplit.load(final, "val"),
+        train=train,
+        val=val,
         cache_dir=final,
         cache_hit=cache_hit,
         n_empty_docs=meta["n_empty_docs"],
         seconds=time.perf_counter() - start,
+        sources=sources,
     )
 
 
 def cache_key(data_cfg: DataConfig, tokenizer: Tokenizer | None) -> str:
-    """A hash of everything the cached tokens depend on (not seq_len: packing is done later)."""
-    sources = [
-        {
-            "path": str(f.path.resolve()),
-            "doc_id": f.doc_id,
-            "size": f.path.stat().st_size,
-            "sha256": _file_sha256(f.path),
-        }
-        for f in list_source_files(data_cfg.paths)
-    ]
+    """A hash of everything the cached tokens depend on (not seq_len: packing is done later).
+
+    Not the mixture weights either: they only change which rows batches draw.
+    """
     if tokenizer is not None:
         tok = {"model_sha256": hashlib.sha256(tokenizer.model_bytes).hexdigest()}
     else:
@@ -185,13 +234,29 @@ def cache_key(data_cfg: DataConfig, tokenizer: Tokenizer | None) -> str:
             "vocab_size": data_cfg.tokenizer_vocab_size,
             "byte_fallback": data_cfg.byte_fallback,
         }
+        # Only when changed, so that caches built before these options keep their keys.
+        if data_cfg.tokenizer_character_coverage != 1.0:
+            tok["character_coverage"] = data_cfg.tokenizer_character_coverage
+        if data_cfg.tokenizer_normalization != "identity":
+            tok["normalization"] = data_cfg.tokenizer_normalization
     blob = {
         "format": FORMAT_VERSION,
-        "sources": sources,
+        "sources": _files_fingerprint(data_cfg.paths, data_cfg.tfds_data_dir),
         "jsonl_field": data_cfg.jsonl_field,
         "val_fraction": data_cfg.val_fraction,
         "tokenizer": tok,
     }
+    if data_cfg.sources:
+        blob["sources"] = [
+            {
+                "name": spec.name,
+                "field": spec.field,
+                "split": spec.split,
+                "files": _files_fingerprint(spec.paths, data_cfg.tfds_data_dir),
+            }
+            for spec in resolve_sources(data_cfg)
+        ]
+        del blob["jsonl_field"]  # each source names its field
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -263,8 +328,13 @@ def train_tokenizer_on_documents(
     vocab_size: int,
     model_type: str = "bpe",
     byte_fallback: bool = True,
+    character_coverage: float = 1.0,
+    normalization: str = "identity",
 ) -> Path:
-    """Trains a tokenizer on documents (from any source, jsonl included); returns the .model."""
+    """Trains a tokenizer on documents (from any source, jsonl included); returns the .model.
+
+    The options are those of :func:`flaxlm.tokenizer.train_tokenizer`.
+    """
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)
     # sentencepiece reads sentences from files, one per line.
@@ -279,6 +349,8 @@ def train_tokenizer_on_documents(
             vocab_size,
             model_type=model_type,
             byte_fallback=byte_fallback,
+            character_coverage=character_coverage,
+            normalization=normalization,
         )
 
 
@@ -287,20 +359,41 @@ def token_dtype(vocab_size: int) -> type:
     return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
+def _source_documents(
+    specs: list[SourceSpec], tfds_data_dir: str, stats: list[SourceStats] | None = None
+) -> Iterator[tuple[int, Document]]:
+    """(source index, document) for every non-empty document, source after source."""
+    for s, spec in enumerate(specs):
+        source_stats = stats[s] if stats is not None else None
+        docs = iter_documents(
+            spec.paths, spec.field, source_stats, split=spec.split, tfds_data_dir=tfds_data_dir
+        )
+        for doc in docs:
+            yield s, doc
+
+
 def _build(data_cfg: DataConfig, given: Tokenizer | None, out: Path, progress: bool) -> None:
-    paths, field = data_cfg.paths, data_cfg.jsonl_field
-    stats = SourceStats()
-    doc_ids = [doc.doc_id for doc in iter_documents(paths, field, stats)]
+    specs = resolve_sources(data_cfg)
+    stats = [SourceStats() for _ in specs]
+    sources_of_docs, doc_ids = [], []
+    for s, doc in _source_documents(specs, data_cfg.tfds_data_dir, stats):
+        sources_of_docs.append(s)
+        doc_ids.append(doc.doc_id)
     is_val = assign_splits(doc_ids, data_cfg.val_fraction)
 
+    def all_docs() -> Iterator[Document]:
+        return (doc for _, doc in _source_documents(specs, data_cfg.tfds_data_dir))
+
     if given is None:
-        train_docs = (d for i, d in enumerate(iter_documents(paths, field)) if not is_val[i])
+        train_docs = (d for i, d in enumerate(all_docs()) if not is_val[i])
         train_tokenizer_on_documents(
             train_docs,
             out / "tokenizer",
             data_cfg.tokenizer_vocab_size,
             model_type=data_cfg.tokenizer_type,
             byte_fallback=data_cfg.byte_fallback,
+            character_coverage=data_cfg.tokenizer_character_coverage,
+            normalization=data_cfg.tokenizer_normalization,
         )
         (out / "tokenizer.vocab").unlink()
         tokenizer = Tokenizer.load(out / "tokenizer.model")
@@ -311,21 +404,39 @@ def _build(data_cfg: DataConfig, given: Tokenizer | None, out: Path, progress: b
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {name: _SplitWriter(out, name, dtype) for name in SPLITS}
     bar = tqdm(total=len(doc_ids), unit="doc", desc="tokenizing", disable=not progress)
-    encoded = encode_documents(iter_documents(paths, field), tokenizer)
+    encoded = encode_documents(all_docs(), tokenizer)
     for i, (doc, ids) in enumerate(encoded):
         writers["val" if is_val[i] else "train"].add(doc.doc_id, ids)
         bar.update(1)
     bar.close()
 
+    # Documents arrived source after source: each source is one range of each split.
+    source_of_doc = np.asarray(sources_of_docs, dtype=np.int64)
+    ranges = []
+    for in_split in (~is_val, is_val):  # train, val
+        ends = np.cumsum(np.bincount(source_of_doc[in_split], minlength=len(specs)))
+        starts = np.concatenate([[0], ends[:-1]])
+        ranges.append([[int(lo), int(hi)] for lo, hi in zip(starts, ends, strict=True)])
+    sources_meta = [
+        {
+            "name": spec.name,
+            "train_docs": ranges[0][s],
+            "val_docs": ranges[1][s],
+            "n_empty_docs": stats[s].n_empty,
+        }
+        for s, spec in enumerate(specs)
+    ]
+
     meta = {
         "format": FORMAT_VERSION,
-        "paths": list(paths),
-        "jsonl_field": field,
+        "paths": [p for spec in specs for p in spec.paths],
+        "jsonl_field": data_cfg.jsonl_field,
         "val_fraction": data_cfg.val_fraction,
         "tokenizer": data_cfg.tokenizer or "trained",
         "vocab_size": tokenizer.vocab_size,
         "dtype": np.dtype(dtype).name,
-        "n_empty_docs": stats.n_empty,
+        "n_empty_docs": sum(st.n_empty for st in stats),
+        "sources": sources_meta,
         **{name: w.finish() for name, w in writers.items()},
     }
     # meta.json is written last: its presence marks a complete cache.
@@ -364,6 +475,18 @@ class _SplitWriter:
         self.raw_path.unlink()
         np.save(self.out / f"{self.name}.doc_offsets.npy", np.asarray(self.offsets, np.int64))
         return {"n_docs": len(self.offsets) - 1, "n_tokens": n}
+
+
+def _files_fingerprint(paths: Iterable[str], tfds_data_dir: str) -> list[dict]:
+    return [
+        {
+            "path": str(f.path.resolve()),
+            "doc_id": f.doc_id,
+            "size": f.path.stat().st_size,
+            "sha256": _file_sha256(f.path),
+        }
+        for f in list_source_files(paths, tfds_data_dir)
+    ]
 
 
 def _file_sha256(path: Path) -> str:

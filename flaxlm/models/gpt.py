@@ -7,6 +7,12 @@
 
 Packed rows: ``segment_ids`` name the document of each token (attention never crosses
 documents) and ``positions`` restart at 0 at each document start.
+
+Decoding with a KV cache (``flaxlm.tools.generate``): ``decode=True`` with a "cache"
+collection from ``init_cache`` appends the given tokens to the cache and returns their logits:
+
+    logits, vars = model.apply({"params": p, "cache": c}, tok_BxT, pos_BxT, seg_BxT,
+                               decode=True, mutable=["cache"])
 """
 
 from __future__ import annotations
@@ -38,9 +44,11 @@ class GPT(nn.Module):
         positions_BxL: Array | None = None,
         segment_ids_BxL: Array | None = None,
         deterministic: bool = True,
+        decode: bool = False,
     ) -> Array:
         """Args: int32 ``tokens_BxL``; optional int32 ``positions_BxL`` (default 0..L-1) and
-        ``segment_ids_BxL`` (default all ones: one document per row).
+        ``segment_ids_BxL`` (default all ones: one document per row). ``decode``: append the
+        tokens to the KV cache (mutable "cache" collection) and attend over all of it.
 
         Returns: float32 ``logits_BxLxV``.
         """
@@ -65,10 +73,13 @@ class GPT(nn.Module):
         x_BxLxD = nn.Dropout(rate=cfg.dropout, deterministic=deterministic)(x_BxLxD)
         x_BxLxD = constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
 
-        mask_Bx1xLxL = layers.causal_segment_mask(segment_ids_BxL)
+        if decode:
+            mask_Bx1xLxS, cache_index = self._decode_mask(segment_ids_BxL)
+        else:
+            mask_Bx1xLxS, cache_index = layers.causal_segment_mask(segment_ids_BxL), None
         for i in range(cfg.n_layers):
             block = layers.Block(cfg, norm_placement="pre", name=f"blocks_{i}")
-            x_BxLxD = block(x_BxLxD, mask_Bx1xLxL, positions_BxL, deterministic)
+            x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, cache_index)
 
         x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)
         if cfg.tie_embeddings:
@@ -81,6 +92,27 @@ class GPT(nn.Module):
             logits_BxLxV = head(x_BxLxD)
         logits_BxLxV = logits_BxLxV.astype(jnp.float32)
         return constrain(logits_BxLxV, "act_batch", "act_length", "act_vocab")
+
+    def _decode_mask(self, segment_ids_BxL: Array) -> tuple[Array, Array]:
+        """The cache's write index and ``mask_Bx1xLxS`` for L new tokens over S cache slots:
+        slot j is visible to new token t iff j <= index + t and both carry the same segment id
+        (padding has segment 0, so real tokens never see it). Advances the index by L."""
+        ready = self.has_variable("cache", "index")
+        index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+        segments = self.variable(
+            "cache", "segment_ids", jnp.zeros, segment_ids_BxL.shape, jnp.int32
+        )
+        if not ready:  # creating the cache: only shapes matter
+            return layers.causal_segment_mask(segment_ids_BxL), index.value
+        start = index.value
+        segments.value = jax.lax.dynamic_update_slice(
+            segments.value, segment_ids_BxL.astype(jnp.int32), (0, start)
+        )
+        length, slots = segment_ids_BxL.shape[1], segments.value.shape[1]
+        causal_LxS = jnp.arange(slots)[None, :] <= start + jnp.arange(length)[:, None]
+        same_BxLxS = segment_ids_BxL[:, :, None] == segments.value[:, None, :]
+        index.value = start + length
+        return (same_BxLxS & causal_LxS)[:, None], start
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

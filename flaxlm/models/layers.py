@@ -216,12 +216,22 @@ class Attention(nn.Module):
     The mask comes from the caller (causal + segment for GPT, segment-only for an encoder).
     No dropout on the attention probabilities, so ``jax.nn.dot_product_attention`` can pick a
     fused kernel; the output projection's dropout is applied by the block.
+
+    Decoding (``cache_index`` given): keys and values of the new tokens are written into the
+    "cache" collection at ``cache_index`` and the queries attend over the whole cache; the
+    mask (from the caller) hides slots not yet written. Training never takes this branch.
     """
 
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, x_BxLxD: Array, mask_Bx1xLxS: Array, positions_BxL: Array) -> Array:
+    def __call__(
+        self,
+        x_BxLxD: Array,
+        mask_Bx1xLxS: Array,
+        positions_BxL: Array,
+        cache_index: Array | None = None,
+    ) -> Array:
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         n_heads, head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
@@ -237,6 +247,8 @@ class Attention(nn.Module):
         if cfg.positions == "rope":
             q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
             k_BxSxHxK = apply_rope(k_BxSxHxK, positions_BxL, cfg.rope_theta)
+        if cache_index is not None:
+            k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK, cache_index)
 
         # Softmax runs in float32 inside jax.nn.dot_product_attention whatever the input dtype.
         out_BxLxHxK = jax.nn.dot_product_attention(
@@ -253,6 +265,24 @@ class Attention(nn.Module):
             name="out",
         )
         return out(out_BxLxHxK).astype(dtype)
+
+    def _cached(self, k_BxLxHxK: Array, v_BxLxHxK: Array, index: Array) -> tuple[Array, Array]:
+        """Writes the new keys/values at ``index``; returns the whole ``(B, S, H, K)`` cache.
+
+        The first call (from :func:`flaxlm.tools.generate.init_cache`, with S tokens) only
+        creates the cache variables with that shape.
+        """
+        ready = self.has_variable("cache", "cached_key")
+        key = self.variable("cache", "cached_key", jnp.zeros, k_BxLxHxK.shape, k_BxLxHxK.dtype)
+        value = self.variable("cache", "cached_value", jnp.zeros, v_BxLxHxK.shape, v_BxLxHxK.dtype)
+        if not ready:
+            return k_BxLxHxK, v_BxLxHxK
+        at = (0, index, 0, 0)
+        key.value = jax.lax.dynamic_update_slice(key.value, k_BxLxHxK.astype(key.value.dtype), at)
+        value.value = jax.lax.dynamic_update_slice(
+            value.value, v_BxLxHxK.astype(value.value.dtype), at
+        )
+        return key.value, value.value
 
 
 class MLP(nn.Module):
@@ -292,7 +322,9 @@ class Block(nn.Module):
         mask_Bx1xLxS: Array,
         positions_BxL: Array,
         deterministic: bool = True,
+        cache_index: Array | None = None,
     ) -> Array:
+        """``cache_index``: decode with the attention KV cache (see :class:`Attention`)."""
         if self.norm_placement not in NORM_PLACEMENTS:
             raise ValueError(
                 f"norm_placement={self.norm_placement!r} is not one of {NORM_PLACEMENTS}"
@@ -304,11 +336,11 @@ class Block(nn.Module):
         drop = nn.Dropout(rate=cfg.dropout, deterministic=deterministic)
 
         if self.norm_placement == "pre":
-            h = attn(ln_attn(x_BxLxD).astype(dtype), mask_Bx1xLxS, positions_BxL)
+            h = attn(ln_attn(x_BxLxD).astype(dtype), mask_Bx1xLxS, positions_BxL, cache_index)
             x_BxLxD = x_BxLxD + drop(h)
             x_BxLxD = x_BxLxD + drop(mlp(ln_mlp(x_BxLxD).astype(dtype)))
         else:
-            h = attn(x_BxLxD, mask_Bx1xLxS, positions_BxL)
+            h = attn(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
             x_BxLxD = ln_attn(x_BxLxD + drop(h)).astype(dtype)
             x_BxLxD = ln_mlp(x_BxLxD + drop(mlp(x_BxLxD))).astype(dtype)
         return constrain(x_BxLxD, "act_batch", "act_length", "act_embed")

@@ -1,14 +1,22 @@
-"""``flaxlm eval``: loss, perplexity and next-token accuracy of a checkpoint on a split."""
+"""``flaxlm eval``: loss, perplexity and next-token accuracy of a checkpoint on a split.
+
+report = evaluate("runs/gpt_demo", progress=True)
+path = save_report(report, "runs/gpt_demo")   # runs/gpt_demo/evals/step_300.val.json
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import time
 from pathlib import Path
 from typing import Any
 
 import jax
+from tqdm import tqdm
 
 from flaxlm.data import CausalBatches, prepare_data, tokenize_documents, unigram_cross_entropy
-from flaxlm.tools.load import LoadedModel, load_checkpoint
+from flaxlm.tools.load import LoadedModel, load_checkpoint, resolve_checkpoint
 from flaxlm.train.batches import evaluate_batches, rows_per_shard
 from flaxlm.train.step import jit_eval_step, make_eval_step
 
@@ -26,10 +34,14 @@ def evaluate(
     same tokens under the train split's unigram distribution), the baseline to beat.
 
     ``data_paths`` evaluates on other text/JSONL sources instead (all of their documents,
-    through the run's tokenizer). ``max_batches=0`` means the whole split.
+    through the run's tokenizer). ``max_batches=0`` means the whole split. ``progress`` shows
+    a bar over the batches. Also reports ``batches``, ``seq_len``, ``seconds`` and
+    ``tokens_per_s``.
     """
     loaded = path if isinstance(path, LoadedModel) else load_checkpoint(path)
     cfg = loaded.cfg
+    if cfg.model.family != "gpt":  # the BERT metrics (MLM / NSP) join here with issue 3
+        raise ValueError(f"eval of model.family={cfg.model.family!r} is not implemented")
     seq_len = cfg.data.seq_len
     report: dict[str, Any] = {"step": loaded.step}
     if data_paths:
@@ -53,8 +65,53 @@ def evaluate(
         make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding
     )
     local = batches.eval_batches(batch_size, max_batches, jax.process_index(), jax.process_count())
-    report.update(evaluate_batches(eval_step, loaded.params, local, loaded.mesh))
-
+    n_batches = -(-batches.n_examples // batch_size)
+    n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    start = time.perf_counter()
+    with tqdm(total=n_batches, desc="eval", unit="batch", disable=not progress) as bar:
+        report.update(evaluate_batches(_ticking(eval_step, bar), loaded.params, local, loaded.mesh))
+        bar.update(bar.total - bar.n)  # the last batch
+    seconds = time.perf_counter() - start
+    report.update(batches=n_batches, seq_len=seq_len, seconds=round(seconds, 3))
+    report["tokens_per_s"] = report["tokens"] / max(seconds, 1e-9)
     if "unigram_loss" in report:
         report["gain_over_unigram"] = report["unigram_loss"] - report["val_loss"]
     return report
+
+
+def _ticking(eval_step, bar: tqdm):
+    """``eval_step`` that advances ``bar`` as batches *finish*: each call waits for the one
+    before it, so one batch is in flight while the next is prepared."""
+    previous: list[Any] = []
+
+    def step(params, batch):
+        out = eval_step(params, batch)
+        if previous:
+            jax.block_until_ready(previous.pop())
+            bar.update(1)
+        previous.append(out)
+        return out
+
+    return step
+
+
+def report_path(report: dict[str, Any], checkpoint: str | Path) -> Path:
+    """Where ``flaxlm eval`` writes its JSON by default: ``RUN_DIR/evals/step_<N>.<what>.json``
+    with ``<what>`` the split, or ``data-<hash>`` of the sources evaluated."""
+    run_dir, _ = resolve_checkpoint(checkpoint)
+    if "data" in report:
+        digest = hashlib.sha256("\n".join(report["data"]).encode()).hexdigest()[:8]
+        what = f"data-{digest}"
+    else:
+        what = report["split"]
+    return run_dir / "evals" / f"step_{report['step']}.{what}.json"
+
+
+def save_report(report: dict[str, Any], checkpoint: str | Path, out: str | Path | None = None):
+    """Writes ``report`` as JSON to ``out`` (default :func:`report_path`); returns the path."""
+    path = Path(out) if out else report_path(report, checkpoint)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    tmp.replace(path)
+    return path

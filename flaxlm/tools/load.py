@@ -11,11 +11,11 @@ from flax import linen as nn
 from jax.sharding import Mesh
 
 from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
-from flaxlm.config import Config, MeshConfig, from_dict
+from flaxlm.config import Config, MeshConfig, from_dict, save_config, to_dict
 from flaxlm.models import build_model
 from flaxlm.optim import make_optimizer
 from flaxlm.sharding import build_mesh
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizer import Tokenizer, check_vocab
 from flaxlm.train.state import abstract_state, state_shardings
 
 
@@ -75,3 +75,33 @@ def load_checkpoint(path: str | Path, mesh_cfg: MeshConfig | None = None) -> Loa
         params_sharding=state_sh.params,
         meta=meta,
     )
+
+
+def save_params_checkpoint(
+    run_dir: str | Path, cfg: Config, params: Any, tokenizer: Tokenizer, step: int = 0
+) -> Path:
+    """Writes ``params`` as checkpoint ``step`` of a run dir (fresh optimizer state, data
+    position ``step``), with ``config.yaml`` and ``tokenizer.model`` beside it, so that
+    :func:`load_checkpoint`, ``flaxlm eval``/``generate`` and ``flaxlm train`` (fine-tuning
+    from these weights) read it like any run. Returns the checkpoint folder.
+    """
+    from flax.training.train_state import TrainState
+
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    run_dir = Path(run_dir)
+    cfg.train.run_dir = str(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    model = build_model(cfg.model)
+    tx, _ = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes)
+    ckpt = Checkpointer(run_dir, asynchronous=False)
+    try:
+        meta = {"data_index": step, "seed": cfg.train.seed, "config": to_dict(cfg)}
+        ckpt.save(state, meta, tokenizer.model_bytes)
+        ckpt.wait()
+    finally:
+        ckpt.close()
+    return run_dir / "checkpoints" / str(step)

@@ -1,11 +1,12 @@
 """Keeping a run healthy: spike / NaN detection, the skip ledger, known-good checkpoints.
 
-A step is *bad* when its loss or gradient norm is not finite, or sits more than ``k`` standard
-deviations above the rolling mean of the last ``window`` healthy steps (or above ``max_ratio``
-times that mean). On a bad step the loop restores the newest checkpoint that is *known good* —
-followed by ``known_good_after`` healthy steps — and records the data it trained on since then
-in the :class:`SkipLedger`, so those batches are never seen again. The ledger travels in every
-later checkpoint, so resumes and other hosts honour it.
+A step is *bad* when its loss or gradient norm is not finite, or its loss sits more than
+``k_sigma`` standard deviations above the rolling mean of the last ``window`` healthy steps (or
+above ``max_ratio`` times that mean); the gradient norm gets the same test when
+``grad_norm_k_sigma`` is set. On a bad step the loop restores the newest checkpoint that is
+*known good* — followed by ``known_good_after`` healthy steps — and records the data it
+trained on since then in the :class:`SkipLedger`, so those batches are never seen again. The
+ledger travels in every later checkpoint, so resumes and other hosts honour it.
 """
 
 from __future__ import annotations
@@ -70,24 +71,24 @@ class SpikeDetector:
             return f"loss is {loss}"
         if not math.isfinite(grad_norm):
             return f"grad_norm is {grad_norm}"
-        for name, value, history in (
-            ("loss", loss, self.losses),
-            ("grad_norm", grad_norm, self.grad_norms),
-        ):
-            reason = self._outlier(name, value, history)
-            if reason:
-                return reason
+        reason = self._outlier("loss", loss, self.losses, self.cfg.k_sigma)
+        if reason is None and self.cfg.grad_norm_k_sigma > 0:
+            reason = self._outlier(
+                "grad_norm", grad_norm, self.grad_norms, self.cfg.grad_norm_k_sigma
+            )
+        if reason:
+            return reason
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         return None
 
-    def _outlier(self, name: str, value: float, history: deque[float]) -> str | None:
+    def _outlier(self, name: str, value: float, history: deque[float], k: float) -> str | None:
         if len(history) < self.cfg.warmup:
             return None
         values = np.asarray(history, dtype=np.float64)
         mean, std = float(values.mean()), float(values.std())
-        if value > mean + self.cfg.k_sigma * std and value > mean * (1 + 1e-3):
-            return f"{name} {value:.4g} > mean {mean:.4g} + {self.cfg.k_sigma:g} std ({std:.3g})"
+        if value > mean + k * std and value > mean * (1 + 1e-3):
+            return f"{name} {value:.4g} > mean {mean:.4g} + {k:g} std ({std:.3g})"
         if self.cfg.max_ratio > 0 and value > self.cfg.max_ratio * mean:
             return f"{name} {value:.4g} > {self.cfg.max_ratio:g} x mean {mean:.4g}"
         return None
@@ -130,6 +131,11 @@ class RollbackPolicy:
 
     def newest_known_good(self) -> int:
         return max(self.known_good)
+
+    def protected(self) -> set[int]:
+        """Checkpoints retention must spare: the newest known-good one, and the candidates
+        that may still become known good."""
+        return {self.newest_known_good(), *self.candidates}
 
     def plan(self, bad_step: int, bad_data_index: int, existing: set[int]) -> RollbackPlan:
         """Where to go back to after the bad step; raises TrainingDiverged past the bounds."""

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, save_config, to_dict
-from flaxlm.data import CausalBatches, prepare_data
+from flaxlm.data import CausalBatches, MixtureBatches, make_train_batches, prepare_data
 from flaxlm.models import build_model
 from flaxlm.optim import make_optimizer
 from flaxlm.perf import flops_per_token, measure_matmul_peak
@@ -35,6 +35,8 @@ from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.preemption import PreemptionGuard
 from flaxlm.train.state import abstract_state, create_state, state_shardings
 from flaxlm.train.step import (
+    BATCH_KEYS,
+    MIXTURE_BATCH_KEYS,
     jit_eval_step,
     jit_train_step,
     make_eval_step,
@@ -78,7 +80,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
 
     # Data first: it is the slowest thing to fail on, and the tokenizer must fit the model.
     data = prepare_data(cfg.data, cfg.model.vocab_size, progress=show)
-    train_batches = CausalBatches(data.train, seq_len, global_batch, cfg.train.seed)
+    train_batches = make_train_batches(data, seq_len, global_batch, cfg.train.seed)
+    # A mixture's batches say which source each row came from: the step logs per-source loss.
+    source_names = train_batches.names if isinstance(train_batches, MixtureBatches) else []
     val_batches = CausalBatches(
         data.val, seq_len, global_batch // accum, cfg.train.seed, shuffle=False
     )
@@ -117,7 +121,12 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         skipped = f", skip ledger {ledger.to_json()}" if ledger.windows else ""
         print(f"resuming {run_dir} from step {step}{skipped}")
 
-    train_step = jit_train_step(make_train_step(model, cfg, schedule), mesh, state_sh)
+    train_step = jit_train_step(
+        make_train_step(model, cfg, schedule, n_sources=len(source_names)),
+        mesh,
+        state_sh,
+        MIXTURE_BATCH_KEYS if source_names else BATCH_KEYS,
+    )
     eval_step = jit_eval_step(make_eval_step(model, cfg), mesh, state_sh.params)
     detector = SpikeDetector(cfg.guard)
     speed = _Speedometer(cfg, seq_len, global_batch, measure_peak=show)
@@ -141,16 +150,25 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             "config": to_dict(cfg),
         }
         policy.saved(step, data_index)
-        ckpt.save(state, meta, data.tokenizer.model_bytes, protect={policy.newest_known_good()})
+        ckpt.save(state, meta, data.tokenizer.model_bytes, protect=policy.protected())
 
     def check(pending: _Pending) -> str | None:
         """Reads a finished step's metrics, logs them, returns why it is bad (or None)."""
-        values = {k: float(v) for k, v in jax.device_get(pending.metrics).items()}
+        fetched = jax.device_get(pending.metrics)
+        speed.tick()
+        values = {k: float(v) for k, v in fetched.items() if np.ndim(v) == 0}
         reason = detector.check(values["loss"], values["grad_norm"]) if cfg.guard.enabled else None
         if reason is None:
             policy.healthy_through(pending.step)
         if reason or pending.step % cfg.train.log_every == 0 or pending.step == last_step:
             record = {"step": pending.step, **speed.record(values, pending.step)}
+            if source_names:
+                per_source = zip(
+                    source_names, fetched["source_loss"], fetched["source_tokens"], strict=True
+                )
+                for name, loss, n in per_source:
+                    if n > 0:  # a small batch may hold no row of a rare source
+                        record[f"loss/{name}"] = float(loss)
             log.write(record)
             result.history.append(record)
             bar.set_postfix(speed.postfix(values), refresh=False)
@@ -216,7 +234,6 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             dispatched = _Pending(step + 1, data_index, metrics)
             step += 1
             data_index = ledger.next_allowed(data_index + 1)
-            speed.tick()
             if step < last_step:  # host work overlaps the step just dispatched
                 next_local = train_batches.batch(data_index, *proc)
 
@@ -245,9 +262,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             print(f"step {step}: val_loss {record['val_loss']:.4f}  ppl {record['perplexity']:.1f}")
     ckpt.close()  # waits until every checkpoint is durable, manifests included
     if result.preempted and is_main:
-        print(
-            f"{result.preempted}: saved a checkpoint at step {step} in {run_dir}; rerun to resume"
-        )
+        print(f"{result.preempted}: checkpoint saved at step {step} in {run_dir}; rerun to resume")
     log.plot()
     log.close()
     result.step = step

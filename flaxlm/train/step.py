@@ -24,15 +24,18 @@ from flaxlm.objectives import causal_lm_loss
 from flaxlm.sharding import BATCH_AXES, LOGICAL_RULES
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+MIXTURE_BATCH_KEYS = (*BATCH_KEYS, "source_ids")  # a data mixture also says where rows come from
 
 
-def batch_shardings(mesh: Mesh) -> dict[str, NamedSharding]:
+def batch_shardings(mesh: Mesh, keys: tuple[str, ...] = BATCH_KEYS) -> dict[str, NamedSharding]:
     """Micro-batch axis replicated, rows split over (data, fsdp), length whole."""
     sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
-    return {k: sharding for k in BATCH_KEYS}
+    return {k: sharding for k in keys}
 
 
-def _loss_on(params, batch, model: nn.Module, cfg: Config, dropout_rng, deterministic: bool):
+def _loss_on(
+    params, batch, model: nn.Module, cfg: Config, dropout_rng, deterministic: bool, n_sources=0
+):
     logits_BxLxV = model.apply(
         {"params": params},
         batch["inputs"],
@@ -47,11 +50,13 @@ def _loss_on(params, batch, model: nn.Module, cfg: Config, dropout_rng, determin
         batch["loss_mask"],
         label_smoothing=cfg.train.label_smoothing,
         z_loss=cfg.train.z_loss,
+        source_ids_BxL=batch.get("source_ids") if n_sources else None,
+        n_sources=n_sources,
     )
 
 
 def make_train_step(
-    model: nn.Module, cfg: Config, schedule: optax.Schedule
+    model: nn.Module, cfg: Config, schedule: optax.Schedule, n_sources: int = 0
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The pure train step ``(state, batch, controls) -> (state, metrics)``; jit it with
     :func:`jit_train_step`."""
@@ -68,7 +73,9 @@ def make_train_step(
             grads_acc, metrics_acc = carry
             index, mb = xs
             rng = jax.random.fold_in(step_rng, index)
-            (_, metrics), grads = grad_fn(state.params, mb, model, cfg, rng, deterministic)
+            (_, metrics), grads = grad_fn(
+                state.params, mb, model, cfg, rng, deterministic, n_sources
+            )
             grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
@@ -76,6 +83,9 @@ def make_train_step(
         n_micro = batch["inputs"].shape[0]
         zeros_grads = jax.tree.map(jnp.zeros_like, state.params)
         zeros_metrics = {k: jnp.zeros((), jnp.float32) for k in ("ce_sum", "correct", "n_tokens")}
+        if n_sources:
+            for key in ("source_ce_sum", "source_tokens"):
+                zeros_metrics[key] = jnp.zeros((n_sources,), jnp.float32)
         if n_micro == 1:
             first = jax.tree.map(lambda x: x[0], batch)
             (grads, metrics), _ = micro((zeros_grads, zeros_metrics), (0, first))
@@ -101,6 +111,9 @@ def make_train_step(
             "grad_norm": grad_norm,
             "lr": schedule(state.step) * controls["lr_scale"],
         }
+        if n_sources:
+            out["source_loss"] = metrics["source_ce_sum"] / jnp.maximum(metrics["source_tokens"], 1)
+            out["source_tokens"] = metrics["source_tokens"]
         return new_state, out
 
     return train_step
@@ -121,12 +134,12 @@ def make_eval_step(model: nn.Module, cfg: Config) -> Callable[..., dict[str, jax
     return eval_step
 
 
-def jit_train_step(train_step, mesh: Mesh, state_sh: Any):
+def jit_train_step(train_step, mesh: Mesh, state_sh: Any, batch_keys: tuple[str, ...] = BATCH_KEYS):
     """jit with explicit shardings; the old state is donated so its buffers are reused."""
     replicated = NamedSharding(mesh, PartitionSpec())
     jitted = jax.jit(
         train_step,
-        in_shardings=(state_sh, batch_shardings(mesh), replicated),
+        in_shardings=(state_sh, batch_shardings(mesh, batch_keys), replicated),
         out_shardings=(state_sh, replicated),
         donate_argnums=(0,),
     )

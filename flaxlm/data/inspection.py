@@ -1,0 +1,129 @@
+"""``flaxlm data inspect``: what a config's data looks like before any training.
+
+    report = inspect_data(load_config("configs/gpt_demo.yaml"))
+    print(format_report(report))
+
+Prepares the data (tokenizing once into the cache if needed), then reports per source: files
+and bytes on disk, documents and tokens per split, weight, packed examples and the epochs a run
+of ``train.steps`` consumes; the tokenizer and its special ids; the cache location; and a
+decoded sample of the batch of ``step`` for the causal objective, with document boundaries
+(where ``loss_mask`` is 0) marked.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from flaxlm.config import Config
+from flaxlm.data.cache import PreparedData, prepare_data
+from flaxlm.data.causal import CausalBatches
+from flaxlm.data.mixture import MixtureBatches, make_train_batches
+from flaxlm.data.sources import list_source_files, resolve_sources
+
+BOUNDARY = " ‖ "  # shown between documents packed into one row
+
+
+def inspect_data(cfg: Config, step: int = 0, rows: int = 2, progress: bool = False) -> dict:
+    """A JSON-ready report of the config's data (see the module doc); ``rows`` sample rows."""
+    d = cfg.data
+    prepared = prepare_data(d, cfg.model.vocab_size, progress=progress)
+    batches = make_train_batches(prepared, d.seq_len, cfg.train.batch_size, cfg.train.seed)
+    specs = resolve_sources(d)
+    sources = []
+    for i, (spec, source) in enumerate(zip(specs, prepared.sources, strict=True)):
+        files = list_source_files(spec.paths, d.tfds_data_dir)
+        n_examples = CausalBatches(source.train, d.seq_len, 1, 0).n_examples
+        rows_per_run = cfg.train.steps * cfg.train.batch_size * _share(batches, i)
+        sources.append(
+            {
+                "name": source.name,
+                "paths": list(spec.paths),
+                "field": spec.field,
+                "files": len(files),
+                "bytes": sum(f.path.stat().st_size for f in files),
+                "weight": source.weight,
+                "train_docs": source.train.n_docs,
+                "val_docs": source.val.n_docs,
+                "empty_docs": source.n_empty_docs,
+                "train_tokens": source.train.n_tokens,
+                "val_tokens": source.val.n_tokens,
+                "train_examples": n_examples,
+                "epochs_per_run": rows_per_run / max(n_examples, 1),
+            }
+        )
+    return {
+        "cache_dir": str(prepared.cache_dir),
+        "cache_hit": prepared.cache_hit,
+        "tokenizer": _tokenizer_report(prepared),
+        "seq_len": d.seq_len,
+        "batch_size": cfg.train.batch_size,
+        "sources": sources,
+        "sample": _sample(prepared, batches, step, rows),
+    }
+
+
+def _share(batches: CausalBatches | MixtureBatches, index: int) -> float:
+    return float(batches.shares[index]) if isinstance(batches, MixtureBatches) else 1.0
+
+
+def _tokenizer_report(prepared: PreparedData) -> dict[str, Any]:
+    tok = prepared.tokenizer
+    specials = {
+        role: getattr(tok, f"{role}_id")
+        for role in ("pad", "unk", "bos", "eos", "cls", "sep", "mask")
+    }
+    return {"source": tok.source, "vocab_size": tok.vocab_size, "special_ids": specials}
+
+
+def _sample(prepared: PreparedData, batches, step: int, rows: int) -> dict[str, Any]:
+    batch = batches.batch(step)
+    names = [s.name for s in prepared.sources]
+    out = []
+    for r in range(min(rows, len(batch["inputs"]))):
+        segments = batch["segment_ids"][r]
+        texts = [
+            prepared.tokenizer.decode(batch["inputs"][r][segments == seg].tolist())
+            for seg in np.unique(segments)
+        ]
+        source = int(batch["source_ids"][r, 0]) if "source_ids" in batch else 0
+        out.append(
+            {
+                "source": names[source],
+                "documents": len(texts),
+                "predicted": int(batch["loss_mask"][r].sum()),
+                "text": BOUNDARY.join(texts),
+            }
+        )
+    return {"step": step, "objective": "causal", "rows": out}
+
+
+def format_report(report: dict, width: int = 240) -> str:
+    """The report as aligned text for a terminal; sample texts cut to ``width`` characters."""
+    tok = report["tokenizer"]
+    specials = " ".join(f"{k}={v}" for k, v in tok["special_ids"].items() if v is not None)
+    lines = [
+        f"cache      {report['cache_dir']} ({'reused' if report['cache_hit'] else 'built'})",
+        f"tokenizer  {tok['source']}, vocab {tok['vocab_size']:,}; {specials}",
+        f"batches    {report['batch_size']} x {report['seq_len']} tokens",
+        "",
+        f"{'source':<16}{'weight':>7}{'files':>7}{'MB':>9}{'docs tr/val':>16}"
+        f"{'tokens train':>15}{'tokens val':>13}{'epochs/run':>12}",
+    ]
+    for s in report["sources"]:
+        lines.append(
+            f"{s['name']:<16}{s['weight']:>7.3f}{s['files']:>7}{s['bytes'] / 1e6:>9.2f}"
+            f"{s['train_docs']:>9,}/{s['val_docs']:<6,}{s['train_tokens']:>15,}"
+            f"{s['val_tokens']:>13,}{s['epochs_per_run']:>12.2f}"
+        )
+    sample = report["sample"]
+    lines += ["", f"batch of step {sample['step']} ({sample['objective']} LM; "
+              f"{BOUNDARY.strip()} = document boundary, where loss_mask is 0):"]  # fmt: skip
+    for i, row in enumerate(sample["rows"]):
+        text = row["text"] if len(row["text"]) <= width else row["text"][:width] + "…"
+        lines.append(
+            f"[{i}] {row['source']}, {row['documents']} doc(s), {row['predicted']} predicted: "
+            f"{text!r}"
+        )
+    return "\n".join(lines)

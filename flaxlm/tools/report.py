@@ -1,0 +1,188 @@
+"""``flaxlm report RUN_DIR``: plots and a short Markdown summary from ``metrics.jsonl``.
+
+Writes ``RUN_DIR/report/`` (or ``--out``): ``loss.png`` (train and validation), ``lr.png``,
+``grad_norm.png``, ``throughput.png`` (tokens/s), ``overview.png`` (all four) and
+``report.md``. Rollback events (``{"event": "rollback", "step", "restored_step", "skipped",
+"reason"}`` lines) are drawn on every plot: a red line at the step where the spike was seen
+and a shaded span back to the step restored. Steps trained again after a rollback replace the
+abandoned ones; the abandoned values are drawn faint, so the damage stays visible.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flaxlm.train.metrics_log import read_metrics
+
+PANELS = {  # file stem -> (title, [(metric key, label)], y label, log scale)
+    "loss": ("loss", [("loss", "train"), ("val_loss", "validation")], "nats/token", False),
+    "lr": ("learning rate", [("lr", "lr")], "lr", False),
+    "grad_norm": ("gradient norm", [("grad_norm", "grad norm")], "global L2 norm", True),
+    "throughput": ("throughput", [("tokens_per_s", "tokens/s")], "tokens / s", False),
+}
+
+
+@dataclass
+class RunMetrics:
+    """``metrics.jsonl`` sorted out: per metric the effective (step, value) series (the last
+    line written for a step wins), the values abandoned by rollbacks, and the events."""
+
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    abandoned: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    rollbacks: list[dict[str, Any]] = field(default_factory=list)
+    stops: list[dict[str, Any]] = field(default_factory=list)
+
+
+def read_run_metrics(path: str | Path) -> RunMetrics:
+    latest: dict[str, dict[int, float]] = {}
+    out = RunMetrics()
+    for record in read_metrics(path):
+        event = record.get("event")
+        if event == "rollback":
+            out.rollbacks.append(record)
+            continue
+        if event is not None:
+            out.stops.append(record)
+            continue
+        step = record.get("step")
+        if step is None:
+            continue
+        if "val_loss" in record:  # an evaluation line: its accuracy is not the train accuracy
+            record = {k if k.startswith("val_") else f"val_{k}": v for k, v in record.items()}
+        for key, value in record.items():
+            if key in ("step", "val_step"):
+                continue
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            seen = latest.setdefault(key, {})
+            if step in seen:
+                out.abandoned.setdefault(key, []).append((step, seen[step]))
+            seen[step] = float(value)
+    out.series = {k: sorted(v.items()) for k, v in latest.items()}
+    return out
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Writes the plots and ``report.md``; returns the path of ``report.md``."""
+    run_dir = Path(run_dir)
+    metrics_path = run_dir / "metrics.jsonl"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"{metrics_path} does not exist (is {run_dir} a run directory?)")
+    out = Path(out_dir) if out_dir else run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = read_run_metrics(metrics_path)
+    images = plot_run(metrics, out)
+    md = out / "report.md"
+    md.write_text(summary_markdown(run_dir, metrics, [p.name for p in images]))
+    return md
+
+
+def plot_run(metrics: RunMetrics, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    present = {k: v for k, v in PANELS.items() if any(metrics.series.get(m) for m, _ in v[1])}
+    for stem, panel in present.items():
+        fig, ax = plt.subplots(figsize=(7, 3.6))
+        _draw(ax, metrics, *panel)
+        written.append(_save(fig, out / f"{stem}.png", plt))
+    if present:
+        fig, axes = plt.subplots(2, 2, figsize=(12, 7), squeeze=False)
+        for ax in axes.flat[len(present) :]:
+            ax.axis("off")
+        for ax, panel in zip(axes.flat, present.values(), strict=False):
+            _draw(ax, metrics, *panel)
+        written.insert(0, _save(fig, out / "overview.png", plt))
+    return written
+
+
+def _draw(ax, metrics: RunMetrics, title: str, keys, ylabel: str, log: bool) -> None:
+    for key, label in keys:
+        points = metrics.series.get(key)
+        if not points:
+            continue
+        steps, values = np.array(points).T
+        style = "o-" if key.startswith("val_") else "-"
+        (line,) = ax.plot(steps, values, style, lw=1, ms=3, label=label)
+        lost = metrics.abandoned.get(key)
+        if lost:
+            ax.plot(*np.array(lost).T, ".", color=line.get_color(), alpha=0.25, ms=3)
+    for i, event in enumerate(metrics.rollbacks):
+        ax.axvspan(event["restored_step"], event["step"], color="red", alpha=0.08)
+        ax.axvline(event["step"], color="red", lw=1, ls="--", label="rollback" if i == 0 else None)
+    if log and all(v > 0 for k, _ in keys for _, v in metrics.series.get(k, [])):
+        ax.set_yscale("log")
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+
+
+def _save(fig, path: Path, plt) -> Path:
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
+def summary_markdown(run_dir: Path, metrics: RunMetrics, images: list[str]) -> str:
+    s = metrics.series
+    lines = [f"# Run report: `{run_dir}`", ""]
+    train = s.get("loss", [])
+    if train:
+        tail = [v for _, v in train[-10:]]
+        lines.append(
+            f"- steps logged: {len(train)}, last step {train[-1][0]}; train loss "
+            f"{train[0][1]:.4f} -> {np.mean(tail):.4f} (mean of the last {len(tail)} logged)"
+        )
+    val = s.get("val_loss", [])
+    if val:
+        best_step, best = min(val, key=lambda p: p[1])
+        lines.append(
+            f"- validation loss: last {val[-1][1]:.4f} at step {val[-1][0]} "
+            f"(perplexity {math.exp(min(val[-1][1], 50)):.2f}); best {best:.4f} at step {best_step}"
+        )
+    for key, label, fmt in (
+        ("tokens_per_s", "tokens/s", "{:,.0f}"),
+        ("mfu", "MFU", "{:.1%}"),
+        ("grad_norm", "grad norm", "{:.3g}"),
+    ):
+        values = [v for _, v in s.get(key, [])]
+        if values:
+            lines.append(f"- {label}: median {fmt.format(float(np.median(values)))}")
+    lines.append(f"- rollbacks: {len(metrics.rollbacks)}")
+    lines.append("")
+    if metrics.rollbacks:
+        lines += ["| at step | restored step | data skipped | reason |", "|---|---|---|---|"]
+        for e in metrics.rollbacks:
+            skipped = e.get("skipped")
+            skipped = "..".join(map(str, skipped)) if isinstance(skipped, list) else skipped
+            lines.append(f"| {e['step']} | {e['restored_step']} | {skipped} | {e['reason']} |")
+        lines.append("")
+    for e in metrics.stops:
+        lines.append(f"- {e.get('event')} at step {e.get('step')}: {e.get('reason', '')}")
+    evals = sorted((run_dir / "evals").glob("*.json")) if (run_dir / "evals").is_dir() else []
+    if evals:
+        lines += ["## Evaluations (`flaxlm eval`)", ""]
+        lines += ["| report | val_loss | perplexity | accuracy | tokens |", "|---|---|---|---|---|"]
+        for path in evals:
+            r = json.loads(path.read_text())
+            lines.append(
+                f"| {path.name} | {r['val_loss']:.4f} | {r['perplexity']:.2f} | "
+                f"{r['accuracy']:.3f} | {r['tokens']:,} |"
+            )
+        lines.append("")
+    lines += [f"![{Path(name).stem}]({name})" for name in images]
+    return "\n".join(lines) + "\n"

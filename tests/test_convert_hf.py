@@ -1,0 +1,142 @@
+"""HuggingFace interop: flaxlm GPT <-> transformers GPT2LMHeadModel, logits equal in fp32.
+
+Needs the ``hf`` extra (transformers + torch CPU); ``make test`` installs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import linen as nn
+
+from flaxlm.cli import main
+from flaxlm.config import Config, ModelConfig
+from flaxlm.models import GPT
+from flaxlm.tools.convert import ConversionError, export_hf, import_hf
+from flaxlm.tools.load import load_checkpoint, save_params_checkpoint
+
+HF_MISSING = "the hf extra is not installed: pip install -e '.[hf]' (make install-dev does)"
+torch = pytest.importorskip("torch", reason=HF_MISSING)
+transformers = pytest.importorskip("transformers", reason=HF_MISSING)
+
+V = 384  # byte fallback alone takes 256 + 7 pieces
+
+
+def tiny(**overrides) -> ModelConfig:
+    base = ModelConfig(vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=80, max_seq_len=40)
+    return dataclasses.replace(base, **overrides)
+
+
+def noisy_params(cfg: ModelConfig, seed: int = 0):
+    """Random params plus noise on every leaf (biases and norm scales too)."""
+    params = nn.meta.unbox(GPT(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
+    leaves, tree = jax.tree.flatten(params["params"])
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
+
+
+def random_tokens(shape=(2, 40), seed=0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, V, shape)
+
+
+def torch_logits(model, tokens: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return model(torch.tensor(tokens)).logits.numpy()
+
+
+def flax_logits(cfg, params, tokens: np.ndarray) -> np.ndarray:
+    return np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, jnp.asarray(tokens)))
+
+
+EXPORTABLE = {
+    "gpt2": {},
+    "untied-relu": {"tie_embeddings": False, "activation": "relu"},
+    "sinusoidal-gelu-exact": {"positions": "sinusoidal", "activation": "gelu_exact"},
+    "no-bias": {"use_bias": False},
+}
+
+
+@pytest.mark.parametrize("name", EXPORTABLE)
+def test_export_gives_transformers_the_same_logits_and_imports_back_bit_identical(name, tmp_path):
+    cfg = tiny(**EXPORTABLE[name])
+    params = noisy_params(cfg)
+    export_hf(cfg, params, tmp_path)
+    hf = transformers.GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    tokens = random_tokens()
+    diff = np.abs(torch_logits(hf, tokens) - flax_logits(cfg, params, tokens)).max()
+    assert diff <= 1e-4, f"max abs diff {diff}"
+
+    back_cfg, back = import_hf(tmp_path)
+    assert back_cfg == cfg
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_random_transformers_gpt2_imports_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=V, n_positions=40, n_embd=32, n_layer=2, n_head=4, activation_function="gelu_new"
+    )
+    hf = transformers.GPT2LMHeadModel(config).eval()
+    with torch.no_grad():  # GPT-2 inits biases and norms to constants; make them matter
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    cfg, params = import_hf(tmp_path)
+    assert (cfg.d_model, cfg.d_ff, cfg.activation, cfg.tie_embeddings) == (32, 128, "gelu", True)
+    tokens = random_tokens(seed=1)
+    diff = np.abs(torch_logits(hf, tokens) - flax_logits(cfg, params, tokens)).max()
+    assert diff <= 1e-4, f"max abs diff {diff}"
+
+
+def test_unsupported_options_are_refused_with_the_option_named(tmp_path):
+    with pytest.raises(ConversionError, match="model.positions='rope'"):
+        export_hf(tiny(positions="rope"), noisy_params(tiny(positions="rope")), tmp_path)
+    export_hf(tiny(), noisy_params(tiny()), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["flaxlm_model"]
+    for key, value in [
+        ("scale_attn_by_inverse_layer_idx", True),
+        ("activation_function", "swish"),
+        ("model_type", "llama"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(ConversionError, match=key):
+            import_hf(tmp_path)
+
+
+def test_convert_commands_round_trip_a_checkpoint(tmp_path, tiny_tokenizer, capsys):
+    cfg = Config(model=tiny(vocab_size=tiny_tokenizer.vocab_size))
+    cfg.data.seq_len = 32
+    params = noisy_params(cfg.model)
+    save_params_checkpoint(tmp_path / "run", cfg, params, tiny_tokenizer, step=7)
+
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tiny_tokenizer.model_bytes
+    assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    loaded = load_checkpoint(tmp_path / "back")
+    assert loaded.cfg.model == cfg.model
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(loaded.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+    rope = tmp_path / "rope"
+    cfg.model = tiny(vocab_size=tiny_tokenizer.vocab_size, positions="rope")
+    save_params_checkpoint(rope, cfg, noisy_params(cfg.model), tiny_tokenizer)
+    assert main(["convert", "to-hf", str(rope), str(tmp_path / "hf2")]) == 2
+    assert "model.positions='rope' cannot be expressed" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(small_corpus, tmp_path_factory):
+    from flaxlm.tokenizer import Tokenizer, train_tokenizer
+
+    out = tmp_path_factory.mktemp("tok") / "tok"
+    return Tokenizer.load(train_tokenizer(sorted(small_corpus.iterdir())[:2], out, V))

@@ -1,0 +1,77 @@
+"""`flaxlm data inspect`: source sizes, counts, cache, tokenizer and a decoded sample batch."""
+
+import json
+
+from flaxlm.cli import main
+
+
+def write_sources(tmp_path):
+    (tmp_path / "plays").mkdir()
+    for i in range(5):
+        (tmp_path / "plays" / f"p{i}.txt").write_text(
+            f"ACT {i}\nEnter the ghost of play {i}.\n" * 8
+        )
+    lines = [json.dumps({"body": f"note {i}: a short line of notes"}) for i in range(30)]
+    (tmp_path / "notes.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def overrides(tmp_path):
+    return [
+        f"data.sources=[{{path: {tmp_path / 'plays'}, weight: 0.75}}, "
+        f"{{path: {tmp_path / 'notes.jsonl'}, weight: 0.25, field: body}}]",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        "data.tokenizer_vocab_size=300",
+        "data.val_fraction=0.2",
+    ]
+
+
+def test_inspect_json_reports_each_source_and_a_sample(tmp_path, capsys):
+    write_sources(tmp_path)
+    args = ["data", "inspect", "configs/gpt_tiny.yaml", *overrides(tmp_path), "--json"]
+    assert main([*args, "--rows", "8"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["cache_dir"].startswith(str(tmp_path / "cache")) and not report["cache_hit"]
+    assert report["tokenizer"]["special_ids"] == {
+        "pad": 0, "unk": 1, "bos": 2, "eos": 3, "cls": 4, "sep": 5, "mask": 6,
+    }  # fmt: skip
+    plays, notes = report["sources"]
+    assert (plays["name"], plays["files"], notes["name"], notes["files"]) == (
+        "plays", 5, "notes", 1,
+    )  # fmt: skip
+    assert plays["train_docs"] + plays["val_docs"] == 5
+    assert notes["train_docs"] + notes["val_docs"] == 30
+    assert notes["bytes"] == (tmp_path / "notes.jsonl").stat().st_size
+    assert plays["train_tokens"] > 0 and plays["weight"] == 0.75
+    sample = report["sample"]
+    assert sample["objective"] == "causal" and len(sample["rows"]) == 8
+    assert {row["source"] for row in sample["rows"]} <= {"plays", "notes"}
+    assert any("note" in row["text"] for row in sample["rows"] if row["source"] == "notes")
+    assert main(args) == 0 and json.loads(capsys.readouterr().out)["cache_hit"]
+
+
+def test_inspect_text_is_a_readable_table(tmp_path, capsys):
+    write_sources(tmp_path)
+    assert main(["data", "inspect", "configs/gpt_tiny.yaml", *overrides(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tokenizer" in out and "epochs/run" in out and "batch of step 0" in out
+    assert out.count("\n[") == 2  # two sample rows by default
+    lines = out.splitlines()
+    assert any(line.startswith("plays") for line in lines)
+    assert any(line.startswith("notes") for line in lines)
+
+
+def test_inspect_errors_are_one_line(tmp_path, capsys):
+    rc = main(["data", "inspect", "configs/gpt_tiny.yaml", "data.sources=[{path: /no/such}]"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "data.sources[0].path '/no/such' does not exist" in err and err.count("\n") == 1
+
+
+def test_tokenizer_train_cli_options(tmp_path, capsys):
+    (tmp_path / "c.jsonl").write_text(json.dumps({"body": "雪 が 降る 雪 雪 降る"}) + "\n")
+    rc = main(
+        ["tokenizer", "train", str(tmp_path / "c.jsonl"), "--out", str(tmp_path / "tok"),
+         "--vocab-size", "300", "--type", "unigram", "--field", "body",
+         "--character-coverage", "0.9995", "--normalization", "nfkc"]
+    )  # fmt: skip
+    assert rc == 0 and (tmp_path / "tok.model").is_file()
