@@ -115,6 +115,7 @@ class Checkpointer:
         if folder.exists() and self.is_writer:
             # A stale folder from before a rollback, or an unsealed leftover: replace it.
             shutil.rmtree(folder)
+        _sync(f"flaxlm-checkpoint-save-{step}")  # every process sees the same folders
         self._manager.reload()
         meta = dict(meta, step=step, tokenizer_b64=base64.b64encode(tokenizer_bytes).decode())
         with self._lock:
@@ -162,6 +163,7 @@ class Checkpointer:
             for s in self.steps():
                 if s > step:
                     shutil.rmtree(self.directory / str(s), ignore_errors=True)
+        _sync(f"flaxlm-checkpoint-delete-after-{step}")
         self._manager.reload()
 
     # -- restoring -------------------------------------------------------------------------
@@ -239,6 +241,14 @@ class Checkpointer:
 
 def tokenizer_bytes_from_meta(meta: dict[str, Any]) -> bytes:
     return base64.b64decode(meta["tokenizer_b64"])
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (no-op for one): only process 0 deletes folders."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def _write_manifest(folder: Path, step: int) -> None:

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 
 @dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
 class ModelConfig:
-    family: str = "gpt"
+    family: str = "gpt"  # gpt (causal decoder) | bert (encoder: MLM / NSP / unified objective)
     vocab_size: int = 8192
     d_model: int = 384
     n_layers: int = 6
@@ -43,6 +43,29 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; matmuls accumulate in float32
     param_dtype: str = "float32"
+    # BERT only (GPT is always pre-LN): post = original BERT, pre = LN inside the residual branch
+    norm_placement: str = "pre"
+    type_vocab_size: int = 2  # BERT segment (token type) embeddings: A / B
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a ``model.family: bert`` run learns (see flaxlm/data/masking.py, pairs.py,
+    flaxlm/train/masked_step.py). GPT runs always train the causal LM loss."""
+
+    # Shares of examples per objective (normalised over the non-zero ones). Pure MLM (the
+    # default) is BERT; any causal / prefix_lm share makes a unified run, in which each example
+    # draws its objective and its attention mask follows it.
+    mlm: float = 1.0
+    causal: float = 0.0
+    prefix_lm: float = 0.0
+    nsp: bool = True  # [CLS] A [SEP] B [SEP] pairs + NSP loss; false = full packed rows (RoBERTa)
+    nsp_weight: float = 1.0  # the NSP loss is added to the MLM loss with this weight
+    mask_prob: float = 0.15  # share of (non-special) tokens chosen for prediction
+    mask_token_prob: float = 0.8  # of the chosen: -> [MASK]
+    random_token_prob: float = 0.1  # of the chosen: -> a random token (the rest stay unchanged)
+    whole_word: bool = False  # mask all pieces of a word (sentencepiece "▁" starts a word)
+    max_predictions: int = 0  # per sequence; 0 = ceil(mask_prob * seq_len)
 
 
 @dataclass
@@ -96,6 +119,24 @@ class OptimConfig:
 
 
 @dataclass
+class DistributedConfig:
+    """Multi-host runs on JAX's own runtime (``jax.distributed.initialize``).
+
+    ``auto`` lets JAX detect the cluster (TPU pods, SLURM, ...); otherwise set the coordinator
+    address and the process count / id here or through the launcher's environment
+    (FLAXLM_COORDINATOR, FLAXLM_NUM_PROCESSES, FLAXLM_PROCESS_ID). One process = no-op.
+    """
+
+    auto: bool = False
+    coordinator_address: str = ""  # host:port of process 0
+    num_processes: int = 1
+    process_id: int = 0
+    local_device_count: int = 0  # CPU only: simulated devices per process (0 = JAX default)
+    initialization_timeout: int = 300  # seconds to wait for every process to join
+    heartbeat_timeout: int = 100  # seconds without a heartbeat before a peer counts as dead
+
+
+@dataclass
 class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # global sequences per step (all devices, all micro-batches)
@@ -108,6 +149,12 @@ class TrainConfig:
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     progress: bool = True
+    # Hang watchdog: a step (or eval / checkpoint phase) running longer than
+    # max(watchdog_factor x the recent median step, watchdog_min_s) stops the process with a
+    # message naming the step and phase, so the scheduler restarts it from a checkpoint.
+    watchdog_factor: float = 50.0  # 0 = watchdog off
+    watchdog_min_s: float = 600.0
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 @dataclass
@@ -154,11 +201,13 @@ class ChaosConfig:
     spike_at_steps: list[int] = field(default_factory=list)  # LR x spike_lr_scale there
     spike_lr_scale: float = 1000.0
     nan_at_steps: list[int] = field(default_factory=list)  # the loss becomes NaN there
+    hang_at_steps: list[int] = field(default_factory=list)  # the host stalls there (watchdog)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -169,7 +218,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.family": ("gpt",),
+    "model.family": ("gpt", "bert"),
+    "model.norm_placement": ("pre", "post"),
     "model.positions": ("learned", "sinusoidal", "rope"),
     "model.activation": ("gelu", "gelu_exact", "relu"),
     "model.dtype": ("float32", "bfloat16"),
@@ -299,6 +349,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"guard.known_good_after={g.known_good_after} must be >= 1")
     if not 0 < g.cooldown_factor <= 1:
         raise ConfigError(f"guard.cooldown_factor={g.cooldown_factor} must be in (0, 1]")
+    _validate_objective(cfg)
     _validate_sources(d)
     if not check_paths:
         return
@@ -310,6 +361,43 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
             raise ConfigError(f"data.sources[{i}].path {s.path!r} does not exist")
     if d.tokenizer and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
+
+
+def _validate_objective(cfg: Config) -> None:
+    m, ob = cfg.model, cfg.objective
+    shares = {"objective.mlm": ob.mlm, "objective.causal": ob.causal}
+    shares["objective.prefix_lm"] = ob.prefix_lm
+    for key, value in shares.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if m.family == "gpt":
+        if m.norm_placement != "pre":
+            raise ConfigError(
+                f"model.norm_placement={m.norm_placement!r}: GPT is pre-LN; post is for bert"
+            )
+        return
+    if sum(shares.values()) <= 0:
+        raise ConfigError("objective.mlm, causal and prefix_lm are all 0; give one a share > 0")
+    if ob.nsp and (ob.causal or ob.prefix_lm):
+        raise ConfigError(
+            "objective.nsp needs pure MLM; set objective.nsp=false for a unified run "
+            f"(causal={ob.causal}, prefix_lm={ob.prefix_lm})"
+        )
+    if not 0.0 < ob.mask_prob < 1.0:
+        raise ConfigError(f"objective.mask_prob={ob.mask_prob} must be in (0, 1)")
+    if ob.mask_token_prob < 0 or ob.random_token_prob < 0:
+        raise ConfigError("objective.mask_token_prob and random_token_prob must be >= 0")
+    if ob.mask_token_prob + ob.random_token_prob > 1.0:
+        raise ConfigError(
+            f"objective.mask_token_prob + random_token_prob = "
+            f"{ob.mask_token_prob + ob.random_token_prob} must be <= 1"
+        )
+    if ob.max_predictions < 0:
+        raise ConfigError(f"objective.max_predictions={ob.max_predictions} must be >= 0")
+    if m.type_vocab_size < 2 and ob.nsp:
+        raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be >= 2 for NSP")
+    if cfg.data.seq_len < 8:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is too short for BERT (>= 8)")
 
 
 def _validate_sources(d: DataConfig) -> None:
@@ -366,12 +454,20 @@ def _set(cfg: Config, key: str, value: Any, allow_section: bool = False) -> None
         for sub, v in value.items():
             _set(cfg, f"{section}.{sub}", v)
         return
-    fields = {f.name: f for f in dataclasses.fields(target)}
-    if name not in fields:
-        full = [f"{section}.{n}" for n in fields]
-        raise ConfigError(f"unknown config key {key!r}{_suggest(key, full)}")
-    hint = typing.get_type_hints(type(target))[name]
-    setattr(target, name, _coerce(key, value, hint))
+    prefix = section
+    while True:  # nested sections: train.distributed.process_id
+        head, _, rest = name.partition(".")
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if head not in fields:
+            full = [f"{prefix}.{n}" for n in fields]
+            raise ConfigError(f"unknown config key {key!r}{_suggest(f'{prefix}.{head}', full)}")
+        hint = typing.get_type_hints(type(target))[head]
+        if not rest:
+            setattr(target, head, _coerce(key, value, hint))
+            return
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"unknown config key {key!r}: {prefix}.{head} has no sub-keys")
+        target, name, prefix = getattr(target, head), rest, f"{prefix}.{head}"
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

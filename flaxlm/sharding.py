@@ -36,6 +36,9 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("position", None),
     ("norm", None),
     ("layers", None),
+    ("embed_out", None),  # the output side of a d_model x d_model head (BERT pooler, MLM transform)
+    ("types", None),  # BERT token-type (segment A/B) embedding rows
+    ("classes", None),  # NSP / classifier outputs
     # activations
     ("act_batch", BATCH_AXES),
     ("act_length", None),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -125,6 +126,12 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _flip_a_bit(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
 DAMAGE = {
     "meta deleted": lambda c: (c / "meta" / "metadata").unlink(),
     "meta truncated": lambda c: _truncate(c / "meta" / "metadata"),
@@ -132,12 +139,13 @@ DAMAGE = {
     "array data truncated": lambda c: [
         _truncate(p) for p in (c / "state" / "ocdbt.process_0" / "d").iterdir()
     ],
+    "array data bit flipped": lambda c: [
+        _flip_a_bit(p) for p in (c / "state" / "ocdbt.process_0" / "d").iterdir()
+    ],
     "state folder deleted": lambda c: shutil.rmtree(c / "state"),
 }
 
 
-# Orbax leaves a callback on a closed event loop after a failed array read; harmless noise.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_checkpoint_raises_checkpoint_error_naming_it(setup, tmp_path, damage):
     _, state, shardings, abstract = setup
@@ -146,12 +154,17 @@ def test_a_damaged_checkpoint_raises_checkpoint_error_naming_it(setup, tmp_path,
     DAMAGE[damage](folder)
 
     ckpt = Checkpointer(tmp_path, asynchronous=False)
-    for step in (None, 3):  # the newest, and this one by its step
-        with pytest.raises(CheckpointError) as err:
-            ckpt.restore(abstract, shardings, step=step)
-        message = str(err.value)
-        assert str(folder) in message
-        assert "\n" not in message  # one line, not orbax's multi-line dump
+    assert ckpt.verify(3) is not None
+    # The newest: a warning names the damaged one, then there is no older one to fall back to.
+    with pytest.warns(UserWarning, match=re.escape(str(folder))):
+        with pytest.raises(CheckpointError, match="no intact checkpoint") as err:
+            ckpt.restore(abstract, shardings)
+    assert str(folder) in str(err.value)
+    # This step by name: no fallback.
+    with pytest.raises(CheckpointError) as err:
+        ckpt.restore(abstract, shardings, step=3)
+    assert str(folder) in str(err.value)
+    assert "\n" not in str(err.value)  # one line, not orbax's multi-line dump
     if damage.startswith("meta"):
         with pytest.raises(CheckpointError) as err:
             ckpt.read_meta(3)
@@ -159,9 +172,36 @@ def test_a_damaged_checkpoint_raises_checkpoint_error_naming_it(setup, tmp_path,
     ckpt.close()
 
 
+def test_restore_walks_back_past_a_damaged_newest_checkpoint(setup, tmp_path):
+    _, state, shardings, abstract = setup
+    save_one(tmp_path, state, step=3)
+    save_one(tmp_path, state, step=6)
+    newest = tmp_path / "checkpoints" / "6"
+    DAMAGE["array data truncated"](newest)
+
+    ckpt = Checkpointer(tmp_path, asynchronous=False)
+    assert ckpt.verify(3) is None
+    assert "bytes, expected" in ckpt.verify(6)
+    with pytest.warns(UserWarning, match=re.escape(str(newest))):
+        restored, meta = ckpt.restore(abstract, shardings)
+    ckpt.close()
+    assert int(restored.step) == 3
+    assert meta["data_index"] == 3
+    assert_trees_equal(restored.params, at_step(state, 3).params)
+
+
+def test_retention_spares_protected_steps(setup, tmp_path):
+    _, state, _, _ = setup
+    ckpt = Checkpointer(tmp_path, keep=2, asynchronous=False)
+    for step in (1, 2, 3, 4):
+        ckpt.save(at_step(state, step), {"data_index": step}, TOKENIZER_BYTES, protect={1})
+    ckpt.close()
+    assert steps_on_disk(tmp_path) == [1, 3, 4]
+
+
 def test_a_half_written_save_is_ignored(setup, tmp_path):
-    """Orbax writes into ``<step>.orbax-checkpoint-tmp...`` and renames when complete; a crash
-    mid-save leaves that folder behind, and it must not count as a checkpoint."""
+    """Orbax writes into ``<step>.orbax-checkpoint-tmp...`` and renames it when complete, then
+    the manifest is written; a crash before either leaves a folder that must not count."""
     _, state, shardings, abstract = setup
     save_one(tmp_path, state, step=3)
     checkpoints = tmp_path / "checkpoints"
@@ -169,8 +209,12 @@ def test_a_half_written_save_is_ignored(setup, tmp_path):
         shutil.copytree(checkpoints / "3", checkpoints / name)
         shutil.rmtree(checkpoints / name / "state" / "ocdbt.process_0")
 
+    # Orbax renamed it into place, but the manifest (written last) is missing.
+    (checkpoints / "9" / "state").mkdir(parents=True)
+
     ckpt = Checkpointer(tmp_path, asynchronous=False)
     assert ckpt.latest_step() == 3
+    assert ckpt.steps() == [3]
     restored, meta = ckpt.restore(abstract, shardings)
     ckpt.close()
     assert int(restored.step) == 3

@@ -43,7 +43,7 @@ def random_run(small_corpus, tiny_cache_dir, tmp_path_factory):
 
 def test_generate_command_batches_prompts_and_matches_the_api(random_run, tmp_path, capsys):
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("HAMLET.\n\nTo be, or not\nO\n")
+    prompts.write_text("HAMLET.\n\nTo be, or not\nO\nKING\n")
     args = [
         "generate",
         str(random_run),
@@ -65,14 +65,13 @@ def test_generate_command_batches_prompts_and_matches_the_api(random_run, tmp_pa
     ]
     assert main(args) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert [r["prompt"] for r in rows] == ["HAMLET.", "To be, or not", "O"]
+    assert [r["prompt"] for r in rows] == ["HAMLET.", "To be, or not", "O", "KING"]
     loaded = load_checkpoint(random_run)
     opts = GenerateOptions(6, temperature=0.9, top_k=20, top_p=0.9, seed=2)
-    # Batches of 2: the third prompt is alone in its batch.
-    assert generate(loaded, ["HAMLET.", "To be, or not"], opts) == [
-        r["completion"] for r in rows[:2]
-    ]
-    assert generate(loaded, ["O"], opts) == [rows[2]["completion"]]
+    # Two batches of two (the blank line skipped), each as the API generates it.
+    completions = [r["completion"] for r in rows]
+    assert generate(loaded, ["HAMLET.", "To be, or not"], opts) == completions[:2]
+    assert generate(loaded, ["O", "KING"], opts) == completions[2:]
 
     assert (
         main(

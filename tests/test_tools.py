@@ -124,9 +124,10 @@ def _jitted_apply(model):
 
 @pytest.mark.parametrize("params", ["trained", "noisy"])
 def test_greedy_generation_equals_the_unpadded_reference(loaded, params):
-    """``generate_ids`` pads every context to one fixed window; causal attention must make
-    that exact. The trained tiny model soon repeats one token, so the same weights plus
-    N(0, 0.5^2) noise, whose argmax jumps around, check it on varied contexts too."""
+    """``generate_ids`` (however it gets there: a padded fixed window, a KV cache, a sliding
+    window once the context is full) must pick the tokens the plain computation picks. The
+    trained tiny model soon repeats one token, so the same weights plus N(0, 0.5^2) noise,
+    whose argmax jumps around, check it on varied contexts too."""
     if params == "noisy":
         rng = np.random.default_rng(1)
         noisy = jax.tree.map(

@@ -119,7 +119,11 @@ def build_model(cfg: ModelConfig) -> nn.Module:
     """The model named by ``cfg.family``."""
     if cfg.family == "gpt":
         return GPT(cfg)
-    raise ValueError(f"model.family={cfg.family!r} is not one of gpt")
+    if cfg.family == "bert":
+        from flaxlm.models.bert import BERT  # bert imports layers only; no cycle, kept lazy
+
+        return BERT(cfg)
+    raise ValueError(f"model.family={cfg.family!r} is not one of gpt, bert")
 
 
 def _inner(params) -> dict:

@@ -138,6 +138,18 @@ def causal_segment_mask(segment_ids_BxL: Array) -> Array:
     return segment_mask(segment_ids_BxL) & causal_mask(segment_ids_BxL.shape[1])
 
 
+def prefix_lm_mask(segment_ids_BxL: Array, prefix_len_B: Array) -> Array:
+    """``mask_Bx1xLxS`` for per-row prefix LM: key j is visible to query i iff both are in the
+    same segment and (j <= i or j < prefix_len). ``prefix_len`` 0 is causal, >= L is fully
+    bidirectional, so one mask serves a batch mixing MLM, causal and prefix-LM rows."""
+    length = segment_ids_BxL.shape[1]
+    key_S = jnp.arange(length)
+    visible_BxLxS = (key_S[None, None, :] <= key_S[None, :, None]) | (
+        key_S[None, None, :] < prefix_len_B[:, None, None]
+    )
+    return segment_mask(segment_ids_BxL) & visible_BxLxS[:, None]
+
+
 # --- positions ------------------------------------------------------------------------------
 
 

@@ -43,6 +43,7 @@ from flaxlm.train.step import (
     make_train_step,
     step_controls,
 )
+from flaxlm.train.watchdog import Watchdog
 
 
 @dataclass
@@ -54,6 +55,7 @@ class TrainResult:
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
     preempted: str | None = None  # the signal that stopped the run early, if any
+    process_index: int = 0
 
 
 @dataclass
@@ -116,7 +118,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     step = int(jax.device_get(state.step))
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
     log = MetricsLog(run_dir, enabled=is_main, resume_from_step=step)
-    result = TrainResult(run_dir=run_dir, step=step, resumed_from=resumed_from)
+    result = TrainResult(
+        run_dir=run_dir, step=step, resumed_from=resumed_from, process_index=proc[0]
+    )
     if resumed_from is not None and is_main:
         skipped = f", skip ledger {ledger.to_json()}" if ledger.windows else ""
         print(f"resuming {run_dir} from step {step}{skipped}")
@@ -134,6 +138,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     cooldown_until = 0
 
     def run_eval(at_step: int) -> dict[str, Any]:
+        watchdog.enter("eval", at_step)
         batches = val_batches.eval_batches(global_batch // accum, cfg.train.eval_batches, *proc)
         record = {"step": at_step, **evaluate_batches(eval_step, state.params, batches, mesh)}
         log.write(record)
@@ -142,6 +147,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         return record
 
     def save() -> None:
+        watchdog.enter("checkpoint", step)
         meta = {
             "data_index": data_index,
             "seed": cfg.train.seed,
@@ -176,6 +182,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
 
     def rollback(bad: _Pending, reason: str) -> None:
         nonlocal state, step, data_index, cooldown_until
+        watchdog.enter("rollback", bad.step)
         try:
             plan = policy.plan(bad.step, bad.data_index, set(ckpt.steps()))
         except TrainingDiverged as exc:
@@ -212,8 +219,10 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     bar = tqdm(total=last_step, initial=step, disable=not show, unit="step", dynamic_ncols=True)
     pending: _Pending | None = None
     next_local = train_batches.batch(data_index, *proc)
-    with PreemptionGuard() as preempt:
+    watchdog = Watchdog(cfg.train.watchdog_factor, cfg.train.watchdog_min_s)
+    with PreemptionGuard() as preempt, watchdog:
         while True:
+            watchdog.enter("step", step + 1)
             if step >= last_step or preempt.requested:
                 # Drain: the last dispatched step is checked before anything is saved.
                 if pending is not None:
@@ -225,6 +234,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                         continue
                 break
 
+            if step + 1 in cfg.chaos.hang_at_steps and data_index == step:
+                time.sleep(1e6)  # chaos: a stalled host, for the watchdog to catch
             controls = step_controls(
                 lr_scale=(cfg.guard.cooldown_factor if step < cooldown_until else 1.0)
                 * (cfg.chaos.spike_lr_scale if data_index + 1 in chaos_spikes else 1.0),
@@ -249,7 +260,8 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 save()
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < cfg.train.steps:
                 record = run_eval(step)
-                bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
+                if show:
+                    bar.write(f"step {step}: val_loss {record['val_loss']:.4f}")
             bar.update(1)
     bar.close()
     result.preempted = preempt.signal_name
