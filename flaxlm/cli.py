@@ -162,10 +162,13 @@ def _train(args: argparse.Namespace) -> int:
         print(f"{len(result.rollbacks)} rollback(s); skipped data windows in {ledger}")
     if result.evals:
         last = result.evals[-1]
-        print(
-            f"done: step {result.step}, val_loss {last['val_loss']:.4f}, "
-            f"perplexity {last['perplexity']:.2f}; run dir {result.run_dir}"
+        extra = "".join(
+            f", {k} {last[k]:.4g}"
+            for k in ("perplexity", "mlm_accuracy", "nsp_accuracy")
+            if k in last
         )
+        print(f"done: step {result.step}, val_loss {last['val_loss']:.4f}{extra}; "
+              f"run dir {result.run_dir}")  # fmt: skip
     return 0
 
 
@@ -187,6 +190,10 @@ def _eval(args: argparse.Namespace) -> int:
     print(f"checkpoint step      {report['step']}")
     print(f"tokens               {report['tokens']:,}")
     print(f"val_loss             {report['val_loss']:.4f} nats/token")
+    if "mlm_accuracy" in report or "causal_loss" in report or "mlm_loss" in report:
+        _print_masked_report(report)
+        print(f"report               {path}")
+        return 0
     print(f"perplexity           {report['perplexity']:.2f}")
     print(f"next-token accuracy  {100 * report['accuracy']:.1f}%")
     if "unigram_loss" in report:
@@ -194,6 +201,28 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"gain over unigram    {report['gain_over_unigram']:.4f} nats/token")
     print(f"report               {path}")
     return 0
+
+
+def _print_masked_report(report: dict) -> None:
+    """The BERT / unified lines of ``flaxlm eval`` (flaxlm/tools/evaluate_masked.py)."""
+    labels = {
+        "mlm_loss": "MLM loss",
+        "mlm_unigram_loss": "MLM unigram baseline",
+        "causal_loss": "causal LM loss",
+        "prefix_lm_loss": "prefix-LM loss",
+        "nsp_loss": "NSP loss",
+    }
+    for key, label in labels.items():
+        if key in report:
+            print(f"{label:<21}{report[key]:.4f} nats/token")
+    labels = {
+        "mlm_accuracy": "MLM accuracy",
+        "mlm_frequency_accuracy": "frequency baseline",
+        "nsp_accuracy": "NSP accuracy",
+    }
+    for key, label in labels.items():
+        if key in report:
+            print(f"{label:<21}{100 * report[key]:.1f}%")
 
 
 def _sample(args: argparse.Namespace) -> int:

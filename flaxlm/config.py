@@ -43,6 +43,10 @@ class ModelConfig:
     init_std: float = 0.02
     dtype: str = "float32"  # compute dtype; matmuls accumulate in float32
     param_dtype: str = "float32"
+    # Scan over layers (nn.scan): one compiled block, so compile time stays flat with depth;
+    # parameters get a leading "layers" axis.
+    scan_layers: bool = False
+    remat: str = "none"  # activation recomputation per block: none | full | dots
     # BERT only (GPT is always pre-LN): post = original BERT, pre = LN inside the residual branch
     norm_placement: str = "pre"
     type_vocab_size: int = 2  # BERT segment (token type) embeddings: A / B
@@ -224,6 +228,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.activation": ("gelu", "gelu_exact", "relu"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
+    "model.remat": ("none", "full", "dots"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
     "optim.schedule": ("cosine", "linear", "constant", "noam"),
@@ -398,6 +403,11 @@ def _validate_objective(cfg: Config) -> None:
         raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be >= 2 for NSP")
     if cfg.data.seq_len < 8:
         raise ConfigError(f"data.seq_len={cfg.data.seq_len} is too short for BERT (>= 8)")
+    if len(cfg.data.sources) > 1:
+        raise ConfigError(
+            f"data.sources has {len(cfg.data.sources)} sources; weighted mixtures are GPT-only "
+            "for now: give model.family=bert one source (data.paths)"
+        )
 
 
 def _validate_sources(d: DataConfig) -> None:

@@ -28,18 +28,10 @@ def causal_lm_loss(
       what we report as loss), ``correct`` and ``n_tokens``; with ``source_ids_BxL`` (a data
       mixture) also ``source_ce_sum`` and ``source_tokens``, each ``(n_sources,)``.
     """
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     mask_BxL = loss_mask_BxL.astype(jnp.float32)
-    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
-    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-    ce_BxL = lse_BxL - target_logit_BxL
-    objective_BxL = ce_BxL
-    if label_smoothing:
-        smooth_BxL = lse_BxL - jnp.mean(logits_BxLxV, axis=-1)
-        objective_BxL = (1.0 - label_smoothing) * ce_BxL + label_smoothing * smooth_BxL
-    if z_loss:
-        objective_BxL = objective_BxL + z_loss * jnp.square(lse_BxL)
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+    ce_BxL, objective_BxL, correct_BxL = token_losses(
+        logits_BxLxV, targets_BxL, label_smoothing, z_loss
+    )
     metrics = {
         "ce_sum": jnp.sum(ce_BxL * mask_BxL),
         "correct": jnp.sum(correct_BxL * mask_BxL),
@@ -54,3 +46,94 @@ def causal_lm_loss(
             mask_BxL.reshape(-1), ids, num_segments=n_sources
         )
     return jnp.sum(objective_BxL * mask_BxL), metrics
+
+
+def token_losses(
+    logits_BxLxV: jax.Array, targets_BxL: jax.Array, label_smoothing: float, z_loss: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-token ``(ce_BxL, objective_BxL, correct_BxL)`` (float32): plain cross-entropy, the
+    trained objective (label smoothing, z-loss), and whether the argmax is the target."""
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    lse_BxL = jax.nn.logsumexp(logits_BxLxV, axis=-1)
+    target_logit_BxL = jnp.take_along_axis(logits_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    ce_BxL = lse_BxL - target_logit_BxL
+    objective_BxL = ce_BxL
+    if label_smoothing:
+        smooth_BxL = lse_BxL - jnp.mean(logits_BxLxV, axis=-1)
+        objective_BxL = (1.0 - label_smoothing) * ce_BxL + label_smoothing * smooth_BxL
+    if z_loss:
+        objective_BxL = objective_BxL + z_loss * jnp.square(lse_BxL)
+    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+    return ce_BxL, objective_BxL, correct_BxL
+
+
+def mlm_loss(
+    logits_BxPxV: jax.Array,
+    masked_ids_BxP: jax.Array,
+    masked_weights_BxP: jax.Array,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Masked-LM cross-entropy on the logits of the P *gathered* masked positions, summed over
+    real predictions (``masked_weights`` 1; 0 pads rows with fewer than P predictions).
+
+    Returns (objective_sum, {``ce_sum``, ``correct``, ``n_tokens``}) like
+    :func:`causal_lm_loss`; the caller divides by the batch's total ``n_tokens``.
+    """
+    return causal_lm_loss(
+        logits_BxPxV, masked_ids_BxP, masked_weights_BxP, label_smoothing, z_loss
+    )
+
+
+def nsp_loss(
+    logits_Bx2: jax.Array, labels_B: jax.Array, weights_B: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Next-sentence prediction cross-entropy (label 0: B follows A, 1: B is random), summed
+    over rows with weight 1. Returns (ce_sum, {``ce_sum``, ``correct``, ``n_examples``})."""
+    ce_B, _, correct_B = token_losses(logits_Bx2[:, None], labels_B[:, None], 0.0, 0.0)
+    w_B = weights_B.astype(jnp.float32)
+    ce_sum = jnp.sum(ce_B[:, 0] * w_B)
+    metrics = {
+        "ce_sum": ce_sum,
+        "correct": jnp.sum(correct_B[:, 0] * w_B),
+        "n_examples": jnp.sum(w_B),
+    }
+    return ce_sum, metrics
+
+
+def objective_lm_loss(
+    logits_BxLxV: jax.Array,
+    targets_BxL: jax.Array,
+    loss_mask_BxL: jax.Array,
+    objective_ids_B: jax.Array,
+    objective_scale_O: jax.Array,
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token losses of a batch whose rows train different objectives (the unified objective:
+    MLM rows predict their masked tokens in place, causal / prefix-LM rows the next token).
+
+    ``objective_scale_O[o]`` multiplies every token of objective o in the trained sum (the
+    caller sets it to ``weight_o / tokens_o`` over the whole batch, so each objective counts
+    by its weight, not by how many tokens it predicts). Returns (objective_sum, metrics) with
+    per-objective ``(O,)`` vectors ``ce_sum``, ``correct``, ``n_tokens``.
+    """
+    n_objectives = objective_scale_O.shape[0]
+    mask_BxL = loss_mask_BxL.astype(jnp.float32)
+    ce_BxL, objective_BxL, correct_BxL = token_losses(
+        logits_BxLxV, targets_BxL, label_smoothing, z_loss
+    )
+    scale_B = objective_scale_O[objective_ids_B]
+    total = jnp.sum(objective_BxL * mask_BxL * scale_B[:, None])
+
+    def per_objective(x_BxL):
+        return jax.ops.segment_sum(
+            jnp.sum(x_BxL * mask_BxL, axis=1), objective_ids_B, num_segments=n_objectives
+        )
+
+    metrics = {
+        "ce_sum": per_objective(ce_BxL),
+        "correct": per_objective(correct_BxL),
+        "n_tokens": per_objective(jnp.ones_like(ce_BxL)),
+    }
+    return total, metrics

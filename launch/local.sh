@@ -26,7 +26,8 @@ n="$1"; shift
 
 port="${FLAXLM_PORT:-$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')}"
 pids=()
-cleanup() { for p in "${pids[@]:-}"; do kill "$p" 2>/dev/null || true; done; }
+set -m  # each process gets its own process group, so cleanup reaches its children too
+cleanup() { for p in "${pids[@]:-}"; do kill -TERM -- "-$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 
 for ((i = 0; i < n; i++)); do
@@ -44,8 +45,8 @@ done
 status=0
 for ((k = 0; k < n; k++)); do
   # wait -n: return as soon as any process ends; a failure stops the rest.
-  if ! wait -n; then
-    status=$?
+  wait -n || status=$?
+  if [[ "$status" != 0 ]]; then
     echo "launch/local.sh: a process failed (exit $status); stopping the others" >&2
     cleanup
     break

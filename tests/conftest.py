@@ -54,6 +54,20 @@ def tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, *overrides: str) -
     )
 
 
+def bert_tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, *overrides: str) -> Config:
+    """``configs/bert_tiny.yaml`` (post-LN, MLM + NSP) on ``corpus``; same split as GPT's."""
+    return load_config(
+        REPO / "configs" / "bert_tiny.yaml",
+        [
+            f"data.paths=[{corpus}]",
+            f"data.cache_dir={cache_dir}",
+            "data.val_fraction=0.34",
+            f"train.run_dir={run_dir}",
+            *overrides,
+        ],
+    )
+
+
 TRAINED_RUN_STEPS = 200
 
 

@@ -77,9 +77,14 @@ class GPT(nn.Module):
             mask_Bx1xLxS, cache_index = self._decode_mask(segment_ids_BxL)
         else:
             mask_Bx1xLxS, cache_index = layers.causal_segment_mask(segment_ids_BxL), None
-        for i in range(cfg.n_layers):
-            block = layers.Block(cfg, norm_placement="pre", name=f"blocks_{i}")
-            x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, cache_index)
+        if cfg.scan_layers:
+            stack = layers.ScannedBlocks(cfg, "pre", deterministic, name="blocks")
+            x_BxLxD = stack(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
+        else:
+            block_cls = layers.remat_block(cfg)
+            for i in range(cfg.n_layers):
+                block = block_cls(cfg, norm_placement="pre", name=f"blocks_{i}")
+                x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, cache_index)
 
         x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)
         if cfg.tie_embeddings:

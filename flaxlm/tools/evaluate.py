@@ -40,8 +40,10 @@ def evaluate(
     """
     loaded = path if isinstance(path, LoadedModel) else load_checkpoint(path)
     cfg = loaded.cfg
-    if cfg.model.family != "gpt":  # the BERT metrics (MLM / NSP) join here with issue 3
-        raise ValueError(f"eval of model.family={cfg.model.family!r} is not implemented")
+    if cfg.model.family == "bert":  # MLM loss / accuracy, NSP accuracy, frequency baseline
+        from flaxlm.tools.evaluate_masked import evaluate_masked
+
+        return evaluate_masked(loaded, data_paths, split, max_batches, batch_size, progress)
     seq_len = cfg.data.seq_len
     report: dict[str, Any] = {"step": loaded.step}
     if data_paths:

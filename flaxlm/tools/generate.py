@@ -322,6 +322,8 @@ def generate_for(
 ) -> Generation:
     """:func:`generate_ids` with a checkpoint's model, tokenizer ids and trained context;
     an empty prompt becomes ``[</s>]``."""
+    if loaded.cfg.model.family != "gpt":
+        raise ValueError(f"generation needs a decoder: model.family={loaded.cfg.model.family!r}")
     tok = loaded.tokenizer
     prompts = [list(p) or [tok.eos_id] for p in prompts]
     context = min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len)

@@ -25,12 +25,15 @@ from tqdm.auto import tqdm
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.config import Config, save_config, to_dict
 from flaxlm.data import CausalBatches, MixtureBatches, make_train_batches, prepare_data
+from flaxlm.data.masked import OBJECTIVES, make_masked_batches
+from flaxlm.data.masked import batch_keys as masked_batch_keys
 from flaxlm.models import build_model
 from flaxlm.optim import make_optimizer
 from flaxlm.perf import flops_per_token, measure_matmul_peak
 from flaxlm.sharding import build_mesh
 from flaxlm.train.batches import check_batch_fits, evaluate_batches, put_train_batch
 from flaxlm.train.guard import RollbackPolicy, SkipLedger, SpikeDetector, TrainingDiverged
+from flaxlm.train.masked_step import BERT_METRICS, evaluate_masked_batches
 from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.preemption import PreemptionGuard
 from flaxlm.train.state import abstract_state, create_state, state_shardings
@@ -82,12 +85,23 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
 
     # Data first: it is the slowest thing to fail on, and the tokenizer must fit the model.
     data = prepare_data(cfg.data, cfg.model.vocab_size, progress=show)
-    train_batches = make_train_batches(data, seq_len, global_batch, cfg.train.seed)
+    is_bert = cfg.model.family == "bert"
+    if is_bert:  # masked LM (+ NSP) or the unified objective: masks drawn from (seed, example)
+        train_batches = make_masked_batches(data.train, cfg, data.tokenizer, global_batch)
+        val_batches = make_masked_batches(
+            data.val, cfg, data.tokenizer, global_batch // accum, shuffle=False
+        )
+    else:
+        train_batches = make_train_batches(data, seq_len, global_batch, cfg.train.seed)
+        val_batches = CausalBatches(
+            data.val, seq_len, global_batch // accum, cfg.train.seed, shuffle=False
+        )
     # A mixture's batches say which source each row came from: the step logs per-source loss.
     source_names = train_batches.names if isinstance(train_batches, MixtureBatches) else []
-    val_batches = CausalBatches(
-        data.val, seq_len, global_batch // accum, cfg.train.seed, shuffle=False
-    )
+    if is_bert:
+        keys = masked_batch_keys(cfg)
+    else:
+        keys = MIXTURE_BATCH_KEYS if source_names else BATCH_KEYS
 
     mesh = build_mesh(cfg.mesh)
     check_batch_fits(global_batch, accum, mesh)
@@ -129,9 +143,11 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         make_train_step(model, cfg, schedule, n_sources=len(source_names)),
         mesh,
         state_sh,
-        MIXTURE_BATCH_KEYS if source_names else BATCH_KEYS,
+        keys,
     )
-    eval_step = jit_eval_step(make_eval_step(model, cfg), mesh, state_sh.params)
+    eval_step = jit_eval_step(
+        make_eval_step(model, cfg), mesh, state_sh.params, keys if is_bert else BATCH_KEYS
+    )
     detector = SpikeDetector(cfg.guard)
     speed = _Speedometer(cfg, seq_len, global_batch, measure_peak=show)
     chaos_spikes, chaos_nans = set(cfg.chaos.spike_at_steps), set(cfg.chaos.nan_at_steps)
@@ -140,7 +156,11 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     def run_eval(at_step: int) -> dict[str, Any]:
         watchdog.enter("eval", at_step)
         batches = val_batches.eval_batches(global_batch // accum, cfg.train.eval_batches, *proc)
-        record = {"step": at_step, **evaluate_batches(eval_step, state.params, batches, mesh)}
+        if is_bert:
+            metrics = evaluate_masked_batches(eval_step, state.params, batches, mesh, cfg)
+        else:
+            metrics = evaluate_batches(eval_step, state.params, batches, mesh)
+        record = {"step": at_step, **metrics}
         log.write(record)
         result.evals.append(record)
         speed.restart()  # keep evaluation time out of tokens/s
@@ -175,6 +195,16 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 for name, loss, n in per_source:
                     if n > 0:  # a small batch may hold no row of a rare source
                         record[f"loss/{name}"] = float(loss)
+            if is_bert:  # per-objective losses (BERT: MLM / NSP; unified: each objective's)
+                record.update({k: values[k] for k in BERT_METRICS if k in values})
+                if "objective_loss" in fetched:
+                    per_objective = zip(
+                        OBJECTIVES, fetched["objective_loss"], fetched["objective_tokens"],
+                        strict=True,
+                    )  # fmt: skip
+                    for name, loss, n in per_objective:
+                        if n > 0:
+                            record[f"{name}_loss"] = float(loss)
             log.write(record)
             result.history.append(record)
             bar.set_postfix(speed.postfix(values), refresh=False)

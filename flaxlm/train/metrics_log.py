@@ -108,6 +108,9 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path) -> Path | None:
 
 
 def _plain(value: Any) -> Any:
+    """numpy -> Python; NaN / inf -> null, so every line is strict JSON (jq, JSON.parse)."""
     if isinstance(value, np.generic | np.ndarray):
         value = value.item() if np.ndim(value) == 0 else value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value

@@ -59,7 +59,12 @@ def make_train_step(
     model: nn.Module, cfg: Config, schedule: optax.Schedule, n_sources: int = 0
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The pure train step ``(state, batch, controls) -> (state, metrics)``; jit it with
-    :func:`jit_train_step`."""
+    :func:`jit_train_step`. A ``model.family: bert`` config gets the masked-LM / NSP /
+    unified step of :mod:`flaxlm.train.masked_step` (the GPT path below is untouched)."""
+    if cfg.model.family == "bert":
+        from flaxlm.train import masked_step  # it imports this module's helpers
+
+        return masked_step.make_train_step(model, cfg, schedule)
     base_rng = jax.random.key(cfg.train.seed)
     deterministic = cfg.model.dropout == 0.0
 
@@ -96,14 +101,7 @@ def make_train_step(
         n_tokens = jnp.maximum(metrics["n_tokens"], 1.0)
         poison = jnp.where(controls["inject_nan"], jnp.nan, 0.0)
         grads = jax.tree.map(lambda g: g / n_tokens + poison, grads)
-        grad_norm = optax.tree.norm(grads)
-        updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-        updates = jax.tree.map(lambda u: u * controls["lr_scale"], updates)
-        new_state = state.replace(
-            step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
-            opt_state=opt_state,
-        )
+        new_state, grad_norm = apply_update(state, grads, controls)
         out = {
             "loss": metrics["ce_sum"] / n_tokens + poison,
             "accuracy": metrics["correct"] / n_tokens,
@@ -119,6 +117,20 @@ def make_train_step(
     return train_step
 
 
+def apply_update(state: TrainState, grads, controls: dict[str, jax.Array]):
+    """One optimizer update with the final gradients; ``controls["lr_scale"]`` scales it.
+    Returns (new state, gradient norm before clipping)."""
+    grad_norm = optax.tree.norm(grads)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
+    updates = jax.tree.map(lambda u: u * controls["lr_scale"], updates)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+    )
+    return new_state, grad_norm
+
+
 def step_controls(lr_scale: float = 1.0, inject_nan: bool = False) -> dict[str, np.ndarray]:
     """The per-step control inputs of the train step (host values; jit moves them)."""
     return {"lr_scale": np.float32(lr_scale), "inject_nan": np.bool_(inject_nan)}
@@ -126,6 +138,10 @@ def step_controls(lr_scale: float = 1.0, inject_nan: bool = False) -> dict[str, 
 
 def make_eval_step(model: nn.Module, cfg: Config) -> Callable[..., dict[str, jax.Array]]:
     """``(params, batch) -> summed metrics`` for one ``(b, L)`` batch (no micro-batch axis)."""
+    if cfg.model.family == "bert":
+        from flaxlm.train import masked_step
+
+        return masked_step.make_eval_step(model, cfg)
 
     def eval_step(params, batch: dict[str, jax.Array]):
         _, metrics = _loss_on(params, batch, model, cfg, jax.random.key(0), True)
@@ -146,11 +162,13 @@ def jit_train_step(train_step, mesh: Mesh, state_sh: Any, batch_keys: tuple[str,
     return _with_rules(jitted, mesh)
 
 
-def jit_eval_step(eval_step, mesh: Mesh, params_sh: Any):
+def jit_eval_step(
+    eval_step, mesh: Mesh, params_sh: Any, batch_keys: tuple[str, ...] = BATCH_KEYS
+):
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
     jitted = jax.jit(
         eval_step,
-        in_shardings=(params_sh, {k: rows for k in BATCH_KEYS}),
+        in_shardings=(params_sh, {k: rows for k in batch_keys}),
         out_shardings=NamedSharding(mesh, PartitionSpec()),
     )
     return _with_rules(jitted, mesh)
