@@ -101,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default RUN_DIR/report)")
     p.set_defaults(func=_report)
 
+    p = sub.add_parser("plan", help="per-device memory of a config's train step (AOT compile)")
+    p.add_argument("config", help="YAML config, e.g. configs/gpt_7b.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument(
+        "--devices", type=int, default=0, help="simulate this many CPU devices (0 = real ones)"
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_plan)
+
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)
     t = tok.add_parser("train", help="train a sentencepiece model with flaxlm's special tokens")
@@ -288,6 +297,23 @@ def _report(args: argparse.Namespace) -> int:
     from flaxlm.tools.report import write_report
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
+    return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import jax
+
+    from flaxlm.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if args.devices:
+        # Before any backend starts: plan a pod's layout on this machine's CPU.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    from flaxlm.tools.plan import format_plan, plan
+
+    report = plan(cfg)
+    print(json.dumps(report) if args.json else format_plan(report))
     return 0
 
 

@@ -61,31 +61,32 @@ def check_param_shardings(cfg) -> int:
 
 
 def main() -> None:
-    corpus, cache, run_dir, out, data, fsdp, tensor = sys.argv[1:8]
-    cfg = tiny_config(
-        Path(corpus),
-        Path(cache),
-        Path(run_dir),
-        "train.steps=6",
-        "train.eval_every=3",
-        "checkpoint.every=3",
-        f"mesh.data={data}",
-        f"mesh.fsdp={fsdp}",
-        f"mesh.tensor={tensor}",
-    )
+    """Trains the tiny GPT for 6 steps on each mesh given as ``data,fsdp,tensor``."""
+    corpus, cache, run_root, out, *meshes = sys.argv[1:]
     assert jax.device_count() == 8
-    n_sharded = check_param_shardings(cfg)
-    result = train(cfg)
-    Path(out).write_text(
-        json.dumps(
-            {
-                "losses": [r["loss"] for r in result.history],
-                "grad_norms": [r["grad_norm"] for r in result.history],
-                "val": [r["val_loss"] for r in result.evals],
-                "sharded_dims": n_sharded,
-            }
+    results = {}
+    for mesh in meshes:
+        data, fsdp, tensor = mesh.split(",")
+        cfg = tiny_config(
+            Path(corpus),
+            Path(cache),
+            Path(run_root) / mesh.replace(",", "x"),
+            "train.steps=6",
+            "train.eval_every=3",
+            "checkpoint.every=3",
+            f"mesh.data={data}",
+            f"mesh.fsdp={fsdp}",
+            f"mesh.tensor={tensor}",
         )
-    )
+        n_sharded = check_param_shardings(cfg)
+        result = train(cfg)
+        results[mesh] = {
+            "losses": [r["loss"] for r in result.history],
+            "grad_norms": [r["grad_norm"] for r in result.history],
+            "val": [r["val_loss"] for r in result.evals],
+            "sharded_dims": n_sharded,
+        }
+    Path(out).write_text(json.dumps(results))
 
 
 if __name__ == "__main__":

@@ -59,6 +59,9 @@ def test_pairs_are_a_function_of_seed_and_index(prepared):
     assert (a["inputs"] != c["inputs"]).any(axis=1).mean() > 0.5
 
 
-def test_one_document_is_refused_with_the_fix(prepared):
-    with pytest.raises(ValueError, match="objective.nsp=false"):
-        PairChunks(prepared.train.documents(0, 1), seq_len=64)
+def test_a_one_document_split_draws_random_segments_far_from_a(prepared):
+    tok = prepared.tokenizer
+    chunks = PairChunks(prepared.train.documents(0, 1), seq_len=64)
+    ids = np.arange(min(len(chunks), 300))
+    rows = build_pairs(chunks, ids, ids, 0, tok.cls_id, tok.sep_id, tok.pad_id)
+    assert 0.35 < rows["nsp_labels"].mean() < 0.65

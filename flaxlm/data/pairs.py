@@ -4,7 +4,9 @@ A split's documents are cut into chunks of ``seq_len - 3`` tokens (the room A an
 example i is chunk i. Its generator ``default_rng([seed, PAIR_STREAM, g])`` (g = the global
 example index) draws where A ends inside the chunk; then, with probability 1/2, B is the rest of
 the chunk (the true continuation, label 0), else a span of the same length from a random
-*other* document (label 1). Like masks, pairs are a pure function of (seed, g).
+*other* document (label 1). Like masks, pairs are a pure function of (seed, g). A split of
+one document (a tiny validation split) draws its random Bs from that document, at least one
+chunk away from A.
 
     chunks = PairChunks(split, seq_len=128)
     rows = build_pairs(chunks, chunk_ids_N, global_ids_N, seed, cls_id, sep_id, pad_id)
@@ -31,12 +33,6 @@ class PairChunks:
     def __init__(self, split: TokenSplit, seq_len: int):
         if seq_len < 8:
             raise ValueError(f"seq_len={seq_len} is too short for [CLS] A [SEP] B [SEP] pairs")
-        if split.n_docs < 2:
-            raise ValueError(
-                f"{split.name} split has {split.n_docs} document(s); next-sentence prediction "
-                "draws random segments from other documents, so it needs at least 2 (or set "
-                "objective.nsp=false)"
-            )
         self.split = split
         self.seq_len = seq_len
         self.chunk_len = seq_len - 3
@@ -93,10 +89,16 @@ def build_pairs(
         a = np.asarray(tokens[start:a_end])
         b_len = end - a_end
         if rng.random() < RANDOM_NEXT_PROB:
-            other = int(rng.integers(0, n_docs - 1))
-            other += other >= doc  # any document but this one
+            if n_docs > 1:
+                other = int(rng.integers(0, n_docs - 1))
+                other += other >= doc  # any document but this one
+            else:
+                other = doc
             lo, hi = int(chunks.doc_starts[other]), int(chunks.doc_ends[other])
-            b_start = lo + int(rng.integers(0, max(hi - lo - b_len, 0) + 1))
+            room = max(hi - lo - b_len, 0) + 1
+            b_start = lo + int(rng.integers(0, room))
+            if other == doc and abs(b_start - start) < 2 * chunks.chunk_len:
+                b_start = lo + (b_start - lo + 4 * chunks.chunk_len) % room
             b = np.asarray(tokens[b_start : min(b_start + b_len, hi)])
             out["nsp_labels"][row, 0] = 1
             out["random_doc"][row, 0] = other

@@ -162,9 +162,7 @@ def jit_train_step(train_step, mesh: Mesh, state_sh: Any, batch_keys: tuple[str,
     return _with_rules(jitted, mesh)
 
 
-def jit_eval_step(
-    eval_step, mesh: Mesh, params_sh: Any, batch_keys: tuple[str, ...] = BATCH_KEYS
-):
+def jit_eval_step(eval_step, mesh: Mesh, params_sh: Any, batch_keys: tuple[str, ...] = BATCH_KEYS):
     rows = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
     jitted = jax.jit(
         eval_step,
@@ -174,11 +172,22 @@ def jit_eval_step(
     return _with_rules(jitted, mesh)
 
 
-def _with_rules(fn, mesh: Mesh):
-    """Tracing needs the mesh and the logical rules in scope for the model's constraints."""
+class _WithRules:
+    """A jitted function that traces (and lowers) with the mesh and the logical rules in
+    scope, which the model's sharding constraints need."""
 
-    def call(*args):
-        with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
-            return fn(*args)
+    def __init__(self, jitted, mesh: Mesh):
+        self.jitted, self.mesh = jitted, mesh
 
-    return call
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        """Ahead-of-time lowering on (abstract) arguments, e.g. for memory planning."""
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(LOGICAL_RULES):
+            return self.jitted.lower(*args)
+
+
+def _with_rules(fn, mesh: Mesh) -> _WithRules:
+    return _WithRules(fn, mesh)
