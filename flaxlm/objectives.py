@@ -80,9 +80,7 @@ def mlm_loss(
     Returns (objective_sum, {``ce_sum``, ``correct``, ``n_tokens``}) like
     :func:`causal_lm_loss`; the caller divides by the batch's total ``n_tokens``.
     """
-    return causal_lm_loss(
-        logits_BxPxV, masked_ids_BxP, masked_weights_BxP, label_smoothing, z_loss
-    )
+    return causal_lm_loss(logits_BxPxV, masked_ids_BxP, masked_weights_BxP, label_smoothing, z_loss)
 
 
 def nsp_loss(

@@ -6,9 +6,10 @@
 # Each process gets FLAXLM_COORDINATOR / FLAXLM_NUM_PROCESSES / FLAXLM_PROCESS_ID (and, on CPU,
 # FLAXLM_LOCAL_DEVICES=K simulated devices). If one process fails, the others are stopped:
 # a multi-host job never waits on a dead peer. Exit code: the first failing process's, or 0.
+# DRY_RUN=1 is the same as --dry-run: print each process's command, run nothing.
 set -euo pipefail
 
-dry_run=0
+dry_run="${DRY_RUN:-0}"
 devices=""
 while [[ $# -gt 0 ]]; do
   case "$1" in

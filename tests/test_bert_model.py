@@ -118,7 +118,5 @@ def test_padding_does_not_change_real_tokens(model_and_params):
     tokens = jnp.asarray([[4, 20, 30, 40, 5, 0, 0, 0]], jnp.int32)
     seg = jnp.asarray([[1, 1, 1, 1, 1, 0, 0, 0]], jnp.int32)
     a = model.apply(variables, tokens, segment_ids_BxL=seg, method=BERT.encode)
-    b = model.apply(
-        variables, tokens.at[0, 6].set(77), segment_ids_BxL=seg, method=BERT.encode
-    )
+    b = model.apply(variables, tokens.at[0, 6].set(77), segment_ids_BxL=seg, method=BERT.encode)
     np.testing.assert_allclose(a[0, :5], b[0, :5], atol=1e-6)

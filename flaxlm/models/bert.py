@@ -26,7 +26,6 @@ Param tree, named after HuggingFace ``BertForPreTraining`` where it has a counte
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
@@ -168,4 +167,3 @@ class BERT(nn.Module):
         if with_nsp:
             out["nsp_logits"] = self.nsp_head(self.pool(x_BxLxD))
         return out
-

@@ -71,7 +71,9 @@ def evaluate_masked(
     start = time.perf_counter()
     with tqdm(total=n_batches, desc="eval", unit="batch", disable=not progress) as bar:
         report.update(
-            evaluate_masked_batches(eval_step, loaded.params, _ticking(local, bar), loaded.mesh, cfg)
+            evaluate_masked_batches(
+                eval_step, loaded.params, _ticking(local, bar), loaded.mesh, cfg
+            )
         )
     seconds = time.perf_counter() - start
     report.update(batches=n_batches, seq_len=cfg.data.seq_len, seconds=round(seconds, 3))

@@ -99,8 +99,7 @@ def format_plan(report: dict[str, Any]) -> str:
         return f"{n / GIB:9.3f} GiB" if n >= GIB // 10 else f"{n / 2**20:9.3f} MiB"
 
     lines = [
-        f"mesh {report['mesh']} on {report['devices']} devices, "
-        f"{report['n_params']:,} parameters",
+        f"mesh {report['mesh']} on {report['devices']} devices, {report['n_params']:,} parameters",
         f"  parameters          {gib(report['params_bytes'])} per device",
         f"  optimizer state     {gib(report['opt_state_bytes'])} per device",
         f"  batch               {gib(report['batch_bytes'])} per device",

@@ -63,7 +63,8 @@ def _scales(cfg: Config, layout: str, denoms: dict[str, jax.Array]) -> dict[str,
         w_O = jnp.asarray(objective_weights(cfg))
         present_O = denoms["tokens"] > 0
         total_w = jnp.maximum(jnp.sum(jnp.where(present_O, w_O, 0.0)), 1e-9)
-        return {"tokens": jnp.where(present_O, w_O / total_w, 0.0) / jnp.maximum(denoms["tokens"], 1)}
+        share_O = jnp.where(present_O, w_O / total_w, 0.0)
+        return {"tokens": share_O / jnp.maximum(denoms["tokens"], 1)}
     out = {"mlm": 1.0 / jnp.maximum(denoms["mlm"], 1.0)}
     if layout == "nsp":
         out["nsp"] = cfg.objective.nsp_weight / jnp.maximum(denoms["nsp"], 1.0)

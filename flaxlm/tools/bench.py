@@ -1,0 +1,282 @@
+"""``flaxlm bench``: train-step MFU against the fp32 matmul peak measured in the same run.
+
+    flaxlm bench configs/bench/gpt_small_cpu.yaml --json
+    flaxlm bench configs/bench/bert_small_cpu.yaml --what all --steps 10
+
+Absolute times on a shared machine drift by 2x within seconds, so every rate is paired with
+the peak of a jitted 2048x2048 float32 ``jnp.dot`` measured right before and right after it;
+MFU is taken against the mean of the two, and a > 20 % gap between them is flagged.
+
+The train step runs on random tokens (no data files); ``data`` times the input pipeline alone
+(the config's ``data.paths``, else the demo corpus in a temp dir), ``decode`` the KV cache
+against re-running the prefix (:mod:`flaxlm.tools.bench_io`).
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import statistics
+import sys
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from flaxlm.config import Config, ModelConfig
+from flaxlm.perf import flops_per_token, measure_matmul_peak
+
+PEAK_TOLERANCE = 0.2  # before/after peaks further apart than this: a noisy machine
+WHATS = ("train", "data", "decode", "checkpoint", "all")
+
+
+def predicted_positions(cfg: Config) -> int:
+    """Positions per row whose LM-head logits are computed: every position for GPT (and the
+    unified objective), the ``max_predictions`` gathered slots for BERT MLM."""
+    if cfg.model.family != "bert":
+        return cfg.data.seq_len
+    from flaxlm.data.masked import layout_of
+    from flaxlm.data.masking import resolve_max_predictions
+
+    if layout_of(cfg) == "unified":
+        return cfg.data.seq_len
+    return resolve_max_predictions(cfg.objective, cfg.data.seq_len)
+
+
+def model_flops(model: ModelConfig, seq_len: int, predicted: int | None = None) -> dict[str, Any]:
+    """FLOPs per (input) token of one training step (forward + backward), two ways.
+
+    ``flops_per_token = 6 * N + 12 * L * d * S`` with N the block matmul parameters
+    (``L * (4 d^2 + 2 d F)``); ``flops_per_token_incl_head`` adds the LM-head matmul
+    ``6 * d * V``, scaled by ``predicted / S`` when the head runs only at ``predicted``
+    gathered positions per row (BERT MLM).
+    """
+    predicted = seq_len if predicted is None else predicted
+    body = flops_per_token(model, seq_len, include_head=False)
+    head = 6.0 * model.d_model * model.vocab_size * predicted / seq_len
+    formula = "6*N + 12*L*d*S, N = L*(4*d^2 + 2*d*F)"
+    head_formula = "+ 6*d*V" if predicted == seq_len else f"+ 6*d*V * P/S (P={predicted})"
+    return {
+        "flops_per_token": body,
+        "flops_per_token_incl_head": body + head,
+        "flops_formula": formula,
+        "flops_formula_incl_head": f"{formula} {head_formula}",
+        "predicted_positions": predicted,
+    }
+
+
+def peak_warning(before: float, after: float, tolerance: float = PEAK_TOLERANCE) -> str | None:
+    """A warning when the matmul peaks before and after differ by more than ``tolerance``
+    of their mean (the machine's speed moved during the run), else None."""
+    mean = (before + after) / 2
+    if mean <= 0 or not math.isfinite(mean):
+        return f"matmul peak not measurable (before {before:.3g}, after {after:.3g} FLOP/s)"
+    gap = abs(before - after) / mean
+    if gap <= tolerance:
+        return None
+    return (
+        f"matmul peak moved by {100 * gap:.0f}% during the run ({before / 1e9:.0f} -> "
+        f"{after / 1e9:.0f} GFLOP/s): noisy machine, treat the figures with care"
+    )
+
+
+def measure_peak(repeats: int = 7) -> float:
+    """Median FLOP/s of several jitted 2048x2048 float32 dots, after warm-up."""
+    return measure_matmul_peak(2048, repeats)
+
+
+def peak_host_memory_mb() -> float:
+    """The process's peak resident set (``getrusage`` maxrss; KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# --- the train step -------------------------------------------------------------------------
+
+
+def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """One global batch of random tokens with the keys and shapes the config's step takes."""
+    batch, seq_len, vocab = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
+    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
+    ones = np.ones((batch, seq_len), np.int32)
+    if cfg.model.family != "bert":
+        tokens = rng.integers(7, vocab, (batch, seq_len + 1), dtype=np.int32)
+        return {
+            "inputs": tokens[:, :-1].copy(),
+            "targets": tokens[:, 1:].copy(),
+            "positions": positions,
+            "segment_ids": ones,
+            "loss_mask": np.ones((batch, seq_len), np.float32),
+        }
+    from flaxlm.data.masked import batch_keys, layout_of
+
+    layout = layout_of(cfg)
+    tokens = rng.integers(7, vocab, (batch, seq_len), dtype=np.int32)
+    if layout == "unified":
+        out = {
+            "inputs": tokens,
+            "targets": np.roll(tokens, -1, axis=1),
+            "positions": positions,
+            "segment_ids": ones,
+            "loss_mask": np.ones((batch, seq_len), np.float32),
+            "prefix_len": np.zeros((batch, 1), np.int32),
+            "objective_ids": np.ones((batch, 1), np.int32),  # causal rows
+        }
+        return {k: out[k] for k in batch_keys(cfg)}
+    p = predicted_positions(cfg)
+    masked = np.sort(
+        np.stack([rng.choice(np.arange(1, seq_len), p, replace=False) for _ in range(batch)]), 1
+    ).astype(np.int32)
+    out = {
+        "inputs": tokens,
+        "positions": positions,
+        "segment_ids": ones,
+        "masked_positions": masked,
+        "masked_ids": np.take_along_axis(tokens, masked, axis=1),
+        "masked_weights": np.ones((batch, p), np.float32),
+        "token_types": (positions >= seq_len // 2).astype(np.int32),
+        "nsp_labels": rng.integers(0, 2, (batch, 1), dtype=np.int32),
+        "nsp_weights": np.ones((batch, 1), np.float32),
+    }
+    return {k: out[k] for k in batch_keys(cfg)}
+
+
+class TrainHarness:
+    """The config's jitted train step on one synthetic batch, ready to time."""
+
+    def __init__(self, cfg: Config):
+        from flaxlm.data.masked import batch_keys
+        from flaxlm.models import build_model
+        from flaxlm.optim import make_optimizer
+        from flaxlm.sharding import build_mesh
+        from flaxlm.train.batches import put_train_batch
+        from flaxlm.train.state import create_state
+        from flaxlm.train.step import BATCH_KEYS, jit_train_step, make_train_step, step_controls
+
+        self.cfg = cfg
+        self.mesh = build_mesh(cfg.mesh)
+        self.model = build_model(cfg.model)
+        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
+        self.state, self.state_sh = create_state(
+            self.model, tx, self.mesh, cfg.data.seq_len, cfg.train.seed
+        )
+        keys = batch_keys(cfg) if cfg.model.family == "bert" else BATCH_KEYS
+        self.step_fn = jit_train_step(
+            make_train_step(self.model, cfg, schedule), self.mesh, self.state_sh, keys
+        )
+        local = synthetic_batch(cfg, np.random.default_rng(cfg.train.seed))
+        self.batch = put_train_batch(local, self.mesh, cfg.train.grad_accum)
+        self.controls = step_controls()
+
+    def step(self) -> float:
+        """Runs one step to completion; returns its wall time in seconds."""
+        t0 = time.perf_counter()
+        self.state, metrics = self.step_fn(self.state, self.batch, self.controls)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - t0
+
+
+def bench_train(
+    cfg: Config, steps: int = 10, warmup: int = 3, harness: TrainHarness | None = None
+) -> dict[str, Any]:
+    """Peak, compile, ``warmup`` steps, ``steps`` timed steps, peak. Returns the report dict
+    (``step_s`` is the median step; MFU is against the mean of the two peaks)."""
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
+    harness = harness or TrainHarness(cfg)
+    peak_before = measure_peak()
+    compile_s = harness.step()  # the first call compiles (and runs once)
+    for _ in range(warmup):
+        harness.step()
+    times = [harness.step() for _ in range(steps)]
+    peak_after = measure_peak()
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
+    report = {"what": "train", "family": cfg.model.family, "tokens_per_step": tokens_per_step}
+    report.update(
+        step_s=statistics.median(times),
+        step_s_min=min(times),
+        compile_s=compile_s,
+        steps=steps,
+        warmup=warmup,
+    )
+    report["tokens_per_s"] = tokens_per_step / report["step_s"]
+    report.update(model_flops(cfg.model, cfg.data.seq_len, predicted_positions(cfg)))
+    report.update(_against_peak(report, peak_before, peak_after))
+    report["peak_host_memory_mb"] = peak_host_memory_mb()
+    return report
+
+
+def _against_peak(report: dict[str, Any], before: float, after: float) -> dict[str, Any]:
+    peak = (before + after) / 2
+    achieved = report["flops_per_token"] * report["tokens_per_s"]
+    achieved_head = report["flops_per_token_incl_head"] * report["tokens_per_s"]
+    out = {
+        "peak_gflops": peak / 1e9,
+        "peak_gflops_before": before / 1e9,
+        "peak_gflops_after": after / 1e9,
+        "model_gflops": achieved_head / 1e9,
+        "mfu": achieved / peak,
+        "mfu_incl_head": achieved_head / peak,
+    }
+    warning = peak_warning(before, after)
+    if warning:
+        out["warning"] = warning
+    return out
+
+
+def run_bench(cfg: Config, what: str = "train", steps: int = 10, warmup: int = 3) -> dict:
+    """The benchmarks named by ``what`` (one of :data:`WHATS`); the train report at the top
+    level, the others under ``data``, ``decode``, ``checkpoint`` (with ratios to the step)."""
+    if what not in WHATS:
+        raise ValueError(f"--what {what!r} is not one of {', '.join(WHATS)}")
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
+    from flaxlm.tools import bench_io
+
+    report: dict[str, Any] = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    step_rate, harness = None, None
+    if what in ("train", "all", "data", "checkpoint"):
+        harness = TrainHarness(cfg)
+        report.update(bench_train(cfg, steps, warmup, harness))
+        step_rate = report["tokens_per_s"]
+    if what in ("data", "all"):
+        report["data"] = bench_io.bench_data(cfg, step_rate)
+    if what in ("decode", "all"):
+        report["decode"] = bench_io.bench_decode(cfg)
+    if what in ("checkpoint", "all"):
+        report["checkpoint"] = bench_io.bench_checkpoint(harness, report["step_s"])
+    report["peak_host_memory_mb"] = peak_host_memory_mb()
+    warnings = [r["warning"] for r in (report, *report.values()) if _has_warning(r)]
+    if warnings:
+        report["warning"] = "; ".join(dict.fromkeys(warnings))
+    return report
+
+
+def _has_warning(r: Any) -> bool:
+    return isinstance(r, dict) and bool(r.get("warning"))
+
+
+def format_report(report: dict[str, Any]) -> str:
+    """The human-readable table ``flaxlm bench`` prints without ``--json``."""
+    lines = [f"device               {report['device']} (jax {report['jax']})"]
+    if "step_s" in report:
+        r = report
+        lines += [
+            f"peak fp32 matmul     {r['peak_gflops']:.0f} GFLOP/s (before "
+            f"{r['peak_gflops_before']:.0f}, after {r['peak_gflops_after']:.0f}; 2048^2 jnp.dot)",
+            f"compile              {r['compile_s']:.1f} s (first step, incl. one run)",
+            f"step                 {r['step_s'] * 1e3:.1f} ms median of {r['steps']} "
+            f"(min {r['step_s_min'] * 1e3:.1f} ms) after {r['warmup']} warm-up",
+            f"tokens/s             {r['tokens_per_s']:,.0f} ({r['tokens_per_step']} per step)",
+            f"FLOPs/token          {r['flops_per_token'] / 1e6:.1f} M = {r['flops_formula']}",
+            f"  incl. head         {r['flops_per_token_incl_head'] / 1e6:.1f} M = "
+            f"{r['flops_formula_incl_head']}",
+            f"MFU                  {100 * r['mfu']:.1f} %  (incl. head "
+            f"{100 * r['mfu_incl_head']:.1f} %) of the same-run peak",
+        ]
+    for name in ("data", "decode", "checkpoint"):
+        if name in report:
+            lines.append(f"{name:<21}{report[name]['summary']}")
+    lines.append(f"peak host memory     {report['peak_host_memory_mb']:,.0f} MB")
+    return "\n".join(lines)

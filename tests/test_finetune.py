@@ -1,0 +1,95 @@
+"""flaxlm finetune: a classifier on the pooled [CLS] vector; frozen body; errors; the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from conftest import bert_tiny_config
+
+from flaxlm.cli import main
+from flaxlm.data.labelled import write_rotten_tomatoes
+from flaxlm.tools.finetune import FinetuneOptions, finetune, load_classifier
+from flaxlm.tools.load import load_checkpoint
+from flaxlm.train import train
+
+
+@pytest.fixture(scope="module")
+def bert_run(small_corpus, tiny_cache_dir, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("bert") / "run"
+    cfg = bert_tiny_config(
+        small_corpus, tiny_cache_dir, run_dir, "train.steps=10", "train.eval_every=0"
+    )
+    train(cfg)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def reviews(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rt") / "rt.csv"
+    return write_rotten_tomatoes(out)
+
+
+def test_frozen_body_stays_bit_identical(bert_run, reviews, tmp_path):
+    opts = FinetuneOptions(group_column="movie", epochs=1, lr=1e-3, max_train_rows=256,
+                           max_len=24, freeze_body=True, out=str(tmp_path / "ft"))  # fmt: skip
+    report = finetune(bert_run, reviews, opts, log=lambda line: None)
+    for key in ("accuracy", "macro_f1", "majority_baseline", "class_counts", "history"):
+        assert key in report, key
+    assert set(report["class_counts"]) == {"fresh", "rotten"}
+    model, params, labels, _ = load_classifier(report["checkpoint"])
+    assert labels == ["fresh", "rotten"]
+    before = jax.device_get(load_checkpoint(bert_run).params)
+    for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params["bert"]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert np.abs(np.asarray(params["classifier"]["kernel"])).sum() > 0
+
+    # Without --freeze-body the body moves.
+    opts.freeze_body, opts.out = False, str(tmp_path / "ft2")
+    report = finetune(bert_run, reviews, opts, log=lambda line: None)
+    _, params2, _, _ = load_classifier(report["checkpoint"])
+    moved = [
+        not np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params2["bert"]), strict=True)
+    ]
+    assert any(moved)
+
+
+def test_cli_json_contract_and_one_line_errors(bert_run, reviews, tmp_path, capsys):
+    argv = ["finetune", str(bert_run), "--data", str(reviews), "--group-column", "movie",
+            "--epochs", "1", "--max-train-rows", "128", "--max-len", "16", "--json",
+            "--out", str(tmp_path / "ft")]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("accuracy", "macro_f1", "majority_baseline"):
+        assert 0 <= report[key] <= 1, key
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\ngood film,fresh\n  ,rotten\n")
+    assert main(["finetune", str(bert_run), "--data", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "row 2" in err and "empty text" in err
+    bad.write_text("review,label\ngood film,fresh\n")
+    assert main(["finetune", str(bert_run), "--data", str(bad)]) == 2
+    assert "no column 'text' (columns: review, label)" in capsys.readouterr().err
+    bad.write_text('{"text": "fine", "label": "fresh"}\n{"text": "bad", "label": "meh"}\n')
+    jsonl = bad.with_suffix(".jsonl")
+    bad.rename(jsonl)
+    code = main(["finetune", str(bert_run), "--data", str(jsonl), "--labels", "fresh,rotten"])
+    assert code == 2
+    assert "row 2: label 'meh' is not one of fresh, rotten" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    not os.environ.get("FLAXLM_FINETUNE_RUN"),
+    reason="set FLAXLM_FINETUNE_RUN to a pretrained BERT run (e.g. runs/bert_demo); minutes",
+)
+def test_finetune_beats_the_majority_class(reviews, tmp_path):
+    opts = FinetuneOptions(group_column="movie", epochs=3, lr=2e-4, max_train_rows=4000,
+                           max_len=64, out=str(tmp_path / "ft"))  # fmt: skip
+    report = finetune(os.environ["FLAXLM_FINETUNE_RUN"], reviews, opts)
+    assert report["accuracy"] >= report["majority_baseline"] + 0.08, report
