@@ -28,7 +28,7 @@ demo: install
 	$(BIN)/flaxlm data demo $(DEMO_DATA)
 	$(BIN)/flaxlm train configs/gpt_demo.yaml train.run_dir=$(DEMO_RUN)
 	$(BIN)/flaxlm eval $(DEMO_RUN)
-	$(BIN)/flaxlm sample $(DEMO_RUN) --prompt "HAMLET" --max-new-tokens 80 --temperature 0.8
+	$(BIN)/flaxlm generate $(DEMO_RUN) --prompt "HAMLET." --max-new-tokens 80 --temperature 0.8 --top-p 0.95 --seed 0
 	$(BIN)/flaxlm report $(DEMO_RUN)
 
 bert-demo: install

@@ -63,7 +63,11 @@ def token_losses(
         objective_BxL = (1.0 - label_smoothing) * ce_BxL + label_smoothing * smooth_BxL
     if z_loss:
         objective_BxL = objective_BxL + z_loss * jnp.square(lse_BxL)
-    correct_BxL = (jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL).astype(jnp.float32)
+    # "The target holds the largest logit": one max-reduction over V, which XLA fuses with the
+    # logsumexp's, where an argmax is a second (iota, value) reduction pass (~3 % of a CPU
+    # step). It differs from argmax only on exact ties.
+    max_BxL = jnp.max(logits_BxLxV, axis=-1)
+    correct_BxL = (target_logit_BxL >= max_BxL).astype(jnp.float32)
     return ce_BxL, objective_BxL, correct_BxL
 
 

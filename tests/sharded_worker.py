@@ -1,6 +1,10 @@
-"""Run by tests/test_sharding.py in a fresh process with 8 simulated CPU devices.
+"""Run by the sharding tests in a fresh process with 8 simulated CPU devices.
 
-python tests/sharded_worker.py CORPUS CACHE RUN_DIR OUT_JSON data fsdp tensor
+python tests/sharded_worker.py gpt|bert CORPUS CACHE RUN_ROOT OUT_JSON MESH... [OVERRIDE...]
+
+Trains the tiny GPT or BERT once per MESH (``data,fsdp,tensor``, e.g. ``2,2,2``) into
+``RUN_ROOT/2x2x2`` with the config overrides given (the arguments holding ``=``), and writes
+each run's history, evals and number of sharded parameter dimensions to OUT_JSON.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from conftest import tiny_config  # noqa: E402
+from conftest import bert_tiny_config, tiny_config  # noqa: E402
 
 from flaxlm.models import build_model  # noqa: E402
 from flaxlm.optim import make_optimizer  # noqa: E402
@@ -27,9 +31,14 @@ from flaxlm.sharding import LOGICAL_RULES, build_mesh  # noqa: E402
 from flaxlm.train import train  # noqa: E402
 from flaxlm.train.state import create_state  # noqa: E402
 
+CONFIGS = {"gpt": tiny_config, "bert": bert_tiny_config}
+
 
 def check_param_shardings(cfg) -> int:
-    """Every parameter (and its Adam moments) is laid out exactly as the rules table says."""
+    """Every parameter (and its Adam moments) is laid out exactly as the rules table says.
+
+    Returns how many (parameter, dimension) pairs are split over more than one device.
+    """
     mesh = build_mesh(cfg.mesh)
     model = build_model(cfg.model)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
@@ -61,31 +70,28 @@ def check_param_shardings(cfg) -> int:
 
 
 def main() -> None:
-    """Trains the tiny GPT for 6 steps on each mesh given as ``data,fsdp,tensor``."""
-    corpus, cache, run_root, out, *meshes = sys.argv[1:]
+    family, corpus, cache, run_root, out, *rest = sys.argv[1:]
+    overrides = [a for a in rest if "=" in a]
+    meshes = [a for a in rest if "=" not in a]
     assert jax.device_count() == 8
+    # check_param_shardings and train compile the same init: the second one becomes a cache hit.
+    jax.config.update("jax_compilation_cache_dir", str(Path(run_root) / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     results = {}
     for mesh in meshes:
         data, fsdp, tensor = mesh.split(",")
-        cfg = tiny_config(
+        cfg = CONFIGS[family](
             Path(corpus),
             Path(cache),
             Path(run_root) / mesh.replace(",", "x"),
-            "train.steps=6",
-            "train.eval_every=3",
-            "checkpoint.every=3",
+            *overrides,
             f"mesh.data={data}",
             f"mesh.fsdp={fsdp}",
             f"mesh.tensor={tensor}",
         )
         n_sharded = check_param_shardings(cfg)
         result = train(cfg)
-        results[mesh] = {
-            "losses": [r["loss"] for r in result.history],
-            "grad_norms": [r["grad_norm"] for r in result.history],
-            "val": [r["val_loss"] for r in result.evals],
-            "sharded_dims": n_sharded,
-        }
+        results[mesh] = {"history": result.history, "evals": result.evals, "sharded": n_sharded}
     Path(out).write_text(json.dumps(results))
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import struct
 
 import numpy as np
+from tensorboardX.proto.event_pb2 import Event
 
 from flaxlm.train.metrics_log import MetricsLog, plot_loss, read_metrics
 
@@ -33,6 +35,37 @@ def test_lines_are_plain_json_with_numpy_values_converted(tmp_path):
     assert read_metrics(tmp_path / "run" / "metrics.jsonl")[1]["step"] == 4
     # Scalars also go to TensorBoard.
     assert list((tmp_path / "run" / "tensorboard").iterdir())
+
+
+def _tensorboard_events(folder) -> list[Event]:
+    """Every event in a TensorBoard folder (TFRecord framing: length, crc, data, crc)."""
+    events = []
+    for path in sorted(folder.iterdir()):
+        raw = path.read_bytes()
+        at = 0
+        while at < len(raw):
+            (n,) = struct.unpack("<Q", raw[at : at + 8])
+            events.append(Event.FromString(raw[at + 12 : at + 12 + n]))
+            at += 12 + n + 4
+    return events
+
+
+def test_rollback_events_are_text_entries_in_tensorboard(tmp_path):
+    log = MetricsLog(tmp_path / "run")
+    log.write({"step": 5, "loss": 3.0})
+    event = {"event": "rollback", "step": 7, "restored_step": 4, "skipped": [4, 6], "reason": "x"}
+    log.write(event)
+    log.close()
+    values = [
+        (e.step, v.tag, v)
+        for e in _tensorboard_events(tmp_path / "run" / "tensorboard")
+        for v in e.summary.value
+    ]
+    assert [(s, t) for s, t, _ in values if t == "loss"] == [(5, "loss")]
+    (text,) = [v for s, t, v in values if t.startswith("events/rollback") and s == 7]
+    assert json.loads(text.tensor.string_val[0].decode()) == event
+    # The event's numbers are not plotted as if they were metrics.
+    assert not [t for _, t, _ in values if t in ("restored_step", "skipped")]
 
 
 def test_a_torn_last_line_is_ignored(tmp_path):

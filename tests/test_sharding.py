@@ -1,4 +1,7 @@
-"""The same training run on 1 device and on 8 simulated devices gives the same numbers."""
+"""The same training run on 1 device and on 8 simulated devices gives the same numbers.
+
+``check_layouts_match_1_device`` is shared with ``test_bert_sharded.py``.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
-from conftest import tiny_config
+from conftest import bert_tiny_config, tiny_config
 
 from flaxlm.checkpoint import Checkpointer
 from flaxlm.models import build_model
@@ -20,62 +23,79 @@ from flaxlm.train import train
 from flaxlm.train.state import abstract_state, state_shardings
 
 WORKER = Path(__file__).parent / "sharded_worker.py"
-
-
 MESHES = ("8,1,1", "1,8,1", "1,4,2", "2,2,2")  # data, FSDP, FSDP x tensor, all three
+CONFIGS = {"gpt": tiny_config, "bert": bert_tiny_config}
 
 
-def _run_sharded(corpus, cache, run_root, out, meshes):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    proc = subprocess.run(
-        [sys.executable, str(WORKER), str(corpus), str(cache), str(run_root), str(out), *meshes],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads(Path(out).read_text())
-
-
-def test_every_layout_on_8_devices_matches_1_device(small_corpus, tiny_cache_dir, tmp_path):
-    single = train(
-        tiny_config(
-            small_corpus,
-            tiny_cache_dir,
-            tmp_path / "single",
-            "train.steps=6",
-            "train.eval_every=3",
-            "checkpoint.every=3",
-        )
-    )
-    results = _run_sharded(small_corpus, tiny_cache_dir, tmp_path, tmp_path / "o.json", MESHES)
-    for mesh, sharded in results.items():
-        assert sharded["sharded_dims"] > 0 or mesh == "8,1,1", mesh
-        np.testing.assert_allclose(
-            sharded["losses"], [r["loss"] for r in single.history], atol=1e-5, err_msg=mesh
-        )
-        np.testing.assert_allclose(
-            sharded["grad_norms"], [r["grad_norm"] for r in single.history], rtol=1e-4
-        )
-        np.testing.assert_allclose(
-            sharded["val"], [r["val_loss"] for r in single.evals], atol=1e-5, err_msg=mesh
-        )
-
-    # The checkpoint written on the (2, 2, 2) mesh restores onto this single device, and its
-    # parameters match the single-device run's.
-    cfg = tiny_config(small_corpus, tiny_cache_dir, tmp_path / "single", "train.steps=6")
+def _final_params(cfg, run_dir: Path):
+    """The newest checkpoint in ``run_dir``, restored onto this process's one device."""
     model = build_model(cfg.model)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
-    mesh1 = build_mesh(cfg.mesh)
-    sh = state_shardings(model, tx, mesh1, cfg.data.seq_len)
-    abstract = abstract_state(model, tx, cfg.data.seq_len)
-    states = []
-    for run in ("single", "2x2x2"):
-        ckpt = Checkpointer(tmp_path / run)
-        states.append(ckpt.restore(abstract, sh)[0])
-        ckpt.close()
-    for a, b in zip(
-        jax.tree.leaves(states[0].params), jax.tree.leaves(states[1].params), strict=True
-    ):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-4)
+    shardings = state_shardings(model, tx, build_mesh(cfg.mesh), cfg.data.seq_len)
+    ckpt = Checkpointer(run_dir)
+    state, _ = ckpt.restore(abstract_state(model, tx, cfg.data.seq_len), shardings)
+    ckpt.close()
+    return jax.tree.map(np.asarray, state.params)
+
+
+def check_layouts_match_1_device(family, corpus, cache, tmp_path, overrides, loss_keys=()):
+    """Trains ``family`` on 1 device here and on every mesh of MESHES in one 8-device worker.
+
+    Each mesh's losses (``loss`` and ``loss_keys``), grad norms and val losses must match the
+    1-device run's, and so must its final parameters, restored from its checkpoint.
+    """
+    out = tmp_path / "o.json"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    args = [family, str(corpus), str(cache), str(tmp_path), str(out), *MESHES, *overrides]
+    worker = subprocess.Popen(
+        [sys.executable, str(WORKER), *args], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:  # the 1-device run overlaps the worker's (mostly single-threaded) compiles
+        single_cfg = CONFIGS[family](corpus, cache, tmp_path / "single", *overrides)
+        single = train(single_cfg)
+        _, stderr = worker.communicate(timeout=900)
+    finally:
+        worker.kill()
+    assert worker.returncode == 0, stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert list(results) == list(MESHES)
+
+    def column(records, key):
+        return [r[key] for r in records]
+
+    want_params = _final_params(single_cfg, tmp_path / "single")
+    for mesh, sharded in results.items():
+        assert sharded["sharded"] > 0 or mesh == "8,1,1", mesh
+        for key in ("loss", *loss_keys):
+            np.testing.assert_allclose(
+                column(sharded["history"], key),
+                column(single.history, key),
+                atol=1e-5,
+                err_msg=f"{mesh} {key}",
+            )
+        np.testing.assert_allclose(
+            column(sharded["history"], "grad_norm"),
+            column(single.history, "grad_norm"),
+            rtol=1e-4,
+            err_msg=mesh,
+        )
+        np.testing.assert_allclose(
+            column(sharded["evals"], "val_loss"),
+            column(single.evals, "val_loss"),
+            atol=1e-5,
+            err_msg=mesh,
+        )
+        got_params = _final_params(single_cfg, tmp_path / mesh.replace(",", "x"))
+        for (path, want), got in zip(
+            jax.tree_util.tree_leaves_with_path(want_params),
+            jax.tree.leaves(got_params),
+            strict=True,
+        ):
+            np.testing.assert_allclose(
+                got, want, atol=5e-4, err_msg=f"{mesh} {jax.tree_util.keystr(path)}"
+            )
+
+
+def test_gpt_on_every_layout_matches_1_device(small_corpus, tiny_cache_dir, tmp_path):
+    overrides = ("train.steps=6", "train.eval_every=3", "checkpoint.every=3")
+    check_layouts_match_1_device("gpt", small_corpus, tiny_cache_dir, tmp_path, overrides)

@@ -104,6 +104,7 @@ def bench_decode(
     prompts = np.random.default_rng(0).integers(7, cfg.model.vocab_size, (batch, prompt))
     times, ids = {}, {}
     for use_cache in (True, False):
+
         def run(use_cache: bool = use_cache):
             return generate_ids(
                 model, params, prompts.tolist(), opts, None, context=context, use_cache=use_cache

@@ -42,6 +42,9 @@ class MetricsLog:
         self._file.flush()
         writer = self._tensorboard()
         step = clean.get("step", 0)
+        if "event" in clean:  # rollbacks, stops: a text entry TensorBoard shows at that step
+            writer.add_text(f"events/{clean['event']}", json.dumps(clean), step)
+            return
         for key, value in clean.items():
             if key != "step" and isinstance(value, int | float) and math.isfinite(value):
                 writer.add_scalar(key, value, step)
