@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -524,6 +525,8 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     elif hint is float:
         if isinstance(value, int | float) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
     elif hint is str:
         if isinstance(value, str):
             return value
@@ -532,6 +535,9 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     raise ConfigError(
         f"{key}={value!r} should be of type {hint.__name__}, got {type(value).__name__}"
     )
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce_dataclass(key: str, value: Any, cls: type) -> Any:

@@ -20,6 +20,14 @@ def test_yaml_then_overrides(tmp_path):
     assert cfg.model.n_layers == 6  # default from the dataclass
 
 
+def test_exponent_floats_without_a_dot_are_floats(tmp_path):
+    # YAML 1.1 reads 1e-3 as a string; a float field takes it as the number users meant.
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  lr: 1e-3\n")
+    cfg = load_config(path, ["model.dropout=5E-2", "optim.eps=1e-6"])
+    assert (cfg.optim.lr, cfg.model.dropout, cfg.optim.eps) == (1e-3, 0.05, 1e-6)
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["train.seed=3", "model.positions=rope"])
     save_config(cfg, tmp_path / "config.yaml")

@@ -75,3 +75,27 @@ def test_tokenizer_train_cli_options(tmp_path, capsys):
          "--character-coverage", "0.9995", "--normalization", "nfkc"]
     )  # fmt: skip
     assert rc == 0 and (tmp_path / "tok.model").is_file()
+
+
+def test_inspect_bert_marks_every_predicted_position(tmp_path, capsys):
+    write_sources(tmp_path)
+    one_source = [f"data.paths=[{tmp_path / 'plays'}]", *overrides(tmp_path)[1:]]
+    args = ["data", "inspect", "configs/bert_tiny.yaml", *one_source, "--json"]
+    assert main([*args, "--rows", "6"]) == 0
+    sample = json.loads(capsys.readouterr().out)["sample"]
+    assert sample["objective"] == "nsp" and len(sample["rows"]) == 6
+    marks = []
+    for row in sample["rows"]:
+        assert row["nsp"] in ("next B", "random B")
+        assert row["text"].count("⟦") == row["predicted"] > 0
+        marks += [m.split("⟧")[0] for m in row["text"].split("⟦")[1:]]
+    # Most predicted positions show [MASK] as input; the original is always a real piece.
+    shown = [m.split("→")[1] for m in marks]
+    assert shown.count("[MASK]") > len(marks) / 2
+    assert all(m.split("→")[0] not in ("", "[MASK]", "[CLS]", "[SEP]") for m in marks)
+
+    unified = [*args[:-1], "objective.causal=1", "objective.mlm=1", "objective.nsp=false"]
+    assert main([*unified, "--rows", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "unified layout" in out and "⟦" in out
+    assert "causal," in out and "mlm," in out

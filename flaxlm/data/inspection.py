@@ -6,8 +6,10 @@
 Prepares the data (tokenizing once into the cache if needed), then reports per source: files
 and bytes on disk, documents and tokens per split, weight, packed examples and the epochs a run
 of ``train.steps`` consumes; the tokenizer and its special ids; the cache location; and a
-decoded sample of the batch of ``step`` for the causal objective, with document boundaries
-(where ``loss_mask`` is 0) marked.
+decoded sample of the batch of ``step`` for the config's objective: for GPT, packed rows with
+document boundaries (where ``loss_mask`` is 0) marked; for BERT, the masked rows with every
+predicted position shown as ``⟦original→input⟧`` (plus the NSP label, or the objective and
+prefix length of unified rows).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 from flaxlm.config import Config
 from flaxlm.data.cache import PreparedData, prepare_data
 from flaxlm.data.causal import CausalBatches
+from flaxlm.data.masked import OBJECTIVES, layout_of, make_masked_batches
 from flaxlm.data.mixture import MixtureBatches, make_train_batches
 from flaxlm.data.sources import list_source_files, resolve_sources
 
@@ -60,7 +63,11 @@ def inspect_data(cfg: Config, step: int = 0, rows: int = 2, progress: bool = Fal
         "seq_len": d.seq_len,
         "batch_size": cfg.train.batch_size,
         "sources": sources,
-        "sample": _sample(prepared, batches, step, rows),
+        "sample": (
+            _masked_sample(cfg, prepared, step, rows)
+            if cfg.model.family == "bert"
+            else _sample(prepared, batches, step, rows)
+        ),
     }
 
 
@@ -99,6 +106,56 @@ def _sample(prepared: PreparedData, batches, step: int, rows: int) -> dict[str, 
     return {"step": step, "objective": "causal", "rows": out}
 
 
+def _masked_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> dict[str, Any]:
+    """The first ``rows`` rows of a BERT run's batch ``step``, predicted positions marked."""
+    tok = prepared.tokenizer
+    layout = layout_of(cfg)
+    batch = make_masked_batches(prepared.train, cfg, tok, cfg.train.batch_size).batch(step)
+    out = []
+    for r in range(min(rows, len(batch["inputs"]))):
+        inputs_S = batch["inputs"][r]
+        if layout == "unified":
+            objective = OBJECTIVES[int(batch["objective_ids"][r, 0])]
+            # MLM rows predict in place; causal / prefix rows predict the next token.
+            marked = batch["loss_mask"][r] > 0 if objective == "mlm" else np.zeros_like(inputs_S)
+            originals = {int(t): int(batch["targets"][r, t]) for t in np.flatnonzero(marked)}
+            row = {"objective": objective, "prefix_len": int(batch["prefix_len"][r, 0]),
+                   "predicted": int((batch["loss_mask"][r] > 0).sum())}  # fmt: skip
+        else:
+            hits = batch["masked_weights"][r] > 0
+            originals = dict(
+                zip(batch["masked_positions"][r][hits].tolist(),
+                    batch["masked_ids"][r][hits].tolist(), strict=True)
+            )  # fmt: skip
+            row = {"objective": "mlm", "predicted": len(originals)}
+            if layout == "nsp":
+                row["nsp"] = "random B" if batch["nsp_labels"][r, 0] else "next B"
+        row["text"] = render_masked(tok, inputs_S[batch["segment_ids"][r] > 0], originals)
+        out.append(row)
+    return {"step": step, "objective": layout, "rows": out}
+
+
+def render_masked(tok, ids_S: np.ndarray, originals: dict[int, int]) -> str:
+    """Decodes ``ids_S``, writing each position in ``originals`` as ``⟦original→input⟧``."""
+    parts, run = [], []
+    for t, i in enumerate(ids_S.tolist()):
+        if t not in originals:
+            run.append(i)
+            continue
+        parts.append(tok.decode(run))
+        run = []
+        was, now = tok.id_to_piece(originals[t]), tok.id_to_piece(i)
+        lead = " " if was.startswith("▁") and was != "▁" else ""
+        parts.append(f"{lead}⟦{_bare(was)}→{_bare(now)}⟧")
+    parts.append(tok.decode(run))
+    return "".join(parts)
+
+
+def _bare(piece: str) -> str:
+    """A piece without its word-start marker (a lone marker, a space, stays visible)."""
+    return piece.lstrip("▁") or piece
+
+
 def format_report(report: dict, width: int = 240) -> str:
     """The report as aligned text for a terminal; sample texts cut to ``width`` characters."""
     tok = report["tokenizer"]
@@ -118,12 +175,21 @@ def format_report(report: dict, width: int = 240) -> str:
             f"{s['val_tokens']:>13,}{s['epochs_per_run']:>12.2f}"
         )
     sample = report["sample"]
-    lines += ["", f"batch of step {sample['step']} ({sample['objective']} LM; "
-              f"{BOUNDARY.strip()} = document boundary, where loss_mask is 0):"]  # fmt: skip
+    if sample["objective"] == "causal":
+        lines += ["", f"batch of step {sample['step']} (causal LM; "
+                  f"{BOUNDARY.strip()} = document boundary, where loss_mask is 0):"]  # fmt: skip
+    else:
+        lines += ["", f"batch of step {sample['step']} ({sample['objective']} layout; "
+                  "⟦original→input⟧ = a predicted position):"]  # fmt: skip
     for i, row in enumerate(sample["rows"]):
         text = row["text"] if len(row["text"]) <= width else row["text"][:width] + "…"
-        lines.append(
-            f"[{i}] {row['source']}, {row['documents']} doc(s), {row['predicted']} predicted: "
-            f"{text!r}"
-        )
+        if "source" in row:
+            what = f"{row['source']}, {row['documents']} doc(s)"
+        else:
+            what = ", ".join(
+                [row["objective"]]
+                + ([row["nsp"]] if "nsp" in row else [])
+                + ([f"prefix {row['prefix_len']}"] if row["objective"] == "prefix_lm" else [])
+            )
+        lines.append(f"[{i}] {what}, {row['predicted']} predicted: {text!r}")
     return "\n".join(lines)
