@@ -59,6 +59,7 @@ EXPORTABLE = {
     "untied-relu": {"tie_embeddings": False, "activation": "relu"},
     "sinusoidal-gelu-exact": {"positions": "sinusoidal", "activation": "gelu_exact"},
     "no-bias": {"use_bias": False},
+    "scanned-layers": {"scan_layers": True},
 }
 
 

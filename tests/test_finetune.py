@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import jax
@@ -84,12 +83,19 @@ def test_cli_json_contract_and_one_line_errors(bert_run, reviews, tmp_path, caps
     assert "row 2: label 'meh' is not one of fresh, rotten" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(
-    not os.environ.get("FLAXLM_FINETUNE_RUN"),
-    reason="set FLAXLM_FINETUNE_RUN to a pretrained BERT run (e.g. runs/bert_demo); minutes",
-)
-def test_finetune_beats_the_majority_class(reviews, tmp_path):
-    opts = FinetuneOptions(group_column="movie", epochs=3, lr=2e-4, max_train_rows=4000,
-                           max_len=64, out=str(tmp_path / "ft"))  # fmt: skip
-    report = finetune(os.environ["FLAXLM_FINETUNE_RUN"], reviews, opts)
+def test_finetune_beats_the_majority_class(small_corpus, tmp_path, reviews):
+    # A small BERT, pretrained for 200 steps (seconds), is enough to beat the majority class
+    # on the held-out movies by a clear margin (measured: 64.8 % vs 53.0 %).
+    run_dir = tmp_path / "bert"
+    train(
+        bert_tiny_config(
+            small_corpus, tmp_path / "cache", run_dir, "train.steps=200", "train.eval_every=0",
+            "model.vocab_size=2048", "data.tokenizer_vocab_size=2048", "data.seq_len=64",
+            "train.batch_size=16", "model.d_model=128", "model.d_ff=256", "optim.lr=1e-3",
+        )
+    )  # fmt: skip
+    opts = FinetuneOptions(group_column="movie", epochs=3, lr=3e-4, max_train_rows=4000,
+                           max_len=48, out=str(tmp_path / "ft"))  # fmt: skip
+    report = finetune(run_dir, reviews, opts, log=lambda line: None)
     assert report["accuracy"] >= report["majority_baseline"] + 0.08, report
+    assert report["macro_f1"] > 0.6, report

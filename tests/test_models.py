@@ -290,6 +290,51 @@ def test_bf16_compute_keeps_f32_params_and_logits_close_to_f32():
     np.testing.assert_allclose(logits16, logits32, atol=0.05 * scale)
 
 
+@pytest.mark.parametrize("rhs_transposed", [False, True])
+def test_low_precision_matmul_gradients_match_autodiff(rhs_transposed):
+    """The bf16 matmul's own backward (bf16 cotangent, f32 accumulation) equals autodiff of
+    the same product to bf16 precision, for both operand layouts (Dense and the tied head)."""
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (12, 16)).astype(jnp.bfloat16)
+    w = jax.random.normal(kw, (20, 16) if rhs_transposed else (16, 20)).astype(jnp.bfloat16)
+    g = jax.random.normal(kg, (12, 20))
+
+    def reference(x, w):
+        x, w = x.astype(jnp.float32), w.astype(jnp.float32)
+        return jnp.sum(g * (x @ (w.T if rhs_transposed else w)))
+
+    def ours(x, w):
+        return jnp.sum(g * layers.low_precision_matmul(x, w, rhs_transposed))
+
+    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5)
+    for got, want in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w)):
+        assert got.dtype == jnp.bfloat16
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02, atol=0.05)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_bf16_compute_gradients_point_where_f32_ones_do(tie):
+    from flaxlm.objectives import causal_lm_loss
+
+    cfg32, cfg16 = tiny(tie_embeddings=tie), tiny(tie_embeddings=tie, dtype="bfloat16")
+    variables, tokens = init(cfg32, noisy=True), random_tokens(7, (2, L + 1))
+
+    def loss(params, cfg):
+        logits = GPT(cfg).apply({"params": params}, tokens[:, :-1])
+        return causal_lm_loss(logits, tokens[:, 1:], jnp.ones((2, L)))[0]
+
+    g32, g16 = (jax.jit(jax.grad(loss), static_argnums=1)(variables["params"], c)
+                for c in (cfg32, cfg16))  # fmt: skip
+    for a, b in zip(jax.tree.leaves(g32), jax.tree.leaves(g16), strict=True):
+        assert b.dtype == jnp.float32
+        a, b = np.ravel(a), np.ravel(b)
+        if np.linalg.norm(a) < 1e-3:  # key biases: softmax ignores them, the gradient is 0
+            assert np.linalg.norm(b) < 1e-2
+            continue
+        cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+        assert cosine > 0.999, cosine
+
+
 def test_bf16_params_run_and_return_f32_logits():
     cfg = tiny(dtype="bfloat16", param_dtype="bfloat16")
     assert {x.dtype for x in jax.tree.leaves(abstract_params(cfg))} == {jnp.dtype(jnp.bfloat16)}

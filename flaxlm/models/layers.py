@@ -78,7 +78,7 @@ class Dense(nn.Module):
         if dtype == jnp.float32:
             contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
             y = jax.lax.dot_general(
-                x, kernel.astype(dtype), (contract, ((), ())), preferred_element_type=jnp.float32
+                x.astype(dtype), kernel, (contract, ((), ())), preferred_element_type=jnp.float32
             )
         else:
             batch_shape, n_in = x.shape[: x.ndim - self.n_in], math.prod(in_shape)

@@ -17,12 +17,14 @@ Only needs ``safetensors`` (the ``hf`` extra); ``transformers`` and ``torch`` ar
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from flaxlm.config import Config, ModelConfig
@@ -91,8 +93,10 @@ def export_hf(
             f"model.family={cfg.family!r} has no HF converter (one of {', '.join(CONVERTERS)})"
         )
     conv = CONVERTERS[cfg.family]
-    hf_config = conv.to_config(cfg)
-    tensors = conv.to_tensors(params, cfg)
+    hf_config = conv.to_config(cfg)  # its flaxlm_model keeps scan_layers, for the way back
+    tensors = conv.to_tensors(
+        unscan_blocks(params, cfg), dataclasses.replace(cfg, scan_layers=False)
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _safetensors().save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
@@ -122,9 +126,34 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
         )
     conv = CONVERTERS[family]
     cfg = conv.from_config(hf_config)
-    params = conv.from_tensors(_safetensors().load_file(str(weights_path)), cfg)
+    unscanned = dataclasses.replace(cfg, scan_layers=False)
+    params = conv.from_tensors(_safetensors().load_file(str(weights_path)), unscanned)
+    params = scan_blocks(params, cfg)
     _check_shapes(cfg, params)
     return cfg, params
+
+
+def unscan_blocks(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """``scan_layers`` params (``blocks/layers/block/...``, stacked on a leading layer axis) as the
+    unrolled ``blocks_0 .. blocks_{n-1}`` every converter reads; other params unchanged."""
+    if not (cfg.scan_layers and "blocks" in params):
+        return params
+    out = {k: v for k, v in params.items() if k != "blocks"}
+    stacked = params["blocks"]["layers"]["block"]
+    for i in range(cfg.n_layers):
+        out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    return out
+
+
+def scan_blocks(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
+    """The inverse of :func:`unscan_blocks` for a ``scan_layers`` config."""
+    names = [f"blocks_{i}" for i in range(cfg.n_layers)]
+    if not (cfg.scan_layers and all(n in params for n in names)):
+        return params
+    out = {k: v for k, v in params.items() if k not in names}
+    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[params[n] for n in names])
+    out["blocks"] = {"layers": {"block": stacked}}
+    return out
 
 
 def _check_shapes(cfg: ModelConfig, params: dict[str, Any]) -> None:
