@@ -68,7 +68,40 @@ def pack_examples(
     }
 
 
-class CausalBatches:
+class EpochOrder:
+    """The example order of a step-indexed dataset: global example ``g`` (``step * B + row``)
+    is example ``perm_e[g % N]`` of epoch ``e = g // N``, ``perm_e`` seeded by ``(seed, e)``.
+    Subclasses set ``n_examples``, ``seed``, ``shuffle`` and an empty ``_perms`` dict."""
+
+    n_examples: int
+    seed: int
+    shuffle: bool
+    _perms: dict[int, np.ndarray]
+
+    def permutation(self, epoch: int) -> np.ndarray:
+        """(n_examples,) the example order of ``epoch``; the last two epochs are cached."""
+        perm = self._perms.get(epoch)
+        if perm is None:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
+            # A batch may straddle two epochs; keep both, drop older ones.
+            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
+            self._perms[epoch] = perm
+        return perm
+
+    def example_ids(self, global_ids: np.ndarray) -> np.ndarray:
+        """Maps global example indices (step * B + row) to example indices of the split."""
+        global_ids = np.asarray(global_ids, dtype=np.int64)
+        if not self.shuffle:
+            return global_ids % self.n_examples
+        epoch, within = np.divmod(global_ids, self.n_examples)
+        out = np.empty_like(global_ids)
+        for e in np.unique(epoch):
+            sel = epoch == e
+            out[sel] = self.permutation(int(e))[within[sel]]
+        return out
+
+
+class CausalBatches(EpochOrder):
     """Step-indexed batches of packed causal examples from one split.
 
     ``batch(k)`` returns the same bytes for the same (split, seq_len, global_batch, seed, k)
@@ -92,28 +125,6 @@ class CausalBatches:
                 f"seq_len={seq_len} (needs {seq_len + 1}); use more data or a shorter data.seq_len"
             )
         self._perms: dict[int, np.ndarray] = {}
-
-    def permutation(self, epoch: int) -> np.ndarray:
-        """(n_examples,) the example order of ``epoch``; the last two epochs are cached."""
-        perm = self._perms.get(epoch)
-        if perm is None:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
-            # A batch may straddle two epochs; keep both, drop older ones.
-            self._perms = {e: p for e, p in self._perms.items() if e >= epoch - 1}
-            self._perms[epoch] = perm
-        return perm
-
-    def example_ids(self, global_ids: np.ndarray) -> np.ndarray:
-        """Maps global example indices (step * B + row) to example indices of the split."""
-        global_ids = np.asarray(global_ids, dtype=np.int64)
-        if not self.shuffle:
-            return global_ids % self.n_examples
-        epoch, within = np.divmod(global_ids, self.n_examples)
-        out = np.empty_like(global_ids)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            out[sel] = self.permutation(int(e))[within[sel]]
-        return out
 
     def batch(
         self, step: int, process_index: int = 0, process_count: int = 1

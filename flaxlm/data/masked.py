@@ -26,7 +26,7 @@ import numpy as np
 
 from flaxlm.config import Config
 from flaxlm.data.cache import TokenSplit
-from flaxlm.data.causal import _process_rows, n_causal_examples, pack_examples
+from flaxlm.data.causal import EpochOrder, _process_rows, n_causal_examples, pack_examples
 from flaxlm.data.masking import MaskingSpec, mask_batch
 from flaxlm.data.pairs import PairChunks, build_pairs
 from flaxlm.tokenizer import Tokenizer
@@ -52,7 +52,7 @@ def batch_keys(cfg: Config) -> tuple[str, ...]:
     return {"nsp": NSP_KEYS, "mlm": MLM_KEYS, "unified": UNIFIED_KEYS}[layout_of(cfg)]
 
 
-class MaskedBatches:
+class MaskedBatches(EpochOrder):
     """Step-indexed masked-LM / NSP / unified batches from one split (see the module doc).
 
     ``batch(step, p, P)`` and ``eval_batches(batch_size, max_batches, p, P)`` behave as in
@@ -94,22 +94,6 @@ class MaskedBatches:
                 f"seq_len={seq_len}"
             )
         self._perms: dict[int, np.ndarray] = {}
-
-    def example_ids(self, global_ids: np.ndarray) -> np.ndarray:
-        """Global example indices -> example indices of the split (seeded epoch order)."""
-        global_ids = np.asarray(global_ids, dtype=np.int64)
-        if not self.shuffle:
-            return global_ids % self.n_examples
-        epoch, within = np.divmod(global_ids, self.n_examples)
-        out = np.empty_like(global_ids)
-        for e in np.unique(epoch):
-            perm = self._perms.get(int(e))
-            if perm is None:
-                perm = np.random.default_rng([self.seed, int(e)]).permutation(self.n_examples)
-                self._perms = {k: p for k, p in self._perms.items() if k >= e - 1}
-                self._perms[int(e)] = perm
-            out[epoch == e] = perm[within[epoch == e]]
-        return out
 
     def build(self, global_ids: np.ndarray) -> dict[str, np.ndarray]:
         """The rows of these global example indices."""
