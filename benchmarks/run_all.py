@@ -24,13 +24,15 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=1, help="runs per config")
+    parser.add_argument("--decode-batch", type=int, default=8, help="rows decoded at once")
     parser.add_argument("--out", default=str(REPO / "benchmarks/last_run.jsonl"))
     args = parser.parse_args()
     with open(args.out, "a") as out:
         for config in CONFIGS:
             for _ in range(args.repeats):
                 cmd = [sys.executable, "-m", "flaxlm.cli", "bench", config, "--what", "all",
-                       "--steps", str(args.steps), "--json"]  # fmt: skip
+                       "--steps", str(args.steps), "--decode-batch", str(args.decode_batch),
+                       "--json"]  # fmt: skip
                 done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=False)
                 if done.returncode:
                     print(done.stderr, file=sys.stderr)

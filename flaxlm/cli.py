@@ -145,6 +145,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--what", default="train", choices=("train", "data", "decode", "checkpoint", "all")
     )
+    p.add_argument("--decode-batch", type=int, default=1, help="rows decoded at once")
     p.add_argument("--json", action="store_true", help="print one JSON line")
     p.set_defaults(func=_bench)
 
@@ -393,7 +394,7 @@ def _bench(args: argparse.Namespace) -> int:
     from flaxlm.tools.bench import format_report, run_bench
 
     cfg = load_config(args.config, args.overrides, check_paths=False)  # random tokens
-    report = run_bench(cfg, args.what, args.steps, args.warmup)
+    report = run_bench(cfg, args.what, args.steps, args.warmup, args.decode_batch)
     if report.get("warning"):
         print(f"flaxlm bench: warning: {report['warning']}", file=sys.stderr)
     print(json.dumps(report) if args.json else format_report(report))

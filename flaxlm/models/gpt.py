@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
-from flaxlm.models import layers
+from flaxlm.models import depth, layers
 from flaxlm.models.layers import Array, constrain
 
 POSITIONS = ("learned", "sinusoidal", "rope")
@@ -78,10 +78,10 @@ class GPT(nn.Module):
         else:
             mask_Bx1xLxS, cache_index = layers.causal_segment_mask(segment_ids_BxL), None
         if cfg.scan_layers:
-            stack = layers.ScannedBlocks(cfg, "pre", deterministic, name="blocks")
+            stack = depth.ScannedBlocks(cfg, "pre", deterministic, name="blocks")
             x_BxLxD = stack(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
         else:
-            block_cls = layers.remat_block(cfg)
+            block_cls = depth.remat_block(cfg)
             for i in range(cfg.n_layers):
                 block = block_cls(cfg, norm_placement="pre", name=f"blocks_{i}")
                 x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, cache_index)

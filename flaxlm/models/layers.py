@@ -6,12 +6,13 @@ activations carry ``act_*`` constraints; both are no-ops until a mesh and rules 
 
 Mixed precision: parameters live in ``cfg.param_dtype``; matmuls take ``cfg.dtype`` inputs and
 accumulate in float32; LayerNorm and softmax run in float32; activations between layers are
-stored in ``cfg.dtype``.
+stored in ``cfg.dtype``. With bf16 the backward matmuls are bf16 x bf16 -> f32 as well
+(flaxlm/models/precision.py), which on CPU is twice the speed of autodiff's f32 products.
+Depth (remat, scan over layers) is in flaxlm/models/depth.py.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 
@@ -21,6 +22,7 @@ import numpy as np
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
+from flaxlm.models.precision import low_precision_attention, low_precision_matmul
 
 Array = jax.Array
 
@@ -91,39 +93,6 @@ class Dense(nn.Module):
             )
             y = y + bias.astype(jnp.float32)
         return y
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def low_precision_matmul(x_NxI: Array, w: Array, rhs_transposed: bool = False) -> Array:
-    """``x @ w`` (``x @ w.T`` if ``rhs_transposed``) of bf16 inputs, accumulated and returned in
-    float32 — and so are both backward products, with the cotangent cast to the inputs' dtype.
-    Plain autodiff would run the backward matmuls as f32 x f32 (the cotangent is f32), which
-    on our CPUs is half the speed of bf16 x bf16 -> f32 (PLATFORM.md)."""
-    return jax.lax.dot_general(
-        x_NxI, w, (((1,), (1 if rhs_transposed else 0,)), ((), ())),
-        preferred_element_type=jnp.float32,
-    )  # fmt: skip
-
-
-def _low_precision_fwd(x_NxI, w, rhs_transposed):
-    return low_precision_matmul(x_NxI, w, rhs_transposed), (x_NxI, w)
-
-
-def _low_precision_bwd(rhs_transposed, residuals, g_NxF):
-    x_NxI, w = residuals
-    g_NxF = g_NxF.astype(x_NxI.dtype)
-
-    def dot(a, b, contract):
-        return jax.lax.dot_general(a, b, (contract, ((), ())), preferred_element_type=jnp.float32)
-
-    if rhs_transposed:  # w is (F, I)
-        dx, dw = dot(g_NxF, w, ((1,), (0,))), dot(g_NxF, x_NxI, ((0,), (0,)))
-    else:  # w is (I, F)
-        dx, dw = dot(g_NxF, w, ((1,), (1,))), dot(x_NxI, g_NxF, ((0,), (0,)))
-    return dx.astype(x_NxI.dtype), dw.astype(w.dtype)
-
-
-low_precision_matmul.defvjp(_low_precision_fwd, _low_precision_bwd)
 
 
 def layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
@@ -302,10 +271,12 @@ class Attention(nn.Module):
         if cache_index is not None:
             k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK, cache_index)
 
-        # Softmax runs in float32 inside jax.nn.dot_product_attention whatever the input dtype.
-        out_BxLxHxK = jax.nn.dot_product_attention(
-            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS, implementation="xla"
-        )
+        if dtype == jnp.float32:
+            out_BxLxHxK = jax.nn.dot_product_attention(
+                q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS, implementation="xla"
+            )
+        else:  # its bf16 products would run (and differentiate) at f32 speed or slower
+            out_BxLxHxK = low_precision_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS)
         out_BxLxHxK = constrain(out_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
         out = Dense(
             cfg,
@@ -396,61 +367,3 @@ class Block(nn.Module):
             x_BxLxD = ln_attn(x_BxLxD + drop(h)).astype(dtype)
             x_BxLxD = ln_mlp(x_BxLxD + drop(mlp(x_BxLxD))).astype(dtype)
         return constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
-
-
-# -- depth: remat and scan ----------------------------------------------------------------
-
-
-def remat_policy(cfg: ModelConfig):
-    """What a rematerialised block keeps from its forward pass: nothing ("full"), or the
-    matmul outputs without a batch dimension ("dots": weights-side products)."""
-    if cfg.remat == "dots":
-        return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-    return None
-
-
-def remat_block(cfg: ModelConfig) -> type[nn.Module]:
-    """``Block``, wrapped in ``nn.remat`` unless ``cfg.remat == "none"``."""
-    if cfg.remat == "none":
-        return Block
-    # static_argnums counts ``self`` as 0: ``deterministic`` is argument 4.
-    return nn.remat(Block, policy=remat_policy(cfg), static_argnums=(4,))
-
-
-class _ScanStep(nn.Module):
-    """One block in nn.scan's (carry, x) -> (carry, y) form."""
-
-    cfg: ModelConfig
-    norm_placement: str
-    deterministic: bool
-
-    @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index):
-        block = Block(self.cfg, norm_placement=self.norm_placement, name="block")
-        return block(x_BxLxD, mask_Bx1xLxS, positions_BxL, self.deterministic, cache_index), None
-
-
-class ScannedBlocks(nn.Module):
-    """``n_layers`` blocks as one ``nn.scan``: parameters (and KV caches) are stacked along a
-    leading axis named "layers", and XLA compiles a single block whatever the depth."""
-
-    cfg: ModelConfig
-    norm_placement: str
-    deterministic: bool
-
-    @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index=None):
-        step = _ScanStep
-        if self.cfg.remat != "none":
-            step = nn.remat(_ScanStep, policy=remat_policy(self.cfg), prevent_cse=False)
-        scan = nn.scan(
-            step,
-            variable_axes={"params": 0, "cache": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
-            length=self.cfg.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        stack = scan(self.cfg, self.norm_placement, self.deterministic, name="layers")
-        x_BxLxD, _ = stack(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
-        return x_BxLxD

@@ -225,13 +225,17 @@ def _against_peak(report: dict[str, Any], before: float, after: float) -> dict[s
     return out
 
 
-def run_bench(cfg: Config, what: str = "train", steps: int = 10, warmup: int = 3) -> dict:
+def run_bench(
+    cfg: Config, what: str = "train", steps: int = 10, warmup: int = 3, decode_batch: int = 1
+) -> dict[str, Any]:
     """The benchmarks named by ``what`` (one of :data:`WHATS`); the train report at the top
     level, the others under ``data``, ``decode``, ``checkpoint`` (with ratios to the step)."""
     if what not in WHATS:
         raise ValueError(f"--what {what!r} is not one of {', '.join(WHATS)}")
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
+    if decode_batch < 1:
+        raise ValueError(f"--decode-batch {decode_batch} must be >= 1")
     from flaxlm.tools import bench_io
 
     report: dict[str, Any] = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
@@ -243,7 +247,7 @@ def run_bench(cfg: Config, what: str = "train", steps: int = 10, warmup: int = 3
     if what in ("data", "all"):
         report["data"] = bench_io.bench_data(cfg, step_rate)
     if what in ("decode", "all"):
-        report["decode"] = bench_io.bench_decode(cfg)
+        report["decode"] = bench_io.bench_decode(cfg, batch=decode_batch)
     if what in ("checkpoint", "all"):
         report["checkpoint"] = bench_io.bench_checkpoint(harness, report["step_s"])
     report["peak_host_memory_mb"] = peak_host_memory_mb()
