@@ -13,13 +13,12 @@ from flaxlm.data.cache import (
     TokenSplit,
     assign_splits,
     cache_key,
-    encode_documents,
     prepare_data,
     tokenize_documents,
-    train_tokenizer_on_documents,
 )
 from flaxlm.data.causal import BATCH_KEYS, CausalBatches, n_causal_examples, pack_examples
 from flaxlm.data.demo import markdown_to_text, unigram_cross_entropy, write_shakespeare
+from flaxlm.data.encode import encode_documents, train_tokenizer_on_documents
 from flaxlm.data.mixture import MIXTURE_BATCH_KEYS, MixtureBatches, make_train_batches
 from flaxlm.data.sources import (
     DataError,

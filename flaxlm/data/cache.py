@@ -33,6 +33,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxlm.config import ConfigError, DataConfig
+from flaxlm.data.encode import encode_documents, token_dtype, train_tokenizer_on_documents
 from flaxlm.data.sources import (
     DataError,
     Document,
@@ -42,12 +43,10 @@ from flaxlm.data.sources import (
     list_source_files,
     resolve_sources,
 )
-from flaxlm.tokenizer import Tokenizer, check_vocab, train_tokenizer
+from flaxlm.tokenizer import Tokenizer, check_vocab
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
-# Characters per encode_batch call: enough to keep sentencepiece's threads busy.
-ENCODE_BATCH_CHARS = 4_000_000
 
 
 @dataclass
@@ -281,32 +280,6 @@ def assign_splits(doc_ids: list[str], val_fraction: float) -> np.ndarray:
     return is_val
 
 
-def encode_documents(
-    docs: Iterable[Document], tokenizer: Tokenizer
-) -> Iterator[tuple[Document, list[int]]]:
-    """Yields (document, its token ids followed by ``</s>``), encoding many documents per call."""
-    pending: list[Document] = []
-    n_chars = 0
-    for doc in docs:
-        pending.append(doc)
-        n_chars += len(doc.text)
-        if n_chars >= ENCODE_BATCH_CHARS:
-            yield from _encode_pending(pending, tokenizer)
-            pending, n_chars = [], 0
-    yield from _encode_pending(pending, tokenizer)
-
-
-def _encode_pending(
-    pending: list[Document], tokenizer: Tokenizer
-) -> Iterator[tuple[Document, list[int]]]:
-    if not pending:
-        return
-    encoded = tokenizer.encode_batch([doc.text for doc in pending])
-    for doc, ids in zip(pending, encoded, strict=True):
-        ids.append(tokenizer.eos_id)
-        yield doc, ids
-
-
 def tokenize_documents(
     paths: list[str], jsonl_field: str, tokenizer: Tokenizer, name: str = "eval"
 ) -> TokenSplit:
@@ -320,43 +293,6 @@ def tokenize_documents(
         doc_ids.append(doc.doc_id)
     offsets = np.concatenate([[0], np.cumsum([len(ids) for ids in ids_per_doc])]).astype(np.int64)
     return TokenSplit(name, np.concatenate(ids_per_doc), offsets, None, doc_ids)
-
-
-def train_tokenizer_on_documents(
-    docs: Iterable[Document],
-    model_prefix: Path,
-    vocab_size: int,
-    model_type: str = "bpe",
-    byte_fallback: bool = True,
-    character_coverage: float = 1.0,
-    normalization: str = "identity",
-) -> Path:
-    """Trains a tokenizer on documents (from any source, jsonl included); returns the .model.
-
-    The options are those of :func:`flaxlm.tokenizer.train_tokenizer`.
-    """
-    model_prefix = Path(model_prefix)
-    model_prefix.parent.mkdir(parents=True, exist_ok=True)
-    # sentencepiece reads sentences from files, one per line.
-    with tempfile.TemporaryDirectory(prefix=".text-", dir=model_prefix.parent) as tmp:
-        text_file = Path(tmp) / "text.txt"
-        with open(text_file, "w", encoding="utf-8") as f:
-            for doc in docs:
-                f.write(doc.text + "\n")
-        return train_tokenizer(
-            [text_file],
-            model_prefix,
-            vocab_size,
-            model_type=model_type,
-            byte_fallback=byte_fallback,
-            character_coverage=character_coverage,
-            normalization=normalization,
-        )
-
-
-def token_dtype(vocab_size: int) -> type:
-    """uint16 while every id fits (ids < 65536), else uint32."""
-    return np.uint16 if vocab_size <= 2**16 else np.uint32
 
 
 def _source_documents(

@@ -1,0 +1,273 @@
+"""Checking a config: setting one key from YAML or an override (type coercion, unknown keys
+with a suggestion) and validating the values types cannot express. Every error is one
+:class:`~flaxlm.config.ConfigError` line that names the bad value and what was expected."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+from flaxlm.config import CHOICES, Config, ConfigError, DataConfig, SourceConfig, source_name
+
+
+def validate(cfg: Config, check_paths: bool = True) -> None:
+    """Checks values that types cannot express. Raises ConfigError naming the bad value."""
+    m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(allowed)}")
+    positive = {
+        "model.vocab_size": m.vocab_size,
+        "model.d_model": m.d_model,
+        "model.n_layers": m.n_layers,
+        "model.n_heads": m.n_heads,
+        "model.d_ff": m.d_ff,
+        "model.max_seq_len": m.max_seq_len,
+        "data.seq_len": d.seq_len,
+        "train.steps": t.steps,
+        "train.batch_size": t.batch_size,
+        "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every,
+        "checkpoint.keep": cfg.checkpoint.keep,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if m.d_model % m.n_heads:
+        raise ConfigError(
+            f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"
+        )
+    if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
+        raise ConfigError(
+            f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"
+        )
+    if m.positions != "rope" and d.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len={d.seq_len} exceeds the position table model.max_seq_len={m.max_seq_len}"
+        )
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"
+        )
+    if not 0.0 <= o.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr={o.lr} must be > 0")
+    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    if sum(v == -1 for v in sizes.values()) > 1:
+        raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
+    for axis, v in sizes.items():
+        if v == 0 or v < -1:
+            raise ConfigError(f"mesh.{axis}={v} must be a positive size or -1")
+    g = cfg.guard
+    for key, value in {
+        "guard.window": g.window,
+        "guard.k_sigma": g.k_sigma,
+        "guard.max_per_window": g.max_per_window,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"{key}={value} must be > 0")
+    if g.warmup < 2 or g.warmup > g.window:
+        raise ConfigError(f"guard.warmup={g.warmup} must be in [2, guard.window={g.window}]")
+    if g.known_good_after < 1:
+        raise ConfigError(f"guard.known_good_after={g.known_good_after} must be >= 1")
+    if not 0 < g.cooldown_factor <= 1:
+        raise ConfigError(f"guard.cooldown_factor={g.cooldown_factor} must be in (0, 1]")
+    _validate_objective(cfg)
+    _validate_sources(d)
+    if not check_paths:
+        return
+    for p in d.paths:
+        if not _source_exists(p):
+            raise ConfigError(f"data.paths entry {p!r} does not exist")
+    for i, s in enumerate(d.sources):
+        if not _source_exists(s.path):
+            raise ConfigError(f"data.sources[{i}].path {s.path!r} does not exist")
+    if d.tokenizer and not Path(d.tokenizer).is_file():
+        raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
+
+
+def _validate_objective(cfg: Config) -> None:
+    m, ob = cfg.model, cfg.objective
+    shares = {"objective.mlm": ob.mlm, "objective.causal": ob.causal}
+    shares["objective.prefix_lm"] = ob.prefix_lm
+    for key, value in shares.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0")
+    if m.family == "gpt":
+        if m.norm_placement != "pre":
+            raise ConfigError(
+                f"model.norm_placement={m.norm_placement!r}: GPT is pre-LN; post is for bert"
+            )
+        return
+    if sum(shares.values()) <= 0:
+        raise ConfigError("objective.mlm, causal and prefix_lm are all 0; give one a share > 0")
+    if ob.nsp and (ob.causal or ob.prefix_lm):
+        raise ConfigError(
+            "objective.nsp needs pure MLM; set objective.nsp=false for a unified run "
+            f"(causal={ob.causal}, prefix_lm={ob.prefix_lm})"
+        )
+    if not 0.0 < ob.mask_prob < 1.0:
+        raise ConfigError(f"objective.mask_prob={ob.mask_prob} must be in (0, 1)")
+    if ob.mask_token_prob < 0 or ob.random_token_prob < 0:
+        raise ConfigError("objective.mask_token_prob and random_token_prob must be >= 0")
+    if ob.mask_token_prob + ob.random_token_prob > 1.0:
+        raise ConfigError(
+            f"objective.mask_token_prob + random_token_prob = "
+            f"{ob.mask_token_prob + ob.random_token_prob} must be <= 1"
+        )
+    if ob.max_predictions < 0:
+        raise ConfigError(f"objective.max_predictions={ob.max_predictions} must be >= 0")
+    if m.type_vocab_size < 2 and ob.nsp:
+        raise ConfigError(f"model.type_vocab_size={m.type_vocab_size} must be >= 2 for NSP")
+    if cfg.data.seq_len < 8:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} is too short for BERT (>= 8)")
+    if len(cfg.data.sources) > 1:
+        raise ConfigError(
+            f"data.sources has {len(cfg.data.sources)} sources; weighted mixtures are GPT-only "
+            "for now: give model.family=bert one source (data.paths)"
+        )
+
+
+def _validate_sources(d: DataConfig) -> None:
+    if not 0.0 < d.tokenizer_character_coverage <= 1.0:
+        raise ConfigError(
+            f"data.tokenizer_character_coverage={d.tokenizer_character_coverage} must be in (0, 1]"
+        )
+    if d.tokenizer_specials and not d.tokenizer:
+        raise ConfigError(
+            "data.tokenizer_specials maps the specials of a given model; set data.tokenizer too"
+        )
+    if d.paths and d.sources:
+        raise ConfigError("set data.paths or data.sources, not both (paths = one source)")
+    names = set()
+    for i, s in enumerate(d.sources):
+        if not s.path:
+            raise ConfigError(
+                f"data.sources[{i}].path is empty; expected a file, folder or tfds:NAME"
+            )
+        if not s.weight > 0:
+            raise ConfigError(f"data.sources[{i}].weight={s.weight} must be > 0")
+        name = source_name(s)
+        if name in names:
+            raise ConfigError(
+                f"data.sources[{i}] name {name!r} is used twice; set data.sources[{i}].name"
+            )
+        names.add(name)
+
+
+def _source_exists(path: str) -> bool:
+    # TFDS datasets are looked up (and explained when missing) by flaxlm.data.tfds_source.
+    return path.startswith("tfds:") or Path(path.removeprefix("hf:")).exists()
+
+
+def set_key(cfg: Config, key: str, value: Any, allow_section: bool = False) -> None:
+    section, _, name = key.partition(".")
+    sections = {f.name for f in dataclasses.fields(Config)}
+    if section not in sections:
+        raise ConfigError(f"unknown config section {section!r}{_suggest(section, sections)}")
+    target = getattr(cfg, section)
+    if not name:
+        if not allow_section or not isinstance(value, dict):
+            raise ConfigError(f"{section!r} must be a mapping of keys, got {value!r}")
+        for sub, v in value.items():
+            set_key(cfg, f"{section}.{sub}", v)
+        return
+    prefix = section
+    while True:  # nested sections: train.distributed.process_id
+        head, _, rest = name.partition(".")
+        fields = {f.name: f for f in dataclasses.fields(target)}
+        if head not in fields:
+            full = [f"{prefix}.{n}" for n in fields]
+            raise ConfigError(f"unknown config key {key!r}{_suggest(f'{prefix}.{head}', full)}")
+        hint = typing.get_type_hints(type(target))[head]
+        if not rest:
+            setattr(target, head, _coerce(key, value, hint))
+            return
+        if not dataclasses.is_dataclass(hint):
+            raise ConfigError(f"unknown config key {key!r}: {prefix}.{head} has no sub-keys")
+        target, name, prefix = getattr(target, head), rest, f"{prefix}.{head}"
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item_type,) = typing.get_args(hint)[:1]
+        if isinstance(value, str | int | float | dict) and not isinstance(value, bool):
+            value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} should be a list, got {type(value).__name__}")
+        if dataclasses.is_dataclass(item_type):
+            return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+        return [_coerce(key, v, item_type) for v in value]
+    if origin is dict:
+        if value is None or value == "":
+            return {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} should be a mapping, got {type(value).__name__}")
+        key_type, value_type = typing.get_args(hint)
+        return {
+            _coerce(key, k, key_type): _coerce(f"{key}.{k}", v, value_type)
+            for k, v in value.items()
+        }
+    if dataclasses.is_dataclass(hint):
+        return _coerce_dataclass(key, value, hint)
+    if isinstance(hint, types.UnionType):
+        raise TypeError(f"unsupported config type {hint} for {key}")
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "1e-3" (no dot) as a string
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(
+        f"{key}={value!r} should be of type {hint.__name__}, got {type(value).__name__}"
+    )
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def _coerce_dataclass(key: str, value: Any, cls: type) -> Any:
+    """A dict (or, for SourceConfig, a bare path string) -> the dataclass, field by field."""
+    if isinstance(value, str) and cls is SourceConfig:
+        value = {"path": value}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}={value!r} should be a mapping, got {type(value).__name__}")
+    fields = {f.name for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = cls()
+    for name, v in value.items():
+        if name not in fields:
+            full = [f"{key}.{n}" for n in fields]
+            raise ConfigError(f"unknown config key '{key}.{name}'{_suggest(f'{key}.{name}', full)}")
+        setattr(out, name, _coerce(f"{key}.{name}", v, hints[name]))
+    return out
+
+
+def _suggest(name: str, options: Any) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
