@@ -68,6 +68,23 @@ def bert_tiny_config(corpus: Path, cache_dir: Path, run_dir: Path, *overrides: s
     )
 
 
+def noisy_params(model_cfg, seed: int = 0):
+    """Random params of the config's model plus noise on every leaf (biases and norm scales
+    too), so that conversion and parity tests see no constant-initialised tensor."""
+    import jax
+    import jax.numpy as jnp
+    from flax import linen as nn
+
+    from flaxlm.models import build_model
+
+    tokens_1x8 = jnp.zeros((1, 8), jnp.int32)
+    params = nn.meta.unbox(build_model(model_cfg).init(jax.random.key(seed), tokens_1x8))
+    leaves, tree = jax.tree.flatten(params["params"])
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+    return jax.tree.unflatten(tree, noisy)
+
+
 TRAINED_RUN_STEPS = 200
 
 

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import linen as nn
+from conftest import noisy_params
 
 from flaxlm.cli import main
 from flaxlm.config import Config, ModelConfig
@@ -35,15 +35,6 @@ def tiny_bert(**overrides) -> ModelConfig:
         vocab_size=V, d_model=32, n_layers=2, n_heads=4, d_ff=80, max_seq_len=L,
     )  # fmt: skip
     return dataclasses.replace(base, **overrides)
-
-
-def noisy_params(cfg: ModelConfig, seed: int = 0):
-    """Random params plus noise on every leaf (biases, norm scales, mlm_bias too)."""
-    params = nn.meta.unbox(BERT(cfg).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32)))
-    leaves, tree = jax.tree.flatten(params["params"])
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
-    return jax.tree.unflatten(tree, noisy)
 
 
 def pair_batch(type_vocab_size: int = 2, seed: int = 0):

