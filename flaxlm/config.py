@@ -45,6 +45,9 @@ class ModelConfig:
     # parameters get a leading "layers" axis.
     scan_layers: bool = False
     remat: str = "none"  # activation recomputation per block: none | full | dots
+    # flaxlm (softmax attention with a closed-form backward) | xla | cudnn (the last two are
+    # jax.nn.dot_product_attention; cudnn needs a GPU and bf16 / fp16 compute)
+    attention_impl: str = "flaxlm"
     # BERT only (GPT is always pre-LN): post = original BERT, pre = LN inside the residual branch
     norm_placement: str = "pre"
     type_vocab_size: int = 2  # BERT segment (token type) embeddings: A / B
@@ -227,6 +230,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
+    "model.attention_impl": ("flaxlm", "xla", "cudnn"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
     "optim.schedule": ("cosine", "linear", "constant", "noam"),

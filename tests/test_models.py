@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
-from flaxlm.models import GPT, build_model, count_params, layers, non_embedding_params, precision
+from flaxlm.models import GPT, build_model, count_params, layers, non_embedding_params
 from flaxlm.sharding import LOGICAL_RULES
 
 V, D, N_LAYERS, H, F, MAX_LEN, L = 64, 32, 2, 4, 64, 64, 16
@@ -288,48 +288,6 @@ def test_bf16_compute_keeps_f32_params_and_logits_close_to_f32():
     assert {x.dtype for x in jax.tree.leaves(params16)} == {jnp.dtype(jnp.float32)}
     scale = float(jnp.abs(logits32).max())
     np.testing.assert_allclose(logits16, logits32, atol=0.05 * scale)
-
-
-@pytest.mark.parametrize("rhs_transposed", [False, True])
-def test_low_precision_matmul_gradients_match_autodiff(rhs_transposed):
-    """The bf16 matmul's own backward (bf16 cotangent, f32 accumulation) equals autodiff of
-    the same product to bf16 precision, for both operand layouts (Dense and the tied head)."""
-    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
-    x = jax.random.normal(kx, (12, 16)).astype(jnp.bfloat16)
-    w = jax.random.normal(kw, (20, 16) if rhs_transposed else (16, 20)).astype(jnp.bfloat16)
-    g = jax.random.normal(kg, (12, 20))
-
-    def reference(x, w):
-        x, w = x.astype(jnp.float32), w.astype(jnp.float32)
-        return jnp.sum(g * (x @ (w.T if rhs_transposed else w)))
-
-    def ours(x, w):
-        return jnp.sum(g * precision.low_precision_matmul(x, w, rhs_transposed))
-
-    np.testing.assert_allclose(ours(x, w), reference(x, w), rtol=1e-5)
-    grads = zip(jax.grad(ours, (0, 1))(x, w), jax.grad(reference, (0, 1))(x, w), strict=True)
-    for got, want in grads:
-        assert got.dtype == jnp.bfloat16
-        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.02, atol=0.05)
-
-
-def test_low_precision_attention_matches_jax_attention_and_its_gradients():
-    kq, kk, kv = jax.random.split(jax.random.key(1), 3)
-    q, k, v = (jax.random.normal(key, (2, L, H, D // H)) for key in (kq, kk, kv))
-    segments = jnp.array([[1] * (L // 2) + [2] * (L - L // 2), [1] * L])
-    mask = layers.causal_segment_mask(segments)
-
-    def ours(q, k, v):
-        return jnp.sum(jnp.sin(precision.low_precision_attention(q, k, v, mask)))
-
-    def reference(q, k, v):
-        return jnp.sum(jnp.sin(jax.nn.dot_product_attention(q, k, v, mask=mask)))
-
-    np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5)
-    grads = zip(jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(reference, (0, 1, 2))(q, k, v),
-                strict=True)  # fmt: skip
-    for got, want in grads:
-        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -6,8 +6,8 @@ activations carry ``act_*`` constraints; both are no-ops until a mesh and rules 
 
 Mixed precision: parameters live in ``cfg.param_dtype``; matmuls take ``cfg.dtype`` inputs and
 accumulate in float32; LayerNorm and softmax run in float32; activations between layers are
-stored in ``cfg.dtype``. With bf16 the backward matmuls are bf16 x bf16 -> f32 as well
-(flaxlm/models/precision.py), which on CPU is twice the speed of autodiff's f32 products.
+stored in ``cfg.dtype``. Every matmul has a hand-written backward (flaxlm/models/matmul.py):
+with bf16 its products are bf16 x bf16 -> f32 too; attention is flaxlm/models/attention.py.
 Depth (remat, scan over layers) is in flaxlm/models/depth.py.
 """
 
@@ -22,7 +22,8 @@ import numpy as np
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
-from flaxlm.models.precision import low_precision_attention, low_precision_matmul
+from flaxlm.models.attention import attention
+from flaxlm.models.matmul import matmul
 
 Array = jax.Array
 
@@ -77,16 +78,9 @@ class Dense(nn.Module):
             dtype_of(cfg.param_dtype),
         )
         dtype = dtype_of(cfg.dtype)
-        if dtype == jnp.float32:
-            contract = (tuple(range(x.ndim - self.n_in, x.ndim)), tuple(range(self.n_in)))
-            y = jax.lax.dot_general(
-                x.astype(dtype), kernel, (contract, ((), ())), preferred_element_type=jnp.float32
-            )
-        else:
-            batch_shape, n_in = x.shape[: x.ndim - self.n_in], math.prod(in_shape)
-            y = low_precision_matmul(
-                x.astype(dtype).reshape(-1, n_in), kernel.astype(dtype).reshape(n_in, -1)
-            ).reshape(*batch_shape, *self.features)
+        batch_shape, n_in = x.shape[: x.ndim - self.n_in], math.prod(in_shape)
+        y = matmul(x.astype(dtype).reshape(-1, n_in), kernel.astype(dtype).reshape(n_in, -1))
+        y = y.reshape(*batch_shape, *self.features)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param(
                 "bias", zeros_init(self.bias_names), tuple(self.features), dtype_of(cfg.param_dtype)
@@ -199,9 +193,7 @@ class TokenEmbed(nn.Embed):
 
     def attend(self, query: Array) -> Array:
         query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
-        if query.dtype == jnp.float32:
-            return jnp.einsum("...d,vd->...v", query, embedding, preferred_element_type=jnp.float32)
-        logits_NxV = low_precision_matmul(query.reshape(-1, query.shape[-1]), embedding, True)
+        logits_NxV = matmul(query.reshape(-1, query.shape[-1]), embedding, True)
         return logits_NxV.reshape(*query.shape[:-1], -1)
 
 
@@ -235,8 +227,8 @@ class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v projections.
 
     The mask comes from the caller (causal + segment for GPT, segment-only for an encoder).
-    No dropout on the attention probabilities, so ``jax.nn.dot_product_attention`` can pick a
-    fused kernel; the output projection's dropout is applied by the block.
+    No dropout on the attention probabilities (``model.attention_impl`` picks the kernel,
+    flaxlm/models/attention.py); the output projection's dropout is applied by the block.
 
     Decoding (``cache_index`` given): keys and values of the new tokens are written into the
     "cache" collection at ``cache_index`` and the queries attend over the whole cache; the
@@ -271,12 +263,7 @@ class Attention(nn.Module):
         if cache_index is not None:
             k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK, cache_index)
 
-        if dtype == jnp.float32:
-            out_BxLxHxK = jax.nn.dot_product_attention(
-                q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS, implementation="xla"
-            )
-        else:  # its bf16 products would run (and differentiate) at f32 speed or slower
-            out_BxLxHxK = low_precision_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS)
+        out_BxLxHxK = attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, cfg.attention_impl)
         out_BxLxHxK = constrain(out_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
         out = Dense(
             cfg,

@@ -1,0 +1,120 @@
+"""LayerNorm and the MLP activations, with closed-form backward passes.
+
+Autodiff of LayerNorm and of the tanh GELU keeps several intermediates per element (the
+centred input, the tanh) and spends one memory pass on each, in the forward and again in the
+backward; on CPU these element-wise passes cost as much as a matmul of the same block
+(benchmarks/RESULTS.md). The versions here save the least the backward needs (the normalised
+input and one scale per row; the GELU input) and compute each gradient in one pass.
+Both run in float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+Array = jax.Array
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+
+
+# --- LayerNorm ------------------------------------------------------------------------------
+
+
+def layer_norm(x_NxD: Array, scale_D: Array, bias_D: Array, eps: float) -> Array:
+    """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in float32 (the
+    input's gradient comes back in its dtype)."""
+    return _layer_norm(x_NxD, scale_D, bias_D, eps, jnp.dtype(x_NxD.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x_NxD: Array, scale_D: Array, bias_D: Array, eps: float, x_dtype) -> Array:
+    return _layer_norm_fwd(x_NxD, scale_D, bias_D, eps, x_dtype)[0]
+
+
+def _layer_norm_fwd(x_NxD, scale_D, bias_D, eps, x_dtype):
+    x_NxD = x_NxD.astype(jnp.float32)
+    centred_NxD = x_NxD - jnp.mean(x_NxD, axis=-1, keepdims=True)
+    inv_std_Nx1 = jax.lax.rsqrt(jnp.mean(jnp.square(centred_NxD), axis=-1, keepdims=True) + eps)
+    normed_NxD = centred_NxD * inv_std_Nx1
+    y_NxD = normed_NxD * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
+    return y_NxD, (normed_NxD, inv_std_Nx1, scale_D, bias_D)
+
+
+def _layer_norm_bwd(eps, x_dtype, residuals, g_NxD):
+    normed_NxD, inv_std_Nx1, scale_D, bias_D = residuals
+    g_NxD = g_NxD.astype(jnp.float32)
+    rows = tuple(range(g_NxD.ndim - 1))
+    d_scale = jnp.sum(g_NxD * normed_NxD, axis=rows)
+    d_bias = jnp.sum(g_NxD, axis=rows)
+    g_normed_NxD = g_NxD * scale_D.astype(jnp.float32)
+    mean_g = jnp.mean(g_normed_NxD, axis=-1, keepdims=True)
+    mean_gn = jnp.mean(g_normed_NxD * normed_NxD, axis=-1, keepdims=True)
+    dx_NxD = inv_std_Nx1 * (g_normed_NxD - mean_g - normed_NxD * mean_gn)
+    return dx_NxD.astype(x_dtype), d_scale.astype(scale_D.dtype), d_bias.astype(bias_D.dtype)
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm with ``scale`` / ``bias`` parameters named like ``nn.LayerNorm``'s (so
+    checkpoints and the HF converters see the same tree); output float32. Without
+    ``use_bias`` the bias is a constant zero, not a parameter."""
+
+    epsilon: float = 1e-5
+    use_bias: bool = True
+    param_dtype: jnp.dtype = jnp.float32
+    scale_init: nn.initializers.Initializer = nn.initializers.ones_init()
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        features = (x.shape[-1],)
+        scale = self.param("scale", self.scale_init, features, self.param_dtype)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, features, self.param_dtype)
+        else:
+            bias = jnp.zeros(features, jnp.float32)
+        return layer_norm(x, scale, bias, self.epsilon)
+
+
+# --- activations ----------------------------------------------------------------------------
+
+
+@jax.custom_vjp
+def gelu_tanh(x: Array) -> Array:
+    """GELU, tanh approximation (GPT-2, BERT's TF code), in float32."""
+    x = x.astype(jnp.float32)
+    return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
+
+
+def _gelu_tanh_fwd(x):
+    return gelu_tanh(x), x
+
+
+def _gelu_tanh_bwd(x, g):
+    x32 = x.astype(jnp.float32)
+    t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32**3))
+    slope = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32**2)
+    return ((g * slope).astype(x.dtype),)
+
+
+gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+
+
+def activation_fn(name: str) -> Callable[[Array], Array]:
+    """``gelu`` (tanh approximation, as GPT-2), ``gelu_exact``, ``relu``."""
+    fns = {
+        "gelu": gelu_tanh,
+        "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+        "relu": jax.nn.relu,
+    }
+    if name not in fns:
+        raise ValueError(f"activation {name!r} is not one of {', '.join(fns)}")
+    return fns[name]
