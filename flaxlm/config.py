@@ -153,6 +153,10 @@ class TrainConfig:
     eval_batches: int = 16  # 0 = the whole validation split
     label_smoothing: float = 0.0
     z_loss: float = 0.0
+    # GPT: > 0 runs the LM head and loss over chunks of this many positions
+    # (flaxlm/head_loss.py), so the B x L x V logits are never stored whole: a memory saver
+    # for large vocabularies (not faster on CPU); 0 = the plain logits path
+    head_chunk: int = 0
     progress: bool = True
     # Hang watchdog: a step (or eval / checkpoint phase) running longer than
     # max(watchdog_factor x the recent median step, watchdog_min_s) stops the process with a

@@ -32,6 +32,20 @@ def causal_lm_loss(
     ce_BxL, objective_BxL, correct_BxL = token_losses(
         logits_BxLxV, targets_BxL, label_smoothing, z_loss
     )
+    metrics = lm_metrics(ce_BxL, correct_BxL, mask_BxL, source_ids_BxL, n_sources)
+    return jnp.sum(objective_BxL * mask_BxL), metrics
+
+
+def lm_metrics(
+    ce_BxL: jax.Array,
+    correct_BxL: jax.Array,
+    loss_mask_BxL: jax.Array,
+    source_ids_BxL: jax.Array | None = None,
+    n_sources: int = 0,
+) -> dict[str, jax.Array]:
+    """The summed metrics of :func:`causal_lm_loss` from per-token cross-entropy and
+    correctness (shared with the chunked head, flaxlm/head_loss.py)."""
+    mask_BxL = loss_mask_BxL.astype(jnp.float32)
     metrics = {
         "ce_sum": jnp.sum(ce_BxL * mask_BxL),
         "correct": jnp.sum(correct_BxL * mask_BxL),
@@ -45,7 +59,7 @@ def causal_lm_loss(
         metrics["source_tokens"] = jax.ops.segment_sum(
             mask_BxL.reshape(-1), ids, num_segments=n_sources
         )
-    return jnp.sum(objective_BxL * mask_BxL), metrics
+    return metrics
 
 
 def token_losses(

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from conftest import bert_tiny_config, tiny_config
 
 from flaxlm.checkpoint import Checkpointer
@@ -96,6 +97,8 @@ def check_layouts_match_1_device(family, corpus, cache, tmp_path, overrides, los
             )
 
 
-def test_gpt_on_every_layout_matches_1_device(small_corpus, tiny_cache_dir, tmp_path):
+@pytest.mark.parametrize("head_chunk", [0, 8], ids=["logits", "chunked_head"])
+def test_gpt_on_every_layout_matches_1_device(small_corpus, tiny_cache_dir, tmp_path, head_chunk):
     overrides = ("train.steps=6", "train.eval_every=3", "checkpoint.every=3")
+    overrides += (f"train.head_chunk={head_chunk}",)
     check_layouts_match_1_device("gpt", small_corpus, tiny_cache_dir, tmp_path, overrides)

@@ -45,12 +45,15 @@ class GPT(nn.Module):
         segment_ids_BxL: Array | None = None,
         deterministic: bool = True,
         decode: bool = False,
+        return_hidden: bool = False,
     ) -> Array:
         """Args: int32 ``tokens_BxL``; optional int32 ``positions_BxL`` (default 0..L-1) and
         ``segment_ids_BxL`` (default all ones: one document per row). ``decode``: append the
         tokens to the KV cache (mutable "cache" collection) and attend over all of it.
 
-        Returns: float32 ``logits_BxLxV``.
+        Returns: float32 ``logits_BxLxV``; with ``return_hidden`` the final hidden states
+        ``x_BxLxD`` (after ``ln_final``, in the compute dtype) instead, for a caller that runs
+        the head itself (:func:`flaxlm.head_loss.fused_lm_loss`).
         """
         cfg = self.cfg
         if cfg.positions not in POSITIONS:
@@ -87,6 +90,8 @@ class GPT(nn.Module):
                 x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, cache_index)
 
         x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)
+        if return_hidden and not self.is_initializing():
+            return constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
         if cfg.tie_embeddings:
             logits_BxLxV = embed.attend(x_BxLxD)
         else:

@@ -14,7 +14,6 @@ Depth (remat, scan over layers) is in flaxlm/models/depth.py.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +23,7 @@ from flax import linen as nn
 from flaxlm.config import ModelConfig
 from flaxlm.models.attention import attention
 from flaxlm.models.matmul import matmul
+from flaxlm.models.norm_act import LayerNorm, activation_fn
 
 Array = jax.Array
 
@@ -89,12 +89,11 @@ class Dense(nn.Module):
         return y
 
 
-def layer_norm(cfg: ModelConfig, name: str | None = None) -> nn.LayerNorm:
+def layer_norm(cfg: ModelConfig, name: str | None = None) -> LayerNorm:
     """LayerNorm computed in float32 (its variance is what bf16 gets wrong first)."""
-    return nn.LayerNorm(
+    return LayerNorm(
         epsilon=cfg.norm_eps,
         use_bias=cfg.use_bias,
-        dtype=jnp.float32,
         param_dtype=dtype_of(cfg.param_dtype),
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=zeros_init(("norm",)),
@@ -106,17 +105,6 @@ def residual_std(cfg: ModelConfig) -> float:
     """GPT-2 init: projections that write into the residual stream are scaled by
     1/sqrt(2 n_layers), so the stream's variance does not grow with depth."""
     return cfg.init_std / math.sqrt(2 * cfg.n_layers)
-
-
-def activation_fn(name: str) -> Callable[[Array], Array]:
-    fns = {
-        "gelu": lambda x: jax.nn.gelu(x, approximate=True),
-        "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
-        "relu": jax.nn.relu,
-    }
-    if name not in fns:
-        raise ValueError(f"activation {name!r} is not one of {', '.join(fns)}")
-    return fns[name]
 
 
 # --- masks (built by the caller, so an encoder can pass a bidirectional one) ---------------

@@ -99,7 +99,9 @@ def _gelu_tanh_fwd(x):
 
 
 def _gelu_tanh_bwd(x, g):
-    x32 = x.astype(jnp.float32)
+    # The barrier keeps XLA from sharing this tanh with the forward's (CSE), which would
+    # store it as a second B x L x F array instead of recomputing it in this one pass.
+    x32 = jax.lax.optimization_barrier(x).astype(jnp.float32)
     t = jnp.tanh(_GELU_C * (x32 + 0.044715 * x32**3))
     slope = 0.5 * (1.0 + t) + 0.5 * x32 * (1.0 - t * t) * _GELU_C * (1.0 + 3 * 0.044715 * x32**2)
     return ((g * slope).astype(x.dtype),)

@@ -20,7 +20,8 @@ from flax.training.train_state import TrainState
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxlm.config import Config
-from flaxlm.objectives import causal_lm_loss
+from flaxlm.head_loss import fused_lm_loss
+from flaxlm.objectives import causal_lm_loss, lm_metrics
 from flaxlm.sharding import BATCH_AXES, LOGICAL_RULES
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -36,23 +37,29 @@ def batch_shardings(mesh: Mesh, keys: tuple[str, ...] = BATCH_KEYS) -> dict[str,
 def _loss_on(
     params, batch, model: nn.Module, cfg: Config, dropout_rng, deterministic: bool, n_sources=0
 ):
-    logits_BxLxV = model.apply(
+    chunk = cfg.train.head_chunk
+    out = model.apply(
         {"params": params},
         batch["inputs"],
         batch["positions"],
         batch["segment_ids"],
         deterministic=deterministic,
         rngs={"dropout": dropout_rng},
+        return_hidden=chunk > 0,
     )
-    return causal_lm_loss(
-        logits_BxLxV,
-        batch["targets"],
-        batch["loss_mask"],
-        label_smoothing=cfg.train.label_smoothing,
-        z_loss=cfg.train.z_loss,
-        source_ids_BxL=batch.get("source_ids") if n_sources else None,
-        n_sources=n_sources,
-    )
+    source_ids = batch.get("source_ids") if n_sources else None
+    smoothing, z_loss = cfg.train.label_smoothing, cfg.train.z_loss
+    if not chunk:
+        return causal_lm_loss(
+            out, batch["targets"], batch["loss_mask"], smoothing, z_loss, source_ids, n_sources
+        )
+    tied = cfg.model.tie_embeddings
+    head = params["token_embed"]["embedding"] if tied else params["lm_head"]["kernel"]
+    objective, ce_BxL, correct_BxL = fused_lm_loss(
+        out, head, batch["targets"], batch["loss_mask"], head_is_embedding=tied, chunk=chunk,
+        label_smoothing=smoothing, z_loss=z_loss,
+    )  # fmt: skip
+    return objective, lm_metrics(ce_BxL, correct_BxL, batch["loss_mask"], source_ids, n_sources)
 
 
 def make_train_step(
