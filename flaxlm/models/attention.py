@@ -76,9 +76,7 @@ def _probabilities(q_BxHxLxK: Array, k_BxHxSxK: Array, mask_Bx1xLxS: Array) -> A
 
 @jax.custom_vjp
 def _attention_core(q_BxHxLxK: Array, k_BxHxSxK: Array, v_BxHxSxK: Array, mask_Bx1xLxS: Array):
-    probs_BxHxLxS = _probabilities(q_BxHxLxK, k_BxHxSxK, mask_Bx1xLxS)
-    out = _product("bhls,bhsk->bhlk", probs_BxHxLxS.astype(q_BxHxLxK.dtype), v_BxHxSxK)
-    return out.astype(q_BxHxLxK.dtype)
+    return _core_fwd(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS)[0]
 
 
 def _core_fwd(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS):
