@@ -48,6 +48,10 @@ class ModelConfig:
     # flaxlm (softmax attention with a closed-form backward) | xla | cudnn (the last two are
     # jax.nn.dot_product_attention; cudnn needs a GPU and bf16 / fp16 compute)
     attention_impl: str = "flaxlm"
+    # GPT (flaxlm attention): queries in blocks of this many positions, each attending only to
+    # the keys up to its end, so the masked upper triangle is not computed; 0, or a length it
+    # does not divide, = one block
+    causal_block: int = 64
     # BERT only (GPT is always pre-LN): post = original BERT, pre = LN inside the residual branch
     norm_placement: str = "pre"
     type_vocab_size: int = 2  # BERT segment (token type) embeddings: A / B

@@ -52,6 +52,8 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(
             f"data.seq_len={d.seq_len} exceeds the position table model.max_seq_len={m.max_seq_len}"
         )
+    if m.causal_block < 0:
+        raise ConfigError(f"model.causal_block={m.causal_block} must be >= 0 (0 = one block)")
     if t.head_chunk < 0:
         raise ConfigError(f"train.head_chunk={t.head_chunk} must be >= 0 (0 = plain logits)")
     if not 0.0 <= m.dropout < 1.0:

@@ -89,3 +89,41 @@ def test_attention_dispatches_on_impl_and_rejects_unknown_ones():
                                atol=1e-5)  # fmt: skip
     with pytest.raises(ValueError, match=r"model.attention_impl='flash'.*flaxlm, xla, cudnn"):
         attention(q, k, v, mask, "flash")
+
+
+@pytest.mark.parametrize("block", [4, 3, 5], ids=["3_blocks", "4_blocks", "not_dividing"])
+def test_causal_blocks_give_the_same_values_and_gradients(block):
+    """Skipping the key blocks after each query block changes nothing under a causal mask."""
+    q, k, v, mask = _inputs()
+
+    def loss(causal_block):
+        return lambda q, k, v: jnp.sum(jnp.sin(softmax_attention(q, k, v, mask, causal_block)))
+
+    np.testing.assert_allclose(loss(block)(q, k, v), loss(0)(q, k, v), rtol=1e-6)
+    blocked, whole = (
+        jax.grad(loss(block), (0, 1, 2))(q, k, v),
+        jax.grad(loss(0), (0, 1, 2))(q, k, v),
+    )
+    for got, want in zip(blocked, whole, strict=True):
+        np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_gpt_logits_and_gradients_do_not_depend_on_causal_block():
+    import dataclasses
+
+    from flaxlm.config import ModelConfig
+    from flaxlm.models import GPT
+
+    cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=L)
+    tokens = jax.random.randint(jax.random.key(2), (B, L), 0, 32)
+    segments = jnp.array([[1] * 5 + [2] * (L - 5), [1] * L])
+    params = GPT(cfg).init(jax.random.key(0), tokens)["params"]
+
+    def loss(causal_block):
+        model = GPT(dataclasses.replace(cfg, causal_block=causal_block))
+        return lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens, None, segments)))
+
+    np.testing.assert_allclose(loss(4)(params), loss(0)(params), rtol=1e-6)
+    blocked, whole = jax.grad(loss(4))(params), jax.grad(loss(0))(params)
+    for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

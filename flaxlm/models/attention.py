@@ -26,16 +26,22 @@ IMPLEMENTATIONS = CHOICES["model.attention_impl"]
 
 
 def attention(
-    q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, mask_Bx1xLxS: Array, impl: str = "flaxlm"
+    q_BxLxHxK: Array,
+    k_BxSxHxK: Array,
+    v_BxSxHxK: Array,
+    mask_Bx1xLxS: Array,
+    impl: str = "flaxlm",
+    causal_block: int = 0,
 ) -> Array:
     """Multi-head softmax attention, ``out_BxLxHxK`` in the inputs' dtype.
 
     ``impl``: ``flaxlm`` (:func:`softmax_attention`), ``xla`` or ``cudnn``
     (``jax.nn.dot_product_attention`` with that implementation; cuDNN needs a GPU and
-    bf16 / fp16 inputs).
+    bf16 / fp16 inputs). ``causal_block`` > 0 promises that the mask hides every key after
+    its query (see :func:`softmax_attention`).
     """
     if impl == "flaxlm":
-        return softmax_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS)
+        return softmax_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, causal_block)
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"model.attention_impl={impl!r} is not one of {', '.join(IMPLEMENTATIONS)}"
@@ -46,20 +52,40 @@ def attention(
 
 
 def softmax_attention(
-    q_BxLxHxK: Array, k_BxSxHxK: Array, v_BxSxHxK: Array, mask_Bx1xLxS: Array
+    q_BxLxHxK: Array,
+    k_BxSxHxK: Array,
+    v_BxSxHxK: Array,
+    mask_Bx1xLxS: Array,
+    causal_block: int = 0,
 ) -> Array:
     """``softmax(q k^T / sqrt(K) masked) v`` per head; masked keys get zero weight (a query
-    with no visible key gets the uniform average, as ``jax.nn.dot_product_attention``)."""
+    with no visible key gets the uniform average, as ``jax.nn.dot_product_attention``).
+
+    ``causal_block`` > 0, for a mask that hides every key after its query (causal, possibly
+    AND segments) and L == S: the queries go in blocks of that many positions, and block i
+    attends only to keys ``[0, (i + 1) * causal_block)``; the keys after that are masked
+    anyway, so the result is the same with the upper triangle of blocks never computed
+    (4 blocks of 64 at L = 256: 62.5 % of the full products, 4 % of the CPU step).
+    """
     scale = jnp.asarray(q_BxLxHxK.shape[-1] ** -0.5, q_BxLxHxK.dtype)
 
     def heads_first(x_BxTxHxK: Array) -> Array:
         return x_BxTxHxK.transpose(0, 2, 1, 3)
 
-    out_BxHxLxK = _attention_core(
-        heads_first(q_BxLxHxK * scale), heads_first(k_BxSxHxK), heads_first(v_BxSxHxK),
-        mask_Bx1xLxS,
-    )  # fmt: skip
-    return out_BxHxLxK.transpose(0, 2, 1, 3)
+    q, k, v = heads_first(q_BxLxHxK * scale), heads_first(k_BxSxHxK), heads_first(v_BxSxHxK)
+    length = q.shape[2]
+    blocks = length // causal_block if causal_block else 1
+    if blocks <= 1 or length % causal_block or k.shape[2] != length:
+        return _attention_core(q, k, v, mask_Bx1xLxS).transpose(0, 2, 1, 3)
+    outs = []
+    for i in range(blocks):
+        rows, keys = (
+            slice(i * causal_block, (i + 1) * causal_block),
+            slice(0, (i + 1) * causal_block),
+        )
+        block_mask = mask_Bx1xLxS[:, :, rows, keys]
+        outs.append(_attention_core(q[:, :, rows], k[:, :, keys], v[:, :, keys], block_mask))
+    return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
 def _product(spec: str, a: Array, b: Array) -> Array:

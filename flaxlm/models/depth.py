@@ -32,10 +32,11 @@ class _ScanStep(nn.Module):
     cfg: ModelConfig
     norm_placement: str
     deterministic: bool
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index):
-        block = Block(self.cfg, norm_placement=self.norm_placement, name="block")
+        block = Block(self.cfg, self.norm_placement, self.causal, name="block")
         return block(x_BxLxD, mask_Bx1xLxS, positions_BxL, self.deterministic, cache_index), None
 
 
@@ -46,6 +47,7 @@ class ScannedBlocks(nn.Module):
     cfg: ModelConfig
     norm_placement: str
     deterministic: bool
+    causal: bool = False
 
     @nn.compact
     def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index=None):
@@ -60,6 +62,6 @@ class ScannedBlocks(nn.Module):
             length=self.cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        stack = scan(self.cfg, self.norm_placement, self.deterministic, name="layers")
+        stack = scan(self.cfg, self.norm_placement, self.deterministic, self.causal, name="layers")
         x_BxLxD, _ = stack(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
         return x_BxLxD

@@ -81,12 +81,12 @@ class GPT(nn.Module):
         else:
             mask_Bx1xLxS, cache_index = layers.causal_segment_mask(segment_ids_BxL), None
         if cfg.scan_layers:
-            stack = depth.ScannedBlocks(cfg, "pre", deterministic, name="blocks")
+            stack = depth.ScannedBlocks(cfg, "pre", deterministic, causal=True, name="blocks")
             x_BxLxD = stack(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
         else:
             block_cls = depth.remat_block(cfg)
             for i in range(cfg.n_layers):
-                block = block_cls(cfg, norm_placement="pre", name=f"blocks_{i}")
+                block = block_cls(cfg, norm_placement="pre", causal=True, name=f"blocks_{i}")
                 x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, cache_index)
 
         x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)

@@ -224,6 +224,7 @@ class Attention(nn.Module):
     """
 
     cfg: ModelConfig
+    causal: bool = False  # the mask hides every later key (GPT): see model.causal_block
 
     @nn.compact
     def __call__(
@@ -251,7 +252,10 @@ class Attention(nn.Module):
         if cache_index is not None:
             k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK, cache_index)
 
-        out_BxLxHxK = attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, cfg.attention_impl)
+        causal_block = cfg.causal_block if self.causal else 0
+        out_BxLxHxK = attention(
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, cfg.attention_impl, causal_block
+        )
         out_BxLxHxK = constrain(out_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
         out = Dense(
             cfg,
@@ -312,6 +316,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     norm_placement: str = "pre"
+    causal: bool = False  # GPT: its masks are causal (lets attention skip masked blocks)
 
     @nn.compact
     def __call__(
@@ -329,7 +334,7 @@ class Block(nn.Module):
             )
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
-        attn, mlp = Attention(cfg, name="attn"), MLP(cfg, name="mlp")
+        attn, mlp = Attention(cfg, self.causal, name="attn"), MLP(cfg, name="mlp")
         ln_attn, ln_mlp = layer_norm(cfg, name="ln_attn"), layer_norm(cfg, name="ln_mlp")
         drop = nn.Dropout(rate=cfg.dropout, deterministic=deterministic)
 
