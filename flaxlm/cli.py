@@ -22,6 +22,7 @@ import sys
 
 from flaxlm import cli_commands as commands
 from flaxlm.config import ConfigError
+from flaxlm.host_memory import reexec_with_huge_pages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,5 +198,12 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The ``flaxlm`` command: first re-executes with huge pages for malloc when jax runs
+    on the CPU (flaxlm/host_memory.py), then :func:`main`."""
+    reexec_with_huge_pages()
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

@@ -70,7 +70,8 @@ def test_bench_json_has_the_promised_fields(capsys, config):
     report = json.loads(out[0])
     for key in ("tokens_per_s", "step_s", "peak_gflops", "mfu", "mfu_incl_head", "compile_s",
                 "peak_gflops_before", "peak_gflops_after", "flops_per_token",
-                "flops_per_token_incl_head", "flops_formula", "peak_host_memory_mb"):  # fmt: skip
+                "flops_per_token_incl_head", "flops_formula", "peak_host_memory_mb",
+                "malloc_huge_pages"):  # fmt: skip
         assert key in report, key
     assert report["tokens_per_s"] > 0 and report["peak_gflops"] > 0
     assert 0 < report["mfu"] <= report["mfu_incl_head"]

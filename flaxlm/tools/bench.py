@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from flaxlm.config import Config, ModelConfig
+from flaxlm.host_memory import huge_pages_in_force
 from flaxlm.perf import flops_per_token, measure_matmul_peak
 
 PEAK_TOLERANCE = 0.2  # before/after peaks further apart than this: a noisy machine
@@ -239,6 +240,7 @@ def run_bench(
     from flaxlm.tools import bench_io
 
     report: dict[str, Any] = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
+    report["malloc_huge_pages"] = huge_pages_in_force()  # see flaxlm/host_memory.py
     step_rate, harness = None, None
     if what in ("train", "all", "data", "checkpoint"):
         harness = TrainHarness(cfg)
@@ -263,7 +265,8 @@ def _has_warning(r: Any) -> bool:
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable table ``flaxlm bench`` prints without ``--json``."""
-    lines = [f"device               {report['device']} (jax {report['jax']})"]
+    pages = "huge pages" if report.get("malloc_huge_pages") else "4 KiB pages"
+    lines = [f"device               {report['device']} (jax {report['jax']}; malloc {pages})"]
     if "step_s" in report:
         r = report
         lines += [
