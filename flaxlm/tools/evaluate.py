@@ -44,41 +44,68 @@ def evaluate(
         from flaxlm.tools.evaluate_masked import evaluate_masked
 
         return evaluate_masked(loaded, data_paths, split, max_batches, batch_size, progress)
-    seq_len = cfg.data.seq_len
     report: dict[str, Any] = {"step": loaded.step}
-    if data_paths:
-        tokens = tokenize_documents(data_paths, cfg.data.jsonl_field, loaded.tokenizer)
-        report["data"] = list(map(str, data_paths))
-    else:
-        if split not in ("train", "val"):
-            raise ValueError(f"split={split!r} is not one of train, val")
-        # The run's own data, through the tokenizer stored with the checkpoint.
-        data = prepare_data(cfg.data, cfg.model.vocab_size, progress, loaded.tokenizer)
-        tokens = data.val if split == "val" else data.train
-        report["split"] = split
-        report["unigram_loss"] = unigram_cross_entropy(
-            data.train, tokens, loaded.tokenizer.vocab_size
-        )
-    shards = rows_per_shard(loaded.mesh)
-    batch_size = batch_size or cfg.train.batch_size // cfg.train.grad_accum
-    batch_size = -(-batch_size // shards) * shards  # round up to a multiple of the shards
-    batches = CausalBatches(tokens, seq_len, batch_size, seed=0, shuffle=False)
+    tokens, train = split_tokens(loaded, data_paths, split, progress, report)
+    if train is not None:
+        report["unigram_loss"] = unigram_cross_entropy(train, tokens, loaded.tokenizer.vocab_size)
+    batch_size = sharded_batch_size(loaded, batch_size)
+    batches = CausalBatches(tokens, cfg.data.seq_len, batch_size, seed=0, shuffle=False)
     eval_step = jit_eval_step(
         make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding
     )
     local = batches.eval_batches(batch_size, max_batches, jax.process_index(), jax.process_count())
-    n_batches = -(-batches.n_examples // batch_size)
-    n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    n_batches = batch_count(batches.n_examples, batch_size, max_batches)
     start = time.perf_counter()
     with tqdm(total=n_batches, desc="eval", unit="batch", disable=not progress) as bar:
         report.update(evaluate_batches(_ticking(eval_step, bar), loaded.params, local, loaded.mesh))
         bar.update(bar.total - bar.n)  # the last batch
-    seconds = time.perf_counter() - start
-    report.update(batches=n_batches, seq_len=seq_len, seconds=round(seconds, 3))
-    report["tokens_per_s"] = report["tokens"] / max(seconds, 1e-9)
+    add_timing(report, n_batches, cfg.data.seq_len, start)
     if "unigram_loss" in report:
         report["gain_over_unigram"] = report["unigram_loss"] - report["val_loss"]
     return report
+
+
+def split_tokens(
+    loaded: LoadedModel,
+    data_paths: list[str] | None,
+    split: str,
+    progress: bool,
+    report: dict[str, Any],
+) -> tuple[Any, Any]:
+    """The tokens to evaluate and the run's train split (None for other sources):
+    ``data_paths``' documents through the run's tokenizer, else the run's own ``split``
+    (through the tokenizer stored with the checkpoint). Records which in ``report``."""
+    cfg = loaded.cfg
+    if data_paths:
+        report["data"] = list(map(str, data_paths))
+        return tokenize_documents(data_paths, cfg.data.jsonl_field, loaded.tokenizer), None
+    if split not in ("train", "val"):
+        raise ValueError(f"split={split!r} is not one of train, val")
+    data = prepare_data(cfg.data, cfg.model.vocab_size, progress, loaded.tokenizer)
+    report["split"] = split
+    return (data.val if split == "val" else data.train), data.train  # fmt: skip
+
+
+def sharded_batch_size(loaded: LoadedModel, batch_size: int) -> int:
+    """``batch_size`` (0: the run's per-step batch), rounded up to a multiple of the shards."""
+    cfg = loaded.cfg
+    shards = rows_per_shard(loaded.mesh)
+    batch_size = batch_size or cfg.train.batch_size // cfg.train.grad_accum
+    return -(-batch_size // shards) * shards
+
+
+def batch_count(n_examples: int, batch_size: int, max_batches: int) -> int:
+    """Batches in an evaluation of ``n_examples`` (the last one padded), at most ``max_batches``
+    when that is > 0."""
+    n_batches = -(-n_examples // batch_size)
+    return min(n_batches, max_batches) if max_batches else n_batches
+
+
+def add_timing(report: dict[str, Any], n_batches: int, seq_len: int, start: float) -> None:
+    """Adds ``batches``, ``seq_len``, ``seconds`` (since ``start``) and ``tokens_per_s``."""
+    seconds = time.perf_counter() - start
+    report.update(batches=n_batches, seq_len=seq_len, seconds=round(seconds, 3))
+    report["tokens_per_s"] = report["tokens"] / max(seconds, 1e-9)
 
 
 def _ticking(eval_step, bar: tqdm):

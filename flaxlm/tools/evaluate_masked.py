@@ -17,10 +17,9 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from flaxlm.data import prepare_data, tokenize_documents
 from flaxlm.data.masked import layout_of, make_masked_batches
+from flaxlm.tools.evaluate import add_timing, batch_count, sharded_batch_size, split_tokens
 from flaxlm.tools.load import LoadedModel
-from flaxlm.train.batches import rows_per_shard
 from flaxlm.train.masked_step import evaluate_masked_batches
 from flaxlm.train.step import jit_eval_step, make_eval_step
 
@@ -39,26 +38,11 @@ def evaluate_masked(
     and ``mlm_unigram_loss``."""
     cfg = loaded.cfg
     report: dict[str, Any] = {"step": loaded.step}
-    train_counts = None
-    if data_paths:
-        tokens = tokenize_documents(data_paths, cfg.data.jsonl_field, loaded.tokenizer)
-        report["data"] = list(map(str, data_paths))
-    else:
-        if split not in ("train", "val"):
-            raise ValueError(f"split={split!r} is not one of train, val")
-        data = prepare_data(cfg.data, cfg.model.vocab_size, progress, loaded.tokenizer)
-        tokens = data.val if split == "val" else data.train
-        report["split"] = split
-        train_counts = np.bincount(
-            np.asarray(data.train.tokens), minlength=loaded.tokenizer.vocab_size
-        ).astype(np.float64)
-    shards = rows_per_shard(loaded.mesh)
-    batch_size = batch_size or cfg.train.batch_size // cfg.train.grad_accum
-    batch_size = -(-batch_size // shards) * shards
+    tokens, train = split_tokens(loaded, data_paths, split, progress, report)
+    batch_size = sharded_batch_size(loaded, batch_size)
     batches = make_masked_batches(tokens, cfg, loaded.tokenizer, batch_size, shuffle=False)
-    keys = batches.keys
     eval_step = jit_eval_step(
-        make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding, keys
+        make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding, batches.keys
     )
     targets: list[np.ndarray] = []
     local = _recording(
@@ -66,8 +50,7 @@ def evaluate_masked(
         targets,
         layout_of(cfg) != "unified",
     )
-    n_batches = -(-batches.n_examples // batch_size)
-    n_batches = min(n_batches, max_batches) if max_batches else n_batches
+    n_batches = batch_count(batches.n_examples, batch_size, max_batches)
     start = time.perf_counter()
     with tqdm(total=n_batches, desc="eval", unit="batch", disable=not progress) as bar:
         report.update(
@@ -75,11 +58,12 @@ def evaluate_masked(
                 eval_step, loaded.params, _ticking(local, bar), loaded.mesh, cfg
             )
         )
-    seconds = time.perf_counter() - start
-    report.update(batches=n_batches, seq_len=cfg.data.seq_len, seconds=round(seconds, 3))
-    report["tokens_per_s"] = report["tokens"] / max(seconds, 1e-9)
-    if train_counts is not None and targets:
-        report.update(frequency_baseline(train_counts, np.concatenate(targets), loaded.tokenizer))
+    add_timing(report, n_batches, cfg.data.seq_len, start)
+    if train is not None and targets:
+        counts = np.bincount(np.asarray(train.tokens), minlength=loaded.tokenizer.vocab_size)
+        report.update(
+            frequency_baseline(counts.astype(np.float64), np.concatenate(targets), loaded.tokenizer)
+        )
     return report
 
 
