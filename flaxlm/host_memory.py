@@ -30,10 +30,12 @@ import os
 import platform
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 CHOICES = ("auto", "hugepages", "system")
 ACCELERATOR_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm", "libtpu", "jax-metal")
+THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 _REEXECUTED = "FLAXLM_MALLOC_REEXECUTED"  # set in the child: never re-execute twice
 
 
@@ -47,6 +49,8 @@ def tuned_environment(env: Mapping[str, str]) -> dict[str, str] | None:
         return None
     if (choice == "auto" and not runs_on_cpu(env)) or not glibc_has_hugetlb():
         return None
+    if not transparent_huge_pages():
+        return None  # the tunable would do nothing
     joined = f"{tunables}:{TUNABLE}" if tunables else TUNABLE
     return {**env, "GLIBC_TUNABLES": joined, _REEXECUTED: "1"}
 
@@ -75,6 +79,15 @@ def runs_on_cpu(env: Mapping[str, str]) -> bool:
         return platforms.split(",")[0].strip() == "cpu"
     names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
     return not any(name.lower().startswith(ACCELERATOR_PLUGINS) for name in names)
+
+
+def transparent_huge_pages() -> bool:
+    """Whether the kernel grants huge pages to the regions malloc asks for (``always`` or
+    ``madvise`` in /sys/kernel/mm/transparent_hugepage/enabled)."""
+    try:
+        return "[never]" not in THP_SETTING.read_text()
+    except OSError:
+        return False
 
 
 def glibc_has_hugetlb() -> bool:

@@ -6,11 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from flaxlm.host_memory import TUNABLE, glibc_has_hugetlb, runs_on_cpu, tuned_environment
+from flaxlm.host_memory import (
+    TUNABLE,
+    glibc_has_hugetlb,
+    runs_on_cpu,
+    transparent_huge_pages,
+    tuned_environment,
+)
 
 # Re-executes like the CLI, then mallocs and writes 256 MB as XLA does with a step's
 # temporaries; prints the tunables in force and the page faults. (Not numpy: it asks the
@@ -26,7 +31,6 @@ ctypes.memset(libc.malloc(1 << 28), 1, 1 << 28)
 faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 print(os.environ.get("GLIBC_TUNABLES", "-"), faults)
 """
-THP = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 
 def _faults(malloc: str) -> tuple[str, int]:
@@ -39,7 +43,7 @@ def _faults(malloc: str) -> tuple[str, int]:
 
 
 @pytest.mark.skipif(
-    not glibc_has_hugetlb() or not THP.exists() or "[never]" in THP.read_text(),
+    not glibc_has_hugetlb() or not transparent_huge_pages(),
     reason="needs glibc >= 2.35 and transparent huge pages",
 )
 def test_the_reexecuted_process_faults_in_huge_pages():
@@ -53,7 +57,7 @@ def test_the_reexecuted_process_faults_in_huge_pages():
 def test_the_tunable_is_added_once_and_only_where_it_helps():
     cpu = {"JAX_PLATFORMS": "cpu", "GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}
     env = tuned_environment(cpu)
-    if not glibc_has_hugetlb():
+    if not glibc_has_hugetlb() or not transparent_huge_pages():
         assert env is None
         return
     assert env["GLIBC_TUNABLES"] == f"glibc.malloc.arena_max=4:{TUNABLE}"
