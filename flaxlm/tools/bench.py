@@ -265,7 +265,7 @@ def _has_warning(r: Any) -> bool:
 
 def format_report(report: dict[str, Any]) -> str:
     """The human-readable table ``flaxlm bench`` prints without ``--json``."""
-    pages = "huge pages" if report.get("malloc_huge_pages") else "4 KiB pages"
+    pages = "huge pages" if report.get("malloc_huge_pages") else "default pages"
     lines = [f"device               {report['device']} (jax {report['jax']}; malloc {pages})"]
     if "step_s" in report:
         r = report
