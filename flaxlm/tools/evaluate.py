@@ -83,7 +83,7 @@ def split_tokens(
         raise ValueError(f"split={split!r} is not one of train, val")
     data = prepare_data(cfg.data, cfg.model.vocab_size, progress, loaded.tokenizer)
     report["split"] = split
-    return (data.val if split == "val" else data.train), data.train  # fmt: skip
+    return (data.val if split == "val" else data.train), data.train
 
 
 def sharded_batch_size(loaded: LoadedModel, batch_size: int) -> int:
