@@ -255,7 +255,7 @@ def data_inspect_command(args: argparse.Namespace) -> int:
 
 
 def data_build_tfds_command(args: argparse.Namespace) -> int:
-    from flaxlm.data.tfds_source import build_tfds
+    from flaxlm.data.tfds_build import build_tfds
 
     out = build_tfds(
         args.paths, args.name, args.data_dir, args.field, args.version, args.split,

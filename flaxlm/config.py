@@ -2,8 +2,8 @@
 
 Defaults live in the dataclasses below; a YAML file holds only what differs, and the command
 line overrides single keys as ``section.key=value``. Everything is validated once, in
-:func:`load_config` (the checks live in flaxlm/config_checks.py); nothing below this layer
-reads YAML or argv.
+:func:`load_config` (the checks, and ConfigError, live in flaxlm/config_checks.py, which this
+module imports); nothing below this layer reads YAML or argv.
 
     cfg = load_config("configs/gpt_demo.yaml", ["train.steps=100", "optim.lr=1e-3"])
 """
@@ -17,9 +17,8 @@ from typing import Any
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A config key or value is wrong; the message names it and what was expected."""
+# ConfigError and source_name are defined there and imported from here by the rest of flaxlm.
+from flaxlm.config_checks import ConfigError, set_key, source_name, validate  # noqa: F401
 
 
 @dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
@@ -256,12 +255,10 @@ def from_dict(raw: dict[str, Any], check_paths: bool = True) -> Config:
     ``check_paths=False`` is for configs read back from a checkpoint, whose data may live on
     another machine.
     """
-    from flaxlm.config_checks import set_key, validate
-
     cfg = Config()
     for section, values in (raw or {}).items():
         set_key(cfg, section, values, allow_section=True)
-    validate(cfg, check_paths=check_paths)
+    validate(cfg, CHOICES, check_paths=check_paths)
     return cfg
 
 
@@ -275,8 +272,6 @@ def load_config(
     ``check_paths=False`` skips the data-path checks, for commands that never read the data
     (``flaxlm plan`` compiles on abstract inputs).
     """
-    from flaxlm.config_checks import set_key, validate
-
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -295,7 +290,7 @@ def load_config(
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
         set_key(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "")
-    validate(cfg, check_paths=check_paths)
+    validate(cfg, CHOICES, check_paths=check_paths)
     return cfg
 
 
@@ -305,13 +300,3 @@ def save_config(cfg: Config, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     tmp.replace(path)
-
-
-def source_name(source: SourceConfig) -> str:
-    """The source's name: ``name`` if set, else the file / folder / TFDS name without suffixes."""
-    if source.name:
-        return source.name
-    if source.path.startswith("tfds:"):
-        return source.path[len("tfds:") :].split(":")[0].split("/")[0]
-    base = Path(source.path.removeprefix("hf:").rstrip("/")).name or source.path
-    return base.split(".")[0] or base

@@ -1,6 +1,11 @@
 """Checking a config: setting one key from YAML or an override (type coercion, unknown keys
 with a suggestion) and validating the values types cannot express. Every error is one
-:class:`~flaxlm.config.ConfigError` line that names the bad value and what was expected."""
+:class:`ConfigError` line that names the bad value and what was expected.
+
+This module sits below flaxlm/config.py and imports no flaxlm module: config.py holds the
+dataclasses and ``CHOICES`` and hands them in (``validate(cfg, CHOICES)``); coercion reads the
+dataclasses' own type hints. ``cfg`` below is a :class:`flaxlm.config.Config`.
+"""
 
 from __future__ import annotations
 
@@ -12,13 +17,18 @@ import typing
 from pathlib import Path
 from typing import Any
 
-from flaxlm.config import CHOICES, Config, ConfigError, DataConfig, SourceConfig, source_name
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names it and what was expected."""
 
 
-def validate(cfg: Config, check_paths: bool = True) -> None:
-    """Checks values that types cannot express. Raises ConfigError naming the bad value."""
+def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = True) -> None:
+    """Checks values that types cannot express. Raises ConfigError naming the bad value.
+
+    ``choices`` maps ``section.key`` to its allowed values (flaxlm.config.CHOICES).
+    """
     m, d, o, t = cfg.model, cfg.data, cfg.optim, cfg.train
-    for key, allowed in CHOICES.items():
+    for key, allowed in choices.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
@@ -102,7 +112,7 @@ def validate(cfg: Config, check_paths: bool = True) -> None:
         raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
 
 
-def _validate_objective(cfg: Config) -> None:
+def _validate_objective(cfg: Any) -> None:
     m, ob = cfg.model, cfg.objective
     shares = {"objective.mlm": ob.mlm, "objective.causal": ob.causal}
     shares["objective.prefix_lm"] = ob.prefix_lm
@@ -144,7 +154,7 @@ def _validate_objective(cfg: Config) -> None:
         )
 
 
-def _validate_sources(d: DataConfig) -> None:
+def _validate_sources(d: Any) -> None:
     if not 0.0 < d.tokenizer_character_coverage <= 1.0:
         raise ConfigError(
             f"data.tokenizer_character_coverage={d.tokenizer_character_coverage} must be in (0, 1]"
@@ -176,9 +186,13 @@ def _source_exists(path: str) -> bool:
     return path.startswith("tfds:") or Path(path.removeprefix("hf:")).exists()
 
 
-def set_key(cfg: Config, key: str, value: Any, allow_section: bool = False) -> None:
+def set_key(cfg: Any, key: str, value: Any, allow_section: bool = False) -> None:
+    """Sets ``section.key[.sub...]`` of ``cfg`` to ``value``, coerced to the field's type.
+
+    With ``allow_section``, ``key`` may name a whole section and ``value`` map its keys.
+    """
     section, _, name = key.partition(".")
-    sections = {f.name for f in dataclasses.fields(Config)}
+    sections = {f.name for f in dataclasses.fields(cfg)}
     if section not in sections:
         raise ConfigError(f"unknown config section {section!r}{_suggest(section, sections)}")
     target = getattr(cfg, section)
@@ -256,12 +270,13 @@ _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 
 def _coerce_dataclass(key: str, value: Any, cls: type) -> Any:
-    """A dict (or, for SourceConfig, a bare path string) -> the dataclass, field by field."""
-    if isinstance(value, str) and cls is SourceConfig:
+    """A dict -> the dataclass, field by field. A bare string stands for ``{path: string}``
+    where the dataclass has a ``path`` field (SourceConfig: ``data.sources=[a.txt, b.txt]``)."""
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if isinstance(value, str) and "path" in fields:
         value = {"path": value}
     if not isinstance(value, dict):
         raise ConfigError(f"{key}={value!r} should be a mapping, got {type(value).__name__}")
-    fields = {f.name for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     out = cls()
     for name, v in value.items():
@@ -275,3 +290,14 @@ def _coerce_dataclass(key: str, value: Any, cls: type) -> Any:
 def _suggest(name: str, options: Any) -> str:
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def source_name(source: Any) -> str:
+    """A SourceConfig's name: ``name`` if set, else the file / folder / TFDS name without
+    suffixes."""
+    if source.name:
+        return source.name
+    if source.path.startswith("tfds:"):
+        return source.path[len("tfds:") :].split(":")[0].split("/")[0]
+    base = Path(source.path.removeprefix("hf:").rstrip("/")).name or source.path
+    return base.split(".")[0] or base

@@ -11,7 +11,8 @@ from flaxlm.data import DataError, iter_documents
 
 pytest.importorskip("tensorflow_datasets", reason="the tfds extra is not installed")
 
-from flaxlm.data.tfds_source import build_tfds, prepared_dir  # noqa: E402
+from flaxlm.data.tfds_build import build_tfds  # noqa: E402
+from flaxlm.data.tfds_source import prepared_dir  # noqa: E402
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flaxlm.data.sources import DataError, Document, text_rows
+from flaxlm.data.documents import DataError, Document, text_rows
 
 ROWS_PER_READ = 1024
 FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}

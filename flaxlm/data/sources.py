@@ -22,45 +22,15 @@ Parquet and dataset rows.
 
 from __future__ import annotations
 
-import gzip
-import io
-import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from flaxlm.config import DataConfig, source_name
+from flaxlm.data import hf_source, tfds_source
 
-JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
-PARQUET_BATCH_ROWS = 1024
-
-
-class DataError(ValueError):
-    """Input data is unreadable or unusable; the message names the file and what is wrong."""
-
-
-@dataclass(frozen=True)
-class Document:
-    doc_id: str
-    text: str
-
-
-@dataclass(frozen=True)
-class SourceFile:
-    path: Path
-    doc_id: str  # the id of its document, or the prefix of its jsonl line / row ids
-
-    @property
-    def is_jsonl(self) -> bool:
-        return self.path.suffix == ".jsonl"
-
-    @property
-    def kind(self) -> str:
-        """``jsonl`` (plain or compressed), ``parquet`` or ``text``."""
-        name = self.path.name
-        if name.endswith(JSONL_SUFFIXES):
-            return "jsonl"
-        return "parquet" if name.endswith(".parquet") else "text"
+# DataError, Document and SourceFile are defined there; importing them from here still works.
+from flaxlm.data.documents import DataError, Document, SourceFile, file_documents
 
 
 @dataclass(frozen=True)
@@ -102,9 +72,7 @@ def list_source_files(paths: Iterable[str], tfds_data_dir: str = "") -> list[Sou
     files: list[SourceFile] = []
     for raw in paths:
         if raw.startswith("tfds:"):
-            from flaxlm.data.tfds_source import prepared_dir
-
-            root = prepared_dir(raw, tfds_data_dir)
+            root = tfds_source.prepared_dir(raw, tfds_data_dir)
             files += [SourceFile(p, f"{raw}/{p.name}") for p in sorted(root.iterdir())]
             continue
         if raw.startswith("hf:"):
@@ -155,129 +123,17 @@ def iter_documents(
         )
 
 
-def read_text(path: Path) -> str:
-    """The file decoded as UTF-8; DataError names the offset of the first bad byte."""
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise DataError(
-            f"{path}: not valid UTF-8 at byte offset {e.start} (byte 0x{data[e.start]:02x}); "
-            "expected UTF-8 text"
-        ) from None
-
-
-def _jsonl_documents(source: SourceFile, lines: Iterable[str], field: str) -> Iterator[Document]:
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue  # blank lines (e.g. a trailing newline) are not documents
-        where = f"{source.path}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(
-                f"{where}: invalid JSON ({e.msg}); expected one object per line"
-            ) from None
-        if not isinstance(record, dict) or field not in record:
-            keys = (
-                ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
-            )
-            raise DataError(f"{where}: no field {field!r} (found: {keys}); set data.jsonl_field")
-        value = record[field]
-        if not isinstance(value, str):
-            raise DataError(
-                f"{where}: field {field!r} is {type(value).__name__}, expected a string"
-            )
-        yield Document(f"{source.doc_id}:{lineno}", value)
-
-
 def _raw_documents(
     paths: list[str], field: str, split: str, tfds_data_dir: str
 ) -> Iterator[Document]:
     """Every document, empty ones included, entry by entry."""
-    from flaxlm.data import hf_source
-
     for raw in paths:
         if raw.startswith("tfds:"):
-            from flaxlm.data.tfds_source import tfds_documents
-
-            yield from tfds_documents(raw, field, split, tfds_data_dir)
+            yield from tfds_source.tfds_documents(raw, field, split, tfds_data_dir)
         elif raw.startswith("hf:"):
             yield from hf_source.hf_file_documents(Path(raw[len("hf:") :]), field, split)
         elif hf_source.is_saved_dataset(Path(raw)):
             yield from hf_source.hf_saved_documents(Path(raw), field, split)
         else:
             for source in list_source_files([raw]):
-                yield from _file_documents(source, field)
-
-
-def _file_documents(source: SourceFile, field: str) -> Iterator[Document]:
-    if source.kind == "parquet":
-        yield from _parquet_documents(source, field)
-    elif source.path.suffix == ".jsonl":
-        # split("\n"), not splitlines(): JSON strings may hold raw U+2028 and friends.
-        yield from _jsonl_documents(source, read_text(source.path).split("\n"), field)
-    elif source.kind == "jsonl":
-        yield from _jsonl_documents(source, _decompressed_lines(source.path), field)
-    else:
-        yield Document(source.doc_id, read_text(source.path))
-
-
-def _decompressed_lines(path: Path) -> Iterator[str]:
-    """Lines of a .gz / .zst file, streamed (never the whole file in memory), as text."""
-    if path.name.endswith(".gz"):
-        raw: io.BufferedIOBase = gzip.open(path, "rb")
-    else:
-        try:
-            import zstandard
-        except ImportError:
-            raise DataError(
-                f"{path}: reading .zst needs the zstandard package: pip install 'flaxlm[zstd]'"
-            ) from None
-        raw = io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")))
-    with raw:
-        for lineno, line in enumerate(raw, start=1):
-            try:
-                yield line.decode("utf-8").rstrip("\n")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: not valid UTF-8 at byte {e.start} of the line; "
-                    "expected UTF-8 text"
-                ) from None
-
-
-def _parquet_documents(source: SourceFile, field: str) -> Iterator[Document]:
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise DataError(
-            f"{source.path}: reading Parquet needs pyarrow: pip install 'flaxlm[parquet]'"
-        ) from None
-    table = pq.ParquetFile(source.path)
-    columns = table.schema_arrow.names
-    if field not in columns:
-        raise DataError(
-            f"{source.path}: no column {field!r} (found: {', '.join(columns)}); "
-            "set data.jsonl_field or the source's field"
-        )
-    row = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[field]):
-        yield from text_rows(batch.column(0).to_pylist(), f"{source.path}", source.doc_id, row)
-        row += batch.num_rows
-
-
-def text_rows(values: list, where: str, id_prefix: str, first_row: int) -> Iterator[Document]:
-    """Documents from one column's values; None counts as empty, non-strings are refused."""
-    for i, value in enumerate(values, start=first_row):
-        if isinstance(value, bytes):
-            try:
-                value = value.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{where}: row {i} is not valid UTF-8 at byte {e.start}; expected UTF-8 text"
-                ) from None
-        if value is None:
-            value = ""
-        if not isinstance(value, str):
-            raise DataError(f"{where}: row {i} is {type(value).__name__}, expected a string")
-        yield Document(f"{id_prefix}:{i}", value)
+                yield from file_documents(source, field)

@@ -1,9 +1,6 @@
-"""TFDS datasets on disk as a source, and building one from local files (extra ``tfds``).
+"""TFDS datasets on disk as a source (extra ``tfds``); flaxlm/data/tfds_build.py writes them.
 
 No TensorFlow is needed: datasets are stored as array_record and read by random access.
-
-    flaxlm data build-tfds corpus/ --name my_corpus --data-dir /shared/tfds
-    # data.paths=[tfds:my_corpus] data.tfds_data_dir=/shared/tfds
 
 A source ``tfds:NAME[/CONFIG][:VERSION]`` reads ``<data_dir>/NAME[/CONFIG]/<VERSION>/`` (the
 newest version when none is given) with ``tfds.builder_from_directory(...).as_data_source``,
@@ -17,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from flaxlm.data.sources import DataError, Document, iter_documents, text_rows
+from flaxlm.data.documents import DataError, Document, text_rows
 
 ROWS_PER_READ = 1024
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
@@ -130,79 +126,3 @@ def tfds_documents(spec: str, field: str, split: str, data_dir: str = "") -> Ite
         for record, doc in zip(records, docs, strict=True):
             doc_id = record["doc_id"] if has_ids else doc.doc_id
             yield Document(doc_id.decode() if isinstance(doc_id, bytes) else doc_id, doc.text)
-
-
-def build_tfds(
-    paths: Iterable[str],
-    name: str,
-    data_dir: str = "",
-    field: str = "text",
-    version: str = "1.0.0",
-    split: str = "train",
-    overwrite: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Writes the documents of flaxlm sources as a TFDS array_record dataset; returns its folder.
-
-    Features: ``text`` (the document) and ``doc_id`` (its flaxlm id). Records keep the
-    sources' order (shuffling is disabled). An existing folder is refused unless ``overwrite``.
-    """
-    name, config, version = parse_spec(f"tfds:{name}:{version}")
-    if config:
-        raise DataError(f"build-tfds --name {name}/{config}: configs are not supported")
-    paths = list(paths)
-    # A first pass fails on bad input before data_dir is touched, in constant memory.
-    n_docs = sum(1 for _ in iter_documents(paths, field))
-    out = default_data_dir(data_dir) / name / version
-    if out.exists():
-        if not overwrite:
-            raise DataError(f"{out} already exists; pass --overwrite to rebuild it")
-        shutil.rmtree(out)
-    tfds = import_tfds()
-    if not progress:
-        tfds.disable_progress_bar()
-    builder_cls = _builder_class(tfds, name, version, split, paths, field, n_docs)
-    builder = builder_cls(data_dir=str(default_data_dir(data_dir)), file_format="array_record")
-    builder.download_and_prepare()
-    shutil.rmtree(default_data_dir(data_dir) / "downloads", ignore_errors=True)
-    return out
-
-
-def _builder_class(
-    tfds: Any, name: str, version: str, split: str, paths: list[str], field: str, n_docs: int
-) -> type:
-    """A GeneratorBasedBuilder named ``name`` over the sources' documents, in this module.
-
-    TFDS derives the builder's code location from its module, which must live in a package;
-    registration is skipped so that several datasets can be built in one process.
-    """
-
-    def _info(self):
-        features = tfds.features.FeaturesDict(
-            {"text": tfds.features.Text(), "doc_id": tfds.features.Text()}
-        )
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=f"{n_docs} text documents written by flaxlm data build-tfds.",
-            features=features,
-        )
-
-    def _split_generators(self, dl_manager):
-        return {split: self._generate_examples()}
-
-    def _generate_examples(self):
-        for i, doc in enumerate(iter_documents(paths, field)):
-            yield i, {"text": doc.text, "doc_id": doc.doc_id}
-
-    attrs = {
-        "name": name,
-        "VERSION": tfds.core.Version(version),
-        "RELEASE_NOTES": {version: "Built by flaxlm data build-tfds."},
-        "disable_shuffling": True,  # keep the sources' document order
-        "_info": _info,
-        "_split_generators": _split_generators,
-        "_generate_examples": _generate_examples,
-        "__module__": __name__,
-    }
-    with tfds.core.registered.skip_registration():
-        return type(f"FlaxlmText_{name}", (tfds.core.GeneratorBasedBuilder,), attrs)
