@@ -24,22 +24,21 @@ def train_command(args: argparse.Namespace) -> int:
         ledger = result.run_dir / "skip_ledger.json"
         print(f"{len(result.rollbacks)} rollback(s); skipped data windows in {ledger}")
     if result.evals:
-        last = result.evals[-1]
-        extra = "".join(
-            f", {k} {last[k]:.4g}"
-            for k in ("perplexity", "mlm_accuracy", "nsp_accuracy")
-            if k in last
-        )
-        print(f"done: step {result.step}, val_loss {last['val_loss']:.4f}{extra}; "
-              f"run dir {result.run_dir}")  # fmt: skip
+        from flaxlm.families import family_of, summary_line
+
+        line = summary_line(result.evals[-1], family_of(cfg))
+        print(f"done: step {result.step}, {line}; run dir {result.run_dir}")
     return 0
 
 
 def eval_command(args: argparse.Namespace) -> int:
+    from flaxlm.families import family_of, report_lines
     from flaxlm.tools.evaluate import evaluate, save_report
+    from flaxlm.tools.load import load_checkpoint
 
+    loaded = load_checkpoint(args.path)
     report = evaluate(
-        args.path,
+        loaded,
         args.data,
         args.split,
         args.max_batches,
@@ -53,39 +52,10 @@ def eval_command(args: argparse.Namespace) -> int:
     print(f"checkpoint step      {report['step']}")
     print(f"tokens               {report['tokens']:,}")
     print(f"val_loss             {report['val_loss']:.4f} nats/token")
-    if "mlm_accuracy" in report or "causal_loss" in report or "mlm_loss" in report:
-        _print_masked_report(report)
-        print(f"report               {path}")
-        return 0
-    print(f"perplexity           {report['perplexity']:.2f}")
-    print(f"next-token accuracy  {100 * report['accuracy']:.1f}%")
-    if "unigram_loss" in report:
-        print(f"unigram baseline     {report['unigram_loss']:.4f} nats/token")
-        print(f"gain over unigram    {report['gain_over_unigram']:.4f} nats/token")
+    for line in report_lines(report, family_of(loaded.cfg)):
+        print(line)
     print(f"report               {path}")
     return 0
-
-
-def _print_masked_report(report: dict) -> None:
-    """The BERT / unified lines of ``flaxlm eval`` (flaxlm/tools/evaluate_masked.py)."""
-    labels = {
-        "mlm_loss": "MLM loss",
-        "mlm_unigram_loss": "MLM unigram baseline",
-        "causal_loss": "causal LM loss",
-        "prefix_lm_loss": "prefix-LM loss",
-        "nsp_loss": "NSP loss",
-    }
-    for key, label in labels.items():
-        if key in report:
-            print(f"{label:<21}{report[key]:.4f} nats/token")
-    labels = {
-        "mlm_accuracy": "MLM accuracy",
-        "mlm_frequency_accuracy": "frequency baseline",
-        "nsp_accuracy": "NSP accuracy",
-    }
-    for key, label in labels.items():
-        if key in report:
-            print(f"{label:<21}{100 * report[key]:.1f}%")
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -247,9 +217,11 @@ def data_rotten_tomatoes_command(args: argparse.Namespace) -> int:
 def data_inspect_command(args: argparse.Namespace) -> int:
     from flaxlm.config import load_config
     from flaxlm.data.inspection import format_report, inspect_data
+    from flaxlm.families import family_of
 
     cfg = load_config(args.config, args.overrides)
-    report = inspect_data(cfg, args.step, args.rows, progress=not args.json)
+    sample = family_of(cfg).inspect_sample
+    report = inspect_data(cfg, sample, args.step, args.rows, progress=not args.json)
     print(json.dumps(report) if args.json else format_report(report))
     return 0
 

@@ -74,7 +74,8 @@ def build_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None
     """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all hosts)."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    # Explicit Auto axis types: flax.linen's logical constraints need them (PLATFORM.md).
+    # Explicit Auto axis types: under jax.make_mesh's default (explicit) ones, flax.linen's
+    # logical constraints fail ("with_sharding_constraint acts as an assert").
     return Mesh(
         np.asarray(devices).reshape(shape),
         MESH_AXES,
@@ -88,8 +89,14 @@ def logical_to_sharding(tree, mesh: Mesh):
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Batches are split over (data, fsdp) along their leading dimension."""
+    """Batches are split over (data, fsdp) along their leading dimension (rows)."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def micro_batch_sharding(mesh: Mesh) -> NamedSharding:
+    """A train step's ``(A, b, X)`` batch arrays: the gradient-accumulation axis whole, rows
+    split over (data, fsdp)."""
+    return NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -75,7 +75,7 @@ def noisy_params(model_cfg, seed: int = 0):
     import jax.numpy as jnp
     from flax import linen as nn
 
-    from flaxlm.models import build_model
+    from flaxlm.families import build_model
 
     tokens_1x8 = jnp.zeros((1, 8), jnp.int32)
     params = nn.meta.unbox(build_model(model_cfg).init(jax.random.key(seed), tokens_1x8))

@@ -25,7 +25,7 @@ from flax import linen as nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import bert_tiny_config, tiny_config  # noqa: E402
 
-from flaxlm.models import build_model  # noqa: E402
+from flaxlm.families import build_model  # noqa: E402
 from flaxlm.optim import make_optimizer  # noqa: E402
 from flaxlm.sharding import LOGICAL_RULES, build_mesh  # noqa: E402
 from flaxlm.train import train  # noqa: E402

@@ -10,7 +10,8 @@ import pytest
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
-from flaxlm.models import BERT, build_model
+from flaxlm.families import build_model
+from flaxlm.models import BERT
 from flaxlm.models.layers import prefix_lm_mask
 from flaxlm.objectives import causal_lm_loss, mlm_loss
 from flaxlm.sharding import LOGICAL_RULES

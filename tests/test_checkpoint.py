@@ -13,7 +13,7 @@ from conftest import REPO
 
 from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import load_config, to_dict
-from flaxlm.models import build_model
+from flaxlm.families import build_model
 from flaxlm.optim import make_optimizer
 from flaxlm.sharding import build_mesh
 from flaxlm.train.state import abstract_state, create_state

@@ -12,7 +12,8 @@ import pytest
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
-from flaxlm.models import GPT, build_model, count_params, layers, non_embedding_params
+from flaxlm.families import build_model
+from flaxlm.models import GPT, count_params, layers, non_embedding_params
 from flaxlm.sharding import LOGICAL_RULES
 
 V, D, N_LAYERS, H, F, MAX_LEN, L = 64, 32, 2, 4, 64, 64, 16

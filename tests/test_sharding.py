@@ -17,7 +17,7 @@ import pytest
 from conftest import bert_tiny_config, tiny_config
 
 from flaxlm.checkpoint import Checkpointer
-from flaxlm.models import build_model
+from flaxlm.families import build_model
 from flaxlm.optim import make_optimizer
 from flaxlm.sharding import build_mesh
 from flaxlm.train import train

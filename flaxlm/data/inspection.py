@@ -14,6 +14,7 @@ prefix length of unified rows).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -28,8 +29,16 @@ from flaxlm.data.sources import list_source_files, resolve_sources
 BOUNDARY = " ‖ "  # shown between documents packed into one row
 
 
-def inspect_data(cfg: Config, step: int = 0, rows: int = 2, progress: bool = False) -> dict:
-    """A JSON-ready report of the config's data (see the module doc); ``rows`` sample rows."""
+def inspect_data(
+    cfg: Config,
+    sample: Callable[[Config, PreparedData, int, int], dict],
+    step: int = 0,
+    rows: int = 2,
+    progress: bool = False,
+) -> dict:
+    """A JSON-ready report of the config's data (see the module doc); ``sample(cfg, prepared,
+    step, rows)`` decodes ``rows`` rows of the batch of ``step`` as the model family sees them
+    (:func:`causal_sample`, :func:`masked_sample`: the family table's ``inspect_sample``)."""
     d = cfg.data
     prepared = prepare_data(d, cfg.model.vocab_size, progress=progress)
     batches = make_train_batches(prepared, d.seq_len, cfg.train.batch_size, cfg.train.seed)
@@ -63,11 +72,7 @@ def inspect_data(cfg: Config, step: int = 0, rows: int = 2, progress: bool = Fal
         "seq_len": d.seq_len,
         "batch_size": cfg.train.batch_size,
         "sources": sources,
-        "sample": (
-            _masked_sample(cfg, prepared, step, rows)
-            if cfg.model.family == "bert"
-            else _sample(prepared, batches, step, rows)
-        ),
+        "sample": sample(cfg, prepared, step, rows),
     }
 
 
@@ -84,8 +89,12 @@ def _tokenizer_report(prepared: PreparedData) -> dict[str, Any]:
     return {"source": tok.source, "vocab_size": tok.vocab_size, "special_ids": specials}
 
 
-def _sample(prepared: PreparedData, batches, step: int, rows: int) -> dict[str, Any]:
-    batch = batches.batch(step)
+def causal_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> dict[str, Any]:
+    """The first ``rows`` rows of a causal run's batch ``step``, documents separated."""
+    d = cfg.data
+    batch = make_train_batches(prepared, d.seq_len, cfg.train.batch_size, cfg.train.seed).batch(
+        step
+    )
     names = [s.name for s in prepared.sources]
     out = []
     for r in range(min(rows, len(batch["inputs"]))):
@@ -106,7 +115,7 @@ def _sample(prepared: PreparedData, batches, step: int, rows: int) -> dict[str, 
     return {"step": step, "objective": "causal", "rows": out}
 
 
-def _masked_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> dict[str, Any]:
+def masked_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> dict[str, Any]:
     """The first ``rows`` rows of a BERT run's batch ``step``, predicted positions marked."""
     tok = prepared.tokenizer
     layout = layout_of(cfg)

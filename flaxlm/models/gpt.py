@@ -125,17 +125,6 @@ class GPT(nn.Module):
         return (same_BxLxS & causal_LxS)[:, None], start
 
 
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The model named by ``cfg.family``."""
-    if cfg.family == "gpt":
-        return GPT(cfg)
-    if cfg.family == "bert":
-        from flaxlm.models.bert import BERT  # bert imports layers only; no cycle, kept lazy
-
-        return BERT(cfg)
-    raise ValueError(f"model.family={cfg.family!r} is not one of gpt, bert")
-
-
 def _inner(params) -> dict:
     """Accepts ``{"params": ...}`` or the params dict itself, boxed or not."""
     params = nn.meta.unbox(params)

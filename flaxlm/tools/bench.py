@@ -25,24 +25,12 @@ import jax
 import numpy as np
 
 from flaxlm.config import Config, ModelConfig
+from flaxlm.families import family_of
 from flaxlm.host_memory import huge_pages_in_force
 from flaxlm.perf import flops_per_token, measure_matmul_peak
 
 PEAK_TOLERANCE = 0.2  # before/after peaks further apart than this: a noisy machine
 WHATS = ("train", "data", "decode", "checkpoint", "all")
-
-
-def predicted_positions(cfg: Config) -> int:
-    """Positions per row whose LM-head logits are computed: every position for GPT (and the
-    unified objective), the ``max_predictions`` gathered slots for BERT MLM."""
-    if cfg.model.family != "bert":
-        return cfg.data.seq_len
-    from flaxlm.data.masked import layout_of
-    from flaxlm.data.masking import resolve_max_predictions
-
-    if layout_of(cfg) == "unified":
-        return cfg.data.seq_len
-    return resolve_max_predictions(cfg.objective, cfg.data.seq_len)
 
 
 def model_flops(model: ModelConfig, seq_len: int, predicted: int | None = None) -> dict[str, Any]:
@@ -96,77 +84,19 @@ def peak_host_memory_mb() -> float:
 # --- the train step -------------------------------------------------------------------------
 
 
-def synthetic_batch(cfg: Config, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """One global batch of random tokens with the keys and shapes the config's step takes."""
-    batch, seq_len, vocab = cfg.train.batch_size, cfg.data.seq_len, cfg.model.vocab_size
-    positions = np.broadcast_to(np.arange(seq_len, dtype=np.int32), (batch, seq_len)).copy()
-    ones = np.ones((batch, seq_len), np.int32)
-    if cfg.model.family != "bert":
-        tokens = rng.integers(7, vocab, (batch, seq_len + 1), dtype=np.int32)
-        return {
-            "inputs": tokens[:, :-1].copy(),
-            "targets": tokens[:, 1:].copy(),
-            "positions": positions,
-            "segment_ids": ones,
-            "loss_mask": np.ones((batch, seq_len), np.float32),
-        }
-    from flaxlm.data.masked import batch_keys, layout_of
-
-    layout = layout_of(cfg)
-    tokens = rng.integers(7, vocab, (batch, seq_len), dtype=np.int32)
-    if layout == "unified":
-        out = {
-            "inputs": tokens,
-            "targets": np.roll(tokens, -1, axis=1),
-            "positions": positions,
-            "segment_ids": ones,
-            "loss_mask": np.ones((batch, seq_len), np.float32),
-            "prefix_len": np.zeros((batch, 1), np.int32),
-            "objective_ids": np.ones((batch, 1), np.int32),  # causal rows
-        }
-        return {k: out[k] for k in batch_keys(cfg)}
-    p = predicted_positions(cfg)
-    masked = np.sort(
-        np.stack([rng.choice(np.arange(1, seq_len), p, replace=False) for _ in range(batch)]), 1
-    ).astype(np.int32)
-    out = {
-        "inputs": tokens,
-        "positions": positions,
-        "segment_ids": ones,
-        "masked_positions": masked,
-        "masked_ids": np.take_along_axis(tokens, masked, axis=1),
-        "masked_weights": np.ones((batch, p), np.float32),
-        "token_types": (positions >= seq_len // 2).astype(np.int32),
-        "nsp_labels": rng.integers(0, 2, (batch, 1), dtype=np.int32),
-        "nsp_weights": np.ones((batch, 1), np.float32),
-    }
-    return {k: out[k] for k in batch_keys(cfg)}
-
-
 class TrainHarness:
     """The config's jitted train step on one synthetic batch, ready to time."""
 
     def __init__(self, cfg: Config):
-        from flaxlm.data.masked import batch_keys
-        from flaxlm.models import build_model
-        from flaxlm.optim import make_optimizer
-        from flaxlm.sharding import build_mesh
         from flaxlm.train.batches import put_train_batch
-        from flaxlm.train.state import create_state
-        from flaxlm.train.step import BATCH_KEYS, jit_train_step, make_train_step, step_controls
+        from flaxlm.train.model_state import ModelState
+        from flaxlm.train.step import step_controls
 
-        self.cfg = cfg
-        self.mesh = build_mesh(cfg.mesh)
-        self.model = build_model(cfg.model)
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
-        self.state, self.state_sh = create_state(
-            self.model, tx, self.mesh, cfg.data.seq_len, cfg.train.seed
-        )
-        keys = batch_keys(cfg) if cfg.model.family == "bert" else BATCH_KEYS
-        self.step_fn = jit_train_step(
-            make_train_step(self.model, cfg, schedule), self.mesh, self.state_sh, keys
-        )
-        local = synthetic_batch(cfg, np.random.default_rng(cfg.train.seed))
+        self.cfg, self.family = cfg, family_of(cfg)
+        ms = ModelState.build(cfg, self.family)
+        self.mesh, self.model, self.state_sh = ms.mesh, ms.model, ms.shardings
+        self.state, self.step_fn = ms.fresh(), ms.train_step
+        local = self.family.synthetic_batch(cfg, np.random.default_rng(cfg.train.seed))
         self.batch = put_train_batch(local, self.mesh, cfg.train.grad_accum)
         self.controls = step_controls()
 
@@ -202,7 +132,8 @@ def bench_train(
         warmup=warmup,
     )
     report["tokens_per_s"] = tokens_per_step / report["step_s"]
-    report.update(model_flops(cfg.model, cfg.data.seq_len, predicted_positions(cfg)))
+    predicted = harness.family.predicted_positions(cfg)
+    report.update(model_flops(cfg.model, cfg.data.seq_len, predicted))
     report.update(_against_peak(report, peak_before, peak_after))
     report["peak_host_memory_mb"] = peak_host_memory_mb()
     return report

@@ -46,8 +46,8 @@ def bench_data(cfg: Config, step_tokens_per_s: float | None, steps: int = 50) ->
     """Tokens/s of building ``steps`` consecutive host batches and placing them on the mesh
     (what the loop does per step), after the tokenize-once cache exists; ``ratio_to_step`` is
     that over the train step's token rate."""
-    from flaxlm.data import make_train_batches, prepare_data
-    from flaxlm.data.masked import make_masked_batches
+    from flaxlm.data import prepare_data
+    from flaxlm.families import family_of
     from flaxlm.sharding import build_mesh
     from flaxlm.train.batches import put_train_batch
 
@@ -57,10 +57,7 @@ def bench_data(cfg: Config, step_tokens_per_s: float | None, steps: int = 50) ->
         prepared = prepare_data(cfg.data, cfg.model.vocab_size, progress=False)
         prepare_s = time.perf_counter() - t0
         batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
-        if cfg.model.family == "bert":
-            batches = make_masked_batches(prepared.train, cfg, prepared.tokenizer, batch)
-        else:
-            batches = make_train_batches(prepared, seq_len, batch, cfg.train.seed)
+        batches = family_of(cfg).train_batches(prepared, cfg, batch)
         mesh = build_mesh(cfg.mesh)
         jax.block_until_ready(put_train_batch(batches.batch(0), mesh, cfg.train.grad_accum))
         t0 = time.perf_counter()
@@ -87,17 +84,20 @@ def bench_data(cfg: Config, step_tokens_per_s: float | None, steps: int = 50) ->
 def bench_decode(
     cfg: Config, batch: int = 1, prompt: int | None = None, repeats: int = 2
 ) -> dict[str, Any]:
-    """Greedy decoding of a random-weight GPT of the config's shape up to ``data.seq_len``
+    """Greedy decoding of a random-weight decoder of the config's shape up to ``data.seq_len``
     tokens: with the KV cache, and re-running the whole ``seq_len`` window for each token.
     Compile time is excluded (each path runs once first); the best of ``repeats`` counts."""
-    if cfg.model.family != "gpt":
-        return {"skipped": "decode is timed for GPT configs", "summary": "skipped (GPT only)"}
-    from flaxlm.models import build_model
+    from flaxlm.families import family_of
     from flaxlm.tools.generate import GenerateOptions, generate_ids
+
+    family = family_of(cfg)
+    if not family.generates:
+        why = f"model.family={cfg.model.family!r} does not generate"
+        return {"skipped": why, "summary": f"skipped ({why})"}
 
     context = cfg.data.seq_len
     prompt = context // 2 if prompt is None else prompt
-    model = build_model(dataclasses.replace(cfg.model, dropout=0.0))
+    model = family.build_model(dataclasses.replace(cfg.model, dropout=0.0))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     params = nn.meta.unbox(variables)["params"]
     opts = GenerateOptions(max_new_tokens=context - prompt, stop_at_eos=False)

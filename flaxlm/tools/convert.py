@@ -4,8 +4,9 @@
     flaxlm convert to-hf runs/bert_demo hf/bert_demo     # the same for a BERT run
     flaxlm convert from-hf hf/gpt_demo runs/imported     # a run dir with checkpoint 0
 
-One ``Converter`` per model family (``CONVERTERS``): GPT <-> ``GPT2LMHeadModel``
-(``convert_gpt2``), BERT <-> ``BertForPreTraining`` (``convert_bert``). Each writes what the HF
+One ``Converter`` per model family, named by its entry in the family table
+(flaxlm/families/): GPT <-> ``GPT2LMHeadModel`` (flaxlm/hf/gpt2.py), BERT <->
+``BertForPreTraining`` (flaxlm/hf/bert.py). Each writes what the HF
 model can express exactly, writes the rest another way where it can (sinusoidal positions as a
 fixed table, no biases as zero biases) and refuses the rest with the option named.
 ``config.json`` also carries the flaxlm model config under ``flaxlm_model``, so importing an
@@ -28,10 +29,10 @@ import numpy as np
 from flax import linen as nn
 
 from flaxlm.config import Config, ModelConfig
-from flaxlm.models import build_model
-from flaxlm.tools.convert_base import ConversionError, Converter
-from flaxlm.tools.convert_bert import bert_config, bert_model_config, bert_params, bert_tensors
-from flaxlm.tools.convert_gpt2 import (
+from flaxlm.families import build_model, get_family, registered_families
+from flaxlm.hf.base import ConversionError, Converter
+from flaxlm.hf.bert import bert_config, bert_model_config, bert_params, bert_tensors
+from flaxlm.hf.gpt2 import (
     FROM_GPT2_ACTIVATIONS,
     GPT2_ACTIVATIONS,
     gpt2_config,
@@ -41,10 +42,8 @@ from flaxlm.tools.convert_gpt2 import (
 )
 
 __all__ = [
-    "CONVERTERS",
     "FROM_GPT2_ACTIVATIONS",
     "GPT2_ACTIVATIONS",
-    "HF_MODEL_TYPES",
     "TOKENIZER_FILE",
     "WEIGHTS_FILE",
     "ConversionError",
@@ -53,11 +52,13 @@ __all__ = [
     "bert_model_config",
     "bert_params",
     "bert_tensors",
+    "converters",
     "export_hf",
     "from_hf",
     "gpt2_config",
     "gpt2_model_config",
     "gpt2_tensors",
+    "hf_model_types",
     "gpt_params",
     "import_hf",
     "to_hf",
@@ -66,11 +67,16 @@ __all__ = [
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
 
-CONVERTERS = {
-    "gpt": Converter(gpt2_config, gpt2_model_config, gpt2_tensors, gpt_params),
-    "bert": Converter(bert_config, bert_model_config, bert_tensors, bert_params),
-}
-HF_MODEL_TYPES = {"gpt2": "gpt", "bert": "bert"}  # config.json model_type -> family
+
+def converters() -> dict[str, Converter]:
+    """Family name -> its HF converter, from the family table (families without one left out)."""
+    families = (get_family(name) for name in registered_families())
+    return {f.name: f.converter for f in families if f.converter is not None}
+
+
+def hf_model_types() -> dict[str, str]:
+    """config.json ``model_type`` -> the family that reads it."""
+    return {conv.hf_model_type: name for name, conv in converters().items()}
 
 
 def _safetensors():
@@ -88,11 +94,12 @@ def export_hf(
 ) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` (+ the sentencepiece ``tokenizer.model``)
     that ``transformers`` loads offline. Returns ``out_dir``."""
-    if cfg.family not in CONVERTERS:
+    conv = get_family(cfg.family).converter
+    if conv is None:
         raise ConversionError(
-            f"model.family={cfg.family!r} has no HF converter (one of {', '.join(CONVERTERS)})"
+            f"model.family={cfg.family!r} has no HF converter (families with one: "
+            f"{', '.join(converters())})"
         )
-    conv = CONVERTERS[cfg.family]
     hf_config = conv.to_config(cfg)  # its flaxlm_model keeps scan_layers, for the way back
     tensors = conv.to_tensors(
         unscan_blocks(params, cfg), dataclasses.replace(cfg, scan_layers=False)
@@ -119,12 +126,13 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
             "save_pretrained(..., safe_serialization=True))"
         )
     hf_config = json.loads(config_path.read_text())
-    family = HF_MODEL_TYPES.get(hf_config.get("model_type"))
+    family = hf_model_types().get(hf_config.get("model_type"))
     if family is None:
         raise ConversionError(
-            f"model_type={hf_config.get('model_type')!r} is not one of {', '.join(HF_MODEL_TYPES)}"
+            f"model_type={hf_config.get('model_type')!r} is not one of "
+            f"{', '.join(hf_model_types())}"
         )
-    conv = CONVERTERS[family]
+    conv = converters()[family]
     cfg = conv.from_config(hf_config)
     unscanned = dataclasses.replace(cfg, scan_layers=False)
     params = conv.from_tensors(_safetensors().load_file(str(weights_path)), unscanned)
@@ -207,6 +215,5 @@ def from_hf(
             f"seq_len={cfg.data.seq_len} exceeds the position table of "
             f"{model_cfg.max_seq_len} positions"
         )
-    if model_cfg.family == "bert" and model_cfg.type_vocab_size < 2:
-        cfg.objective.nsp = False  # one token type: no sentence pairs to train NSP on
+    get_family(model_cfg.family).converter.fit_run_config(cfg)
     return save_params_checkpoint(run_dir, cfg, params, Tokenizer.load(tok_path))

@@ -1,4 +1,5 @@
-"""``flaxlm eval``: loss, perplexity and next-token accuracy of a checkpoint on a split.
+"""``flaxlm eval``: a checkpoint's loss and its family's metrics (GPT: perplexity, next-token
+accuracy; BERT: MLM / NSP accuracy; unified: each objective's loss) on a split.
 
 report = evaluate("runs/gpt_demo", progress=True)
 path = save_report(report, "runs/gpt_demo")   # runs/gpt_demo/evals/step_300.val.json
@@ -9,13 +10,15 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 from tqdm import tqdm
 
-from flaxlm.data import CausalBatches, prepare_data, tokenize_documents, unigram_cross_entropy
+from flaxlm.data import prepare_data, tokenize_documents
+from flaxlm.families import Baseline, family_of
 from flaxlm.tools.load import LoadedModel, load_checkpoint, resolve_checkpoint
 from flaxlm.train.batches import evaluate_batches, rows_per_shard
 from flaxlm.train.step import jit_eval_step, make_eval_step
@@ -29,40 +32,52 @@ def evaluate(
     batch_size: int = 0,
     progress: bool = False,
 ) -> dict[str, Any]:
-    """Evaluates a run dir / checkpoint. Returns ``val_loss``, ``perplexity``, ``accuracy``,
-    ``tokens``, ``step``; on the run's own data also ``unigram_loss`` (the cross-entropy of the
-    same tokens under the train split's unigram distribution), the baseline to beat.
+    """Evaluates a run dir / checkpoint with its family's metrics. Returns ``step``,
+    ``val_loss``, the family's fields (GPT: ``perplexity``, ``accuracy``; BERT: ``mlm_loss``,
+    ``mlm_accuracy``, ``nsp_accuracy``, ...; unified: each objective's loss) and ``tokens``
+    (predicted positions); on the run's own data also the family's baseline to beat (GPT:
+    ``unigram_loss`` and ``gain_over_unigram``, the cross-entropy of the same tokens under the
+    train split's unigram distribution; BERT: ``mlm_frequency_accuracy`` and
+    ``mlm_unigram_loss`` at the same masked positions).
 
     ``data_paths`` evaluates on other text/JSONL sources instead (all of their documents,
     through the run's tokenizer). ``max_batches=0`` means the whole split. ``progress`` shows
     a bar over the batches. Also reports ``batches``, ``seq_len``, ``seconds`` and
-    ``tokens_per_s``.
+    ``tokens_per_s``. Masks and pairs of a BERT split are drawn from the run's seed and each
+    example's index, so two evaluations of any checkpoints see the same masked positions.
     """
     loaded = path if isinstance(path, LoadedModel) else load_checkpoint(path)
-    cfg = loaded.cfg
-    if cfg.model.family == "bert":  # MLM loss / accuracy, NSP accuracy, frequency baseline
-        from flaxlm.tools.evaluate_masked import evaluate_masked
-
-        return evaluate_masked(loaded, data_paths, split, max_batches, batch_size, progress)
+    cfg, family = loaded.cfg, family_of(loaded.cfg)
     report: dict[str, Any] = {"step": loaded.step}
     tokens, train = split_tokens(loaded, data_paths, split, progress, report)
-    if train is not None:
-        report["unigram_loss"] = unigram_cross_entropy(train, tokens, loaded.tokenizer.vocab_size)
+    baseline = None if train is None else family.baseline(cfg, loaded.tokenizer, train, tokens)
     batch_size = sharded_batch_size(loaded, batch_size)
-    batches = CausalBatches(tokens, cfg.data.seq_len, batch_size, seed=0, shuffle=False)
+    batches = family.eval_batches(tokens, cfg, loaded.tokenizer, batch_size)
     eval_step = jit_eval_step(
-        make_eval_step(loaded.model, cfg), loaded.mesh, loaded.params_sharding
+        make_eval_step(loaded.model, family, cfg),
+        loaded.mesh,
+        loaded.params_sharding,
+        family.batch_keys(cfg, False),
     )
     local = batches.eval_batches(batch_size, max_batches, jax.process_index(), jax.process_count())
     n_batches = batch_count(batches.n_examples, batch_size, max_batches)
     start = time.perf_counter()
     with tqdm(total=n_batches, desc="eval", unit="batch", disable=not progress) as bar:
-        report.update(evaluate_batches(_ticking(eval_step, bar), loaded.params, local, loaded.mesh))
-        bar.update(bar.total - bar.n)  # the last batch
+        seen = _observed(local, baseline, bar)
+        report.update(evaluate_batches(eval_step, loaded.params, seen, loaded.mesh, family, cfg))
     add_timing(report, n_batches, cfg.data.seq_len, start)
-    if "unigram_loss" in report:
-        report["gain_over_unigram"] = report["unigram_loss"] - report["val_loss"]
+    if baseline is not None:
+        report.update(baseline.report(report))
     return report
+
+
+def _observed(batches: Iterator[dict], baseline: Baseline | None, bar: tqdm) -> Iterator[dict]:
+    """Passes batches through, showing each to the baseline and advancing the bar."""
+    for batch in batches:
+        if baseline is not None:
+            baseline.observe(batch)
+        yield batch
+        bar.update(1)
 
 
 def split_tokens(
@@ -106,22 +121,6 @@ def add_timing(report: dict[str, Any], n_batches: int, seq_len: int, start: floa
     seconds = time.perf_counter() - start
     report.update(batches=n_batches, seq_len=seq_len, seconds=round(seconds, 3))
     report["tokens_per_s"] = report["tokens"] / max(seconds, 1e-9)
-
-
-def _ticking(eval_step, bar: tqdm):
-    """``eval_step`` that advances ``bar`` as batches *finish*: each call waits for the one
-    before it, so one batch is in flight while the next is prepared."""
-    previous: list[Any] = []
-
-    def step(params, batch):
-        out = eval_step(params, batch)
-        if previous:
-            jax.block_until_ready(previous.pop())
-            bar.update(1)
-        previous.append(out)
-        return out
-
-    return step
 
 
 def report_path(report: dict[str, Any], checkpoint: str | Path) -> Path:

@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import Config, MeshConfig, from_dict, save_config, to_dict
-from flaxlm.models import build_model
+from flaxlm.families import build_model
 from flaxlm.optim import make_optimizer
 from flaxlm.sharding import build_mesh
 from flaxlm.tokenizer import Tokenizer, check_vocab

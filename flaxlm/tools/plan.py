@@ -2,9 +2,10 @@
 renting the hardware.
 
 The train step is lowered and compiled ahead of time on *abstract* inputs (shapes and
-shardings only: nothing is allocated) over the configured mesh; simulated CPU devices stand in
-for the real ones. Parameters and optimizer state are counted from their shardings; activations
-and temporaries come from XLA's memory analysis of the compiled program.
+shardings only: nothing is allocated; the batch has the model family's keys and shapes) over
+the configured mesh; simulated CPU devices stand in for the real ones. Parameters and
+optimizer state are counted from their shardings; activations and temporaries come from XLA's
+memory analysis of the compiled program.
 
     flaxlm plan configs/gpt_7b.yaml --devices 64 --json
 """
@@ -16,16 +17,14 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from flaxlm.config import Config
-from flaxlm.models import build_model, count_params
-from flaxlm.optim import make_optimizer
-from flaxlm.sharding import build_mesh
-from flaxlm.train.state import abstract_state, state_shardings
-from flaxlm.train.step import BATCH_KEYS, jit_train_step, make_train_step
+from flaxlm.families import family_of
+from flaxlm.models import count_params
+from flaxlm.sharding import micro_batch_sharding, replicated
+from flaxlm.train.model_state import ModelState
+from flaxlm.train.step import step_controls
 
 GIB = 1024**3
 
@@ -48,31 +47,27 @@ def plan(cfg: Config) -> dict[str, Any]:
     ``activations_bytes`` (XLA temporaries: activations, gradients, workspace),
     ``compile_s``, ``n_params``, ``mesh``, ``devices``.
     """
-    mesh = build_mesh(cfg.mesh)
-    seq_len, accum = cfg.data.seq_len, cfg.train.grad_accum
-    model = build_model(cfg.model)
-    tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
-    state_sh = state_shardings(model, tx, mesh, seq_len)
-    abstract = abstract_state(model, tx, seq_len)
+    family = family_of(cfg)
+    ms = ModelState.build(cfg, family)
+    abstract, state_sh = ms.abstract, ms.shardings
     state_in = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
     )
-    rows = NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp"), None))
-    micro = (accum, cfg.train.batch_size // accum, seq_len)
+    # The family's batch, with the micro-batch axis the train step takes: shapes only.
+    accum = cfg.train.grad_accum
     batch = {
         k: jax.ShapeDtypeStruct(
-            micro, jnp.float32 if k == "loss_mask" else jnp.int32, sharding=rows
+            (accum, v.shape[0] // accum, *v.shape[1:]), v.dtype,
+            sharding=micro_batch_sharding(ms.mesh),
         )
-        for k in BATCH_KEYS
-    }
-    replicated = NamedSharding(mesh, PartitionSpec())
+        for k, v in family.synthetic_batch(cfg, np.random.default_rng(0)).items()
+    }  # fmt: skip
     controls = {
-        "lr_scale": jax.ShapeDtypeStruct((), jnp.float32, sharding=replicated),
-        "inject_nan": jax.ShapeDtypeStruct((), jnp.bool_, sharding=replicated),
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated(ms.mesh))
+        for k, v in step_controls().items()
     }
-    step = jit_train_step(make_train_step(model, cfg, schedule), mesh, state_sh)
     t0 = time.perf_counter()
-    compiled = step.lower(state_in, batch, controls).compile()
+    compiled = ms.train_step.lower(state_in, batch, controls).compile()
     compile_s = time.perf_counter() - t0
 
     params_bytes = _bytes_per_device(abstract.params, state_sh.params)
@@ -89,8 +84,8 @@ def plan(cfg: Config) -> dict[str, Any]:
         "batch_bytes": max(arguments - params_bytes - opt_bytes, 0),
         "compile_s": compile_s,
         "n_params": count_params(abstract.params),
-        "mesh": dict(mesh.shape),
-        "devices": mesh.devices.size,
+        "mesh": dict(ms.mesh.shape),
+        "devices": ms.mesh.devices.size,
     }
 
 

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from flaxlm.config import ConfigError
-from flaxlm.sharding import BATCH_AXES
+from flaxlm.sharding import BATCH_AXES, batch_sharding, micro_batch_sharding
 
 
 def rows_per_shard(mesh: Mesh) -> int:
@@ -33,23 +34,24 @@ def check_batch_fits(global_batch: int, grad_accum: int, mesh: Mesh) -> None:
 
 
 def put_train_batch(local: dict[str, np.ndarray], mesh: Mesh, grad_accum: int) -> dict:
-    """This process's rows ``(b_local, L)`` -> global ``(A, B / A, L)`` arrays on the mesh.
+    """This process's rows ``(b_local, X)`` -> global ``(A, B / A, X)`` arrays on the mesh.
 
     Each process splits its own rows into ``A`` micro-batches; global micro-batch ``a`` is the
     concatenation of every process's micro-batch ``a``.
     """
-    sharding = NamedSharding(mesh, PartitionSpec(None, BATCH_AXES, None))
+    sharding = micro_batch_sharding(mesh)
     out = {}
     for key, rows in local.items():
-        b_local, length = rows.shape
-        micro = rows.reshape(grad_accum, b_local // grad_accum, length)
-        global_shape = (grad_accum, b_local * jax.process_count() // grad_accum, length)
+        b_local, width = rows.shape
+        micro = rows.reshape(grad_accum, b_local // grad_accum, width)
+        global_shape = (grad_accum, b_local * jax.process_count() // grad_accum, width)
         out[key] = jax.make_array_from_process_local_data(sharding, micro, global_shape)
     return out
 
 
 def put_eval_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict:
-    sharding = NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+    """This process's rows ``(b_local, X)`` -> global ``(B, X)`` arrays on the mesh."""
+    sharding = batch_sharding(mesh)
     out = {}
     for key, rows in local.items():
         global_shape = (rows.shape[0] * jax.process_count(), rows.shape[1])
@@ -57,22 +59,20 @@ def put_eval_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict:
     return out
 
 
-def evaluate_batches(eval_step: Callable, params, local_batches, mesh: Mesh) -> dict[str, float]:
-    """Mean loss, perplexity and accuracy over an iterable of this process's ``(b, L)`` rows.
+def evaluate_batches(
+    eval_step: Callable, params, local_batches: Iterable[dict], mesh: Mesh, family, cfg
+) -> dict[str, Any]:
+    """The family's eval report (``val_loss`` first) over an iterable of this process's rows.
 
     Every process passes its own rows of the same global batches (``eval_batches`` with the
-    process index); padding rows carry ``loss_mask`` 0 and do not count.
+    process index); padding rows carry zero weights and do not count. The summed metrics are
+    added up on the host in float64 and read once, after the whole pass.
     """
-    totals = {"ce_sum": 0.0, "correct": 0.0, "n_tokens": 0.0}
     pending = [eval_step(params, put_eval_batch(batch, mesh)) for batch in local_batches]
+    totals = None
     for metrics in jax.device_get(pending):  # one sync for the whole pass
-        for key in totals:
-            totals[key] += float(metrics[key])
-    n = max(totals["n_tokens"], 1.0)
-    loss = totals["ce_sum"] / n
-    return {
-        "val_loss": loss,
-        "perplexity": float(np.exp(min(loss, 50.0))),
-        "accuracy": totals["correct"] / n,
-        "tokens": int(totals["n_tokens"]),
-    }
+        metrics = jax.tree.map(lambda x: np.asarray(x, np.float64), metrics)
+        totals = metrics if totals is None else jax.tree.map(np.add, totals, metrics)
+    if totals is None:
+        raise ValueError("evaluation got no batches: the split is empty")
+    return family.eval_report(cfg, totals)

@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 
 from flaxlm.config import ModelConfig
-from flaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
-from flaxlm.tools.convert_base import (
+from flaxlm.hf.base import (
     FROM_HF_ACTIVATIONS,
     TO_HF_ACTIVATIONS,
     ConversionError,
+    Converter,
     as_params,
     bias_or_zeros,
     float32_numpy,
@@ -29,6 +29,7 @@ from flaxlm.tools.convert_base import (
     sinusoidal_table,
     tensor_getter,
 )
+from flaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 GPT2_ACTIVATIONS = TO_HF_ACTIVATIONS
 FROM_GPT2_ACTIVATIONS = FROM_HF_ACTIVATIONS
@@ -37,8 +38,6 @@ FROM_GPT2_ACTIVATIONS = FROM_HF_ACTIVATIONS
 def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` of a ``GPT2LMHeadModel`` equal to ``GPT(cfg)``; refuses options
     GPT-2 cannot express."""
-    if cfg.family != "gpt":
-        raise ConversionError(f"model.family={cfg.family!r}: the GPT-2 exporter takes gpt")
     if cfg.positions == "rope":
         raise ConversionError(
             "model.positions='rope' cannot be expressed by GPT-2 (learned absolute positions)"
@@ -187,3 +186,6 @@ def gpt_params(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, An
             raise ConversionError("tie_word_embeddings=false but the weights lack lm_head.weight")
         params["lm_head"] = {"kernel": np.ascontiguousarray(head.T)}
     return as_params(params, cfg)
+
+
+GPT2 = Converter("gpt2", gpt2_config, gpt2_model_config, gpt2_tensors, gpt_params)

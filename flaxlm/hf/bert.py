@@ -20,10 +20,10 @@ from typing import Any
 import numpy as np
 
 from flaxlm.config import ModelConfig
-from flaxlm.tokenizer import PAD_ID
-from flaxlm.tools.convert_base import (
+from flaxlm.hf.base import (
     TO_HF_ACTIVATIONS,
     ConversionError,
+    Converter,
     as_params,
     bias_or_zeros,
     float32_numpy,
@@ -33,6 +33,7 @@ from flaxlm.tools.convert_base import (
     sinusoidal_table,
     tensor_getter,
 )
+from flaxlm.tokenizer import PAD_ID
 
 # transformers.BertConfig's defaults, for config.json files that leave a key out.
 HF_BERT_DEFAULTS = {
@@ -50,8 +51,6 @@ _OLD_NORM_NAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "Lay
 def bert_config(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` of a ``BertForPreTraining`` equal to ``BERT(cfg)``; refuses options
     HF BERT cannot express."""
-    if cfg.family != "bert":
-        raise ConversionError(f"model.family={cfg.family!r}: the BERT exporter takes bert")
     if cfg.norm_placement != "post":
         raise ConversionError(
             f"model.norm_placement={cfg.norm_placement!r} cannot be expressed by HF BERT "
@@ -226,3 +225,12 @@ def bert_params(tensors: dict[str, np.ndarray], cfg: ModelConfig) -> dict[str, A
     params["mlm_bias"] = take("cls.predictions.bias")
     params["nsp_head"] = linear("cls.seq_relationship", (d, 2), (2,))
     return as_params(params, cfg)
+
+
+def _fit_run_config(cfg: Any) -> None:
+    """One token type: no sentence pairs to train NSP on."""
+    if cfg.model.type_vocab_size < 2:
+        cfg.objective.nsp = False
+
+
+BERT = Converter("bert", bert_config, bert_model_config, bert_tensors, bert_params, _fit_run_config)

@@ -1,8 +1,9 @@
 """What every HuggingFace converter shares: the error, the converter record, activation names,
 and the helpers both directions of each family use.
 
-The family modules (``convert_gpt2``, ``convert_bert``) import this; ``flaxlm.tools.convert``
-imports them and holds the ``CONVERTERS`` table, so imports point one way.
+The per-architecture modules (``flaxlm.hf.gpt2``, ``flaxlm.hf.bert``) import this; each model
+family's entry in the family table (flaxlm/families/) names its converter, and
+``flaxlm.tools.convert`` reads and writes the files, so imports point one way.
 """
 
 from __future__ import annotations
@@ -36,10 +37,13 @@ class ConversionError(ValueError):
 class Converter:
     """One model family's mapping: ModelConfig <-> HF config, params <-> HF tensors."""
 
+    hf_model_type: str  # config.json "model_type" this converter reads
     to_config: Callable[[ModelConfig], dict[str, Any]]
     from_config: Callable[[dict[str, Any]], ModelConfig]
     to_tensors: Callable[[Any, ModelConfig], dict[str, np.ndarray]]
     from_tensors: Callable[[dict[str, np.ndarray], ModelConfig], dict[str, Any]]
+    # Adjusts the run config of an imported model (e.g. no NSP without two token types).
+    fit_run_config: Callable[[Any], None] = lambda cfg: None
 
 
 def hf_activation(hf: dict[str, Any], key: str, default: str) -> str:

@@ -1,0 +1,85 @@
+"""What a run shows and writes while it trains: one metrics.jsonl line per logged step (and per
+eval and rollback), the progress bar with loss, tokens/s and MFU, and the honest throughput
+meter (flaxlm/train/throughput.py) behind both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from flaxlm.config import Config
+from flaxlm.families import Family, summary_line
+from flaxlm.perf import flops_per_token, measure_matmul_peak
+from flaxlm.train.metrics_log import MetricsLog
+from flaxlm.train.throughput import Throughput
+
+STEP_FIELDS = ("loss", "accuracy", "lr", "grad_norm")
+
+
+class StepReporter:
+    def __init__(
+        self, cfg: Config, family: Family, log: MetricsLog, show: bool, step: int, last_step: int
+    ):
+        self.cfg, self.family, self.log, self.show = cfg, family, log, show
+        self.last_step = last_step
+        tokens = cfg.train.batch_size * cfg.data.seq_len
+        flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+        self.meter = Throughput(tokens, flops, measure_matmul_peak() if show else float("nan"))
+        self.bar = tqdm(total=last_step, initial=step, disable=not show, unit="step",
+                        dynamic_ncols=True)  # fmt: skip
+        self.history: list[dict[str, Any]] = []
+        self._rate: dict[str, float] = {}
+
+    def step_done(self, step: int, metrics: dict[str, Any], force: bool = False) -> dict | None:
+        """Step ``step``'s metrics (host values) were read. Logs them every ``train.log_every``
+        steps, at the last step, and whenever ``force`` (a bad step). Returns the record."""
+        self.meter.step_done(step)
+        if not (force or step % self.cfg.train.log_every == 0 or step == self.last_step):
+            return None
+        record = {"step": step, **{k: float(metrics[k]) for k in STEP_FIELDS}}
+        record.update(self.meter.rate())
+        record.update(self.family.log_fields(self.cfg, metrics))
+        self.log.write(record)
+        self.history.append(record)
+        self._rate = {k: record[k] for k in ("tokens_per_s", "mfu") if k in record}
+        self.bar.set_postfix(self._postfix(record["loss"]), refresh=False)
+        return record
+
+    def _postfix(self, loss: float) -> dict[str, str]:
+        out = {"loss": f"{loss:.3f}"}
+        if "tokens_per_s" in self._rate:
+            out["tok/s"] = f"{self._rate['tokens_per_s']:,.0f}"
+        if "mfu" in self._rate:
+            out["mfu"] = f"{100 * self._rate['mfu']:.0f}%"
+        return out
+
+    def advanced(self) -> None:
+        """One more step dispatched."""
+        self.bar.update(1)
+
+    def evaluated(self, record: dict[str, Any]) -> None:
+        self.log.write(record)
+        if self.show:
+            self.bar.write(f"step {record['step']}: {summary_line(record, self.family)}")
+
+    def rolled_back(self, event: dict[str, Any], restored_step: int) -> None:
+        self.log.write(event)
+        if self.show:
+            self.bar.write(
+                f"step {event['step']}: {event['reason']} -> rolled back to step "
+                f"{restored_step}, skipping data positions {event['skipped'][0]}.."
+                f"{event['skipped'][1]}"
+            )
+        self.bar.reset(total=self.last_step)
+        self.bar.update(restored_step)
+        self.meter.restart()
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def scalars(metrics: dict[str, Any]) -> dict[str, float]:
+    """The scalar entries of a step's fetched metrics, as floats."""
+    return {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}
