@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from flaxlm import cli_commands as commands
-from flaxlm.config import ConfigError
+from flaxlm.config import CHOICES, ConfigError
 from flaxlm.host_memory import reexec_with_huge_pages
 
 
@@ -155,7 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("paths", nargs="+", help="text files or directories")
     t.add_argument("--out", required=True, help="model prefix; writes OUT.model and OUT.vocab")
     t.add_argument("--vocab-size", type=int, default=8192)
-    t.add_argument("--type", default="bpe", choices=("bpe", "unigram"))
+    t.add_argument("--type", default="bpe", choices=CHOICES["data.tokenizer_type"])
     t.add_argument("--no-byte-fallback", action="store_true")
     t.add_argument(
         "--character-coverage", type=float, default=1.0, help="1.0 = every character (CJK)"
@@ -163,7 +163,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--normalization",
         default="identity",
-        choices=("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
+        choices=CHOICES["data.tokenizer_normalization"],
         help="identity = exact round trip; the others are lossy",
     )
     t.add_argument("--field", default="text", help="text field of .jsonl/.parquet/dataset rows")

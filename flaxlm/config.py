@@ -1,7 +1,8 @@
 """Typed, nested run configuration.
 
 Defaults live in the dataclasses below; a YAML file holds only what differs, and the command
-line overrides single keys as ``section.key=value``. Everything is validated once, in
+line overrides single keys as ``section.key=value``. The allowed values of string keys are
+declared once, in :data:`CHOICES` below the dataclasses. Everything is validated once, in
 :func:`load_config` (the checks, and ConfigError, live in flaxlm/config_checks.py, which this
 module imports); nothing below this layer reads YAML or argv.
 
@@ -30,9 +31,9 @@ class ModelConfig:
     n_heads: int = 6
     d_ff: int = 1536
     max_seq_len: int = 1024  # size of the learned / sinusoidal position table
-    positions: str = "learned"  # learned | sinusoidal | rope
+    positions: str = "learned"  # a learned or sinusoidal table (max_seq_len), or rope
     rope_theta: float = 10000.0
-    activation: str = "gelu"  # gelu (tanh approximation, as GPT-2) | gelu_exact | relu
+    activation: str = "gelu"  # gelu: tanh approximation, as GPT-2; gelu_exact: erf
     tie_embeddings: bool = True
     use_bias: bool = True
     dropout: float = 0.0
@@ -43,7 +44,7 @@ class ModelConfig:
     # Scan over layers (nn.scan): one compiled block, so compile time stays flat with depth;
     # parameters get a leading "layers" axis.
     scan_layers: bool = False
-    remat: str = "none"  # activation recomputation per block: none | full | dots
+    remat: str = "none"  # activation recomputation per block (dots: keep matmul outputs)
     # flaxlm (softmax attention with a closed-form backward) | xla | cudnn (the last two are
     # jax.nn.dot_product_attention; cudnn needs a GPU and bf16 / fp16 compute)
     attention_impl: str = "flaxlm"
@@ -100,13 +101,11 @@ class DataConfig:
     val_fraction: float = 0.1  # fraction of documents held out, chosen by a hash of the doc
     cache_dir: str = ".cache/flaxlm"
     tokenizer: str = ""  # an existing sentencepiece .model; empty = train one on the train split
-    tokenizer_type: str = "bpe"  # bpe | unigram (only when training one)
+    tokenizer_type: str = "bpe"  # only when training one
     tokenizer_vocab_size: int = 8192
     byte_fallback: bool = True
     tokenizer_character_coverage: float = 1.0  # share of characters kept as pieces (CJK: 0.9995)
-    tokenizer_normalization: str = (
-        "identity"  # identity = exact round trip | nfkc | nmt_nfkc | nfkc_cf
-    )
+    tokenizer_normalization: str = "identity"  # identity = exact round trip; the others: lossy
     # Special tokens a given tokenizer lacks: role -> piece, e.g. {pad: "</s>", mask: "[MASK]"};
     # a piece not in its vocabulary is appended as a new control piece.
     tokenizer_specials: dict[str, str] = field(default_factory=dict)
@@ -115,7 +114,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-4  # peak learning rate
-    schedule: str = "cosine"  # cosine | linear | constant | noam
+    schedule: str = "cosine"  # the shape of each: flaxlm/optim.py
     warmup_steps: int = 100
     decay_steps: int = 0  # 0 = train.steps
     min_lr_ratio: float = 0.1  # the floor of cosine / linear decay, as a fraction of the peak
@@ -229,6 +228,8 @@ class Config:
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
 
 
+# The allowed values of every string key, declared only here: validation, the CLI's choices
+# and the tokenizer read them from this table, and so should any new code.
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.family": ("gpt", "bert"),
     "model.norm_placement": ("pre", "post"),

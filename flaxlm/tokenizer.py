@@ -28,14 +28,15 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from flaxlm.config import ConfigError
+from flaxlm.config import CHOICES, ConfigError
 
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
 PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
 # The roles a foreign model's pieces can be mapped to, and the piece appended for each.
 SPECIAL_ROLES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "cls": "[CLS]", "sep": "[SEP]",
                  "mask": "[MASK]"}  # fmt: skip
-NORMALIZATIONS = ("identity", "nfkc", "nmt_nfkc", "nfkc_cf")
+MODEL_TYPES = CHOICES["data.tokenizer_type"]
+NORMALIZATIONS = CHOICES["data.tokenizer_normalization"]
 
 # sentencepiece samples this many lines at most; more only costs memory and time.
 MAX_TRAINING_SENTENCES = 2_000_000
@@ -67,8 +68,8 @@ def train_tokenizer(
     same text gives the same model bytes on any machine. ``vocab_size`` is an upper bound: a
     corpus too small to fill it gets a smaller vocabulary.
     """
-    if model_type not in ("bpe", "unigram"):
-        raise ValueError(f"model_type={model_type!r} is not one of bpe, unigram")
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not one of {', '.join(MODEL_TYPES)}")
     if normalization not in NORMALIZATIONS:
         raise ValueError(
             f"normalization={normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
