@@ -1,4 +1,4 @@
-"""Schedules against their formulas; the optimizer's weight-decay mask."""
+"""Schedules against their formulas; the optimizer's weight-decay mask; the fine-tuning recipe."""
 
 import math
 
@@ -8,6 +8,7 @@ import pytest
 
 from flaxlm.config import OptimConfig
 from flaxlm.optim import decay_mask, make_optimizer, make_schedule
+from flaxlm.tools.finetune import FinetuneOptions, finetune_optim
 
 
 def test_cosine_warmup_then_decay_to_floor():
@@ -64,3 +65,15 @@ def test_adamw_decays_only_masked_params_and_clips():
     huge = {"w": 1e6 * jnp.ones((2, 2)), "b": 1e6 * jnp.ones(2)}
     updates, _ = tx.update(huge, tx.init(params), params)
     assert np.all(np.isfinite(np.asarray(updates["w"])))
+
+
+def test_finetune_recipe_warms_up_then_decays_to_zero():
+    """``flaxlm finetune`` uses this module's AdamW with BERT's recipe: 10 % linear warmup,
+    linear decay to 0 at the last step, beta2 0.999, eps 1e-6, clipping at 1."""
+    cfg = finetune_optim(FinetuneOptions(lr=1e-4, warmup_ratio=0.1, weight_decay=0.01), 100)
+    assert (cfg.b1, cfg.b2, cfg.eps, cfg.weight_decay, cfg.clip_norm) == (0.9, 0.999, 1e-6, 0.01, 1)
+    lr = make_schedule(cfg, total_steps=100, d_model=64)
+    steps = (0, 5, 10, 55, 100, 150)
+    assert [float(lr(s)) for s in steps] == pytest.approx([0, 5e-5, 1e-4, 5e-5, 0, 0], abs=1e-10)
+    # A run shorter than ten steps still warms up over one step.
+    assert finetune_optim(FinetuneOptions(), 3).warmup_steps == 1

@@ -15,13 +15,18 @@ from conftest import TRAINED_RUN_STEPS
 from flaxlm.checkpoint import CheckpointError
 from flaxlm.data import CausalBatches, prepare_data, unigram_cross_entropy
 from flaxlm.tools.evaluate import evaluate
+from flaxlm.tools.generate import GenerateOptions, generate, generate_for
 from flaxlm.tools.load import load_checkpoint
-from flaxlm.tools.sample import generate, generate_ids
 
 
 @pytest.fixture(scope="module")
 def loaded(trained_run):
     return load_checkpoint(trained_run)
+
+
+def _continue(loaded, prompt_ids: list[int], n: int, **options) -> list[int]:
+    """One prompt's new ids through the checkpoint-level :func:`generate_for`."""
+    return generate_for(loaded, [prompt_ids], GenerateOptions(n, **options)).ids[0]
 
 
 def test_load_checkpoint_from_a_run_dir_or_one_checkpoint(trained_run, loaded):
@@ -124,7 +129,7 @@ def _jitted_apply(model):
 
 @pytest.mark.parametrize("params", ["trained", "noisy"])
 def test_greedy_generation_equals_the_unpadded_reference(loaded, params):
-    """``generate_ids`` (however it gets there: a padded fixed window, a KV cache, a sliding
+    """``generate_for`` (however it gets there: a padded fixed window, a KV cache, a sliding
     window once the context is full) must pick the tokens the plain computation picks. The
     trained tiny model soon repeats one token, so the same weights plus N(0, 0.5^2) noise,
     whose argmax jumps around, check it on varied contexts too."""
@@ -139,27 +144,27 @@ def test_greedy_generation_equals_the_unpadded_reference(loaded, params):
     text = "HAMLET.\nTo be, or not to be, that is the question:\nWhether 'tis nobler"
     prompt = loaded.tokenizer.encode(text)[: seq_len - 2]
     n = 6  # the context fills the window, then slides
-    got = generate_ids(loaded, prompt, n, temperature=0.0, stop_at_eos=False)
+    got = _continue(loaded, prompt, n, temperature=0.0, stop_at_eos=False)
     assert got == _reference_greedy(loaded, prompt, n)
     if params == "noisy":
         assert len(set(got)) > 2
         # A short context (the empty prompt starts from </s>) goes through the same window.
-        assert generate_ids(loaded, [], 2, stop_at_eos=False) == _reference_greedy(
+        assert _continue(loaded, [], 2, stop_at_eos=False) == _reference_greedy(
             loaded, [loaded.tokenizer.eos_id], 2
         )
     else:
-        # ``generate`` is text in, text out around ``generate_ids``.
-        ids = generate_ids(loaded, loaded.tokenizer.encode(text), n)
-        assert generate(loaded, text, n) == loaded.tokenizer.decode(ids)
+        # ``generate`` is text in, text out around ``generate_for``.
+        ids = _continue(loaded, loaded.tokenizer.encode(text), n)
+        assert generate(loaded, text, max_new_tokens=n) == loaded.tokenizer.decode(ids)
 
 
 def test_temperature_sampling_is_reproducible_per_seed(loaded):
     prompt = loaded.tokenizer.encode("ROMEO.\n")
-    first = generate_ids(loaded, prompt, 24, temperature=1.0, seed=3, stop_at_eos=False)
-    again = generate_ids(loaded, prompt, 24, temperature=1.0, seed=3, stop_at_eos=False)
-    other = generate_ids(loaded, prompt, 24, temperature=1.0, seed=4, stop_at_eos=False)
+    first = _continue(loaded, prompt, 24, temperature=1.0, seed=3, stop_at_eos=False)
+    again = _continue(loaded, prompt, 24, temperature=1.0, seed=3, stop_at_eos=False)
+    other = _continue(loaded, prompt, 24, temperature=1.0, seed=4, stop_at_eos=False)
     assert first == again
     assert first != other
     assert all(0 <= t < loaded.tokenizer.vocab_size for t in first)
     with pytest.raises(ValueError, match="temperature=-1"):
-        generate_ids(loaded, prompt, 4, temperature=-1.0)
+        _continue(loaded, prompt, 4, temperature=-1.0)

@@ -8,7 +8,8 @@
 
 As for BERT fine-tuning (Devlin et al.): dropout 0.1 on the pooled vector, a linear head,
 AdamW (beta2 0.999, eps 1e-6, weight decay 0.01 on matrices only, not on biases and norms),
-linear warmup over the first 10 % of the steps then linear decay to 0, gradient clipping at 1.
+linear warmup over the first 10 % of the steps then linear decay to 0, gradient clipping at 1
+(:func:`finetune_optim`, run by pretraining's own :func:`flaxlm.optim.make_optimizer`).
 ``freeze_body`` trains only the head: the encoder's parameters are not even handed to the
 optimizer, so they stay bit-identical. Validation is ``val_data``, or the rows whose group
 (``group_column``, e.g. the movie) hashes below ``val_fraction``. The fine-tuned parameters
@@ -31,11 +32,11 @@ import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
-from flaxlm.config import ConfigError, ModelConfig, from_dict
+from flaxlm.config import ConfigError, ModelConfig, OptimConfig, from_dict
 from flaxlm.data.labelled import LabelledRow, read_labelled, split_rows
 from flaxlm.data.sources import DataError
 from flaxlm.models import BERT, layers
-from flaxlm.optim import decay_mask
+from flaxlm.optim import make_optimizer
 from flaxlm.tokenizer import Tokenizer
 from flaxlm.tools.load import LoadedModel, load_checkpoint, resolve_checkpoint
 
@@ -106,6 +107,24 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
         fp, fn = np.sum((pred == c) & (gold != c)), np.sum((pred != c) & (gold == c))
         scores.append(2 * tp / max(2 * tp + fp + fn, 1))
     return float(np.mean(scores))
+
+
+def finetune_optim(opts: FinetuneOptions, total_steps: int) -> OptimConfig:
+    """BERT's fine-tuning recipe for :func:`flaxlm.optim.make_optimizer`: AdamW (beta2 0.999,
+    eps 1e-6), linear warmup over ``warmup_ratio`` of the steps (at least one), linear decay
+    to 0 at ``total_steps``, clipping at global norm 1."""
+    return OptimConfig(
+        lr=opts.lr,
+        schedule="linear",
+        warmup_steps=max(1, int(opts.warmup_ratio * total_steps)),
+        decay_steps=total_steps,
+        min_lr_ratio=0.0,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-6,
+        weight_decay=opts.weight_decay,
+        clip_norm=1.0,
+    )
 
 
 def finetune(
@@ -182,19 +201,7 @@ def finetune(
     }
     steps_per_epoch = -(-len(train_rows) // opts.batch_size)
     total = steps_per_epoch * opts.epochs
-    warmup = max(1, int(opts.warmup_ratio * total))
-    schedule = optax.join_schedules(
-        [
-            optax.linear_schedule(0.0, opts.lr, warmup),
-            optax.linear_schedule(opts.lr, 0.0, max(total - warmup, 1)),
-        ],
-        [warmup],
-    )
-    tx = optax.chain(
-        optax.clip_by_global_norm(1.0),
-        optax.adamw(schedule, b1=0.9, b2=0.999, eps=1e-6, weight_decay=opts.weight_decay,
-                    mask=decay_mask),
-    )  # fmt: skip
+    tx, _ = make_optimizer(finetune_optim(opts, total), total, cfg.model.d_model)
     # Frozen body: only the head is trainable; the body is a constant input of the step.
     if opts.freeze_body:
         trainable, frozen = {"classifier": params["classifier"]}, {"bert": params["bert"]}
