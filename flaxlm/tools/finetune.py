@@ -35,6 +35,7 @@ from flax import linen as nn
 from flaxlm.config import ConfigError, ModelConfig, OptimConfig, from_dict
 from flaxlm.data.labelled import LabelledRow, read_labelled, split_rows
 from flaxlm.data.sources import DataError
+from flaxlm.families import family_of
 from flaxlm.models import BERT, layers
 from flaxlm.optim import make_optimizer
 from flaxlm.tokenizer import Tokenizer
@@ -144,9 +145,10 @@ def finetune(
         loaded = load_checkpoint(checkpoint)
         out = Path(opts.out) if opts.out else resolve_checkpoint(checkpoint)[0] / "finetune"
     cfg, tok = loaded.cfg, loaded.tokenizer
-    if cfg.model.family != "bert":
+    if not family_of(cfg).classifies:
         raise ConfigError(
-            f"finetune needs a model.family=bert checkpoint, got {cfg.model.family!r}"
+            f"finetune needs an encoder with a [CLS] pooler (model.family=bert), got "
+            f"model.family={cfg.model.family!r}"
         )
     if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
         raise ValueError(

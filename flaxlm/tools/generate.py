@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
+from flaxlm.families import family_of
 from flaxlm.tools import beam, sampling
 from flaxlm.tools.load import LoadedModel
 from flaxlm.tools.sampling import SamplingOptions
@@ -322,8 +323,10 @@ def generate_for(
 ) -> Generation:
     """:func:`generate_ids` with a checkpoint's model, tokenizer ids and trained context;
     an empty prompt becomes ``[</s>]``."""
-    if loaded.cfg.model.family != "gpt":
-        raise ValueError(f"generation needs a decoder: model.family={loaded.cfg.model.family!r}")
+    if not family_of(loaded.cfg).generates:
+        raise ValueError(
+            f"generation needs a decoder: model.family={loaded.cfg.model.family!r} is not one"
+        )
     tok = loaded.tokenizer
     prompts = [list(p) or [tok.eos_id] for p in prompts]
     context = min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len)
