@@ -52,6 +52,10 @@ class ModelConfig:
     # the keys up to its end, so the masked upper triangle is not computed; 0, or a length it
     # does not divide, = one block
     causal_block: int = 64
+    # The hand-written backward passes (matmul, attention, LayerNorm, GELU, chunked head +
+    # loss; flaxlm/models/backward.py): auto = on only on the CPU, where they are faster;
+    # off = plain autodiff of the same forward; on = everywhere
+    custom_backward: str = "auto"
     # BERT only (GPT is always pre-LN): post = original BERT, pre = LN inside the residual branch
     norm_placement: str = "pre"
     type_vocab_size: int = 2  # BERT segment (token type) embeddings: A / B
@@ -239,6 +243,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
     "model.attention_impl": ("flaxlm", "xla", "cudnn"),
+    "model.custom_backward": ("auto", "on", "off"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
     "optim.schedule": ("cosine", "linear", "constant", "noam"),

@@ -15,6 +15,9 @@ The gradient of the per-token objective (label smoothing eps, z-loss z, softmax 
 
 It is computed in the forward pass (the loss is a weighted sum, so the incoming cotangent is
 one scalar that scales both gradients); called without differentiation, only the loss runs.
+With ``custom_backward`` off (``model.custom_backward``, flaxlm/models/backward.py) autodiff
+takes the gradient instead, each chunk rematerialised so that the logits are still never
+stored whole.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.models import backward
 from flaxlm.objectives import token_losses
 
 Array = jax.Array
@@ -46,6 +50,7 @@ def fused_lm_loss(
     chunk: int,
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
+    custom_backward: bool | None = None,
 ) -> tuple[Array, Array, Array]:
     """``(objective_sum, ce_BxL, correct_BxL)`` of the LM head on ``hidden_BxLxD``.
 
@@ -54,11 +59,20 @@ def fused_lm_loss(
     :func:`flaxlm.models.matmul.matmul`. ``objective_sum`` is the trained sum (weighted by
     ``weights_BxL``, with label smoothing and z-loss) and is differentiable in ``hidden`` and
     ``head``; ``ce_BxL`` (plain cross-entropy) and ``correct_BxL`` (the target holds the largest
-    logit) are metrics and carry no gradient.
+    logit) are metrics and carry no gradient. ``custom_backward``: the closed-form gradient
+    (True) or autodiff (False); None = the ``auto`` choice
+    (:func:`flaxlm.models.backward.use_custom_backward`).
     """
     length = hidden_BxLxD.shape[1]
     options = (head_is_embedding, chunk_size(length, chunk), float(label_smoothing), float(z_loss))
-    return _fused(hidden_BxLxD, head, targets_BxL, weights_BxL.astype(jnp.float32), options)
+    weights_BxL = weights_BxL.astype(jnp.float32)
+    if backward.resolve(custom_backward):
+        return _fused(hidden_BxLxD, head, targets_BxL, weights_BxL, options)
+    objective, (ce_BxL, correct_BxL) = _run(
+        hidden_BxLxD, head, targets_BxL, jax.lax.stop_gradient(weights_BxL), options,
+        with_grads=False, remat=True,
+    )  # fmt: skip
+    return objective, jax.lax.stop_gradient(ce_BxL), jax.lax.stop_gradient(correct_BxL)
 
 
 def _chunks(x_BxL: Array, chunk: int) -> Array:
@@ -73,7 +87,9 @@ def _unchunk(x_NxBxC: Array) -> Array:
     return x.reshape(x.shape[0], -1, *x.shape[3:])
 
 
-def _run(hidden_BxLxD, head, targets_BxL, weights_BxL, options, with_grads: bool):
+def _run(hidden_BxLxD, head, targets_BxL, weights_BxL, options, with_grads: bool, remat=False):
+    """The scan over chunks; ``with_grads`` adds the closed-form gradients, ``remat`` makes
+    autodiff recompute each chunk's logits instead of storing them."""
     head_is_embedding, chunk, eps, z = options
     dtype = hidden_BxLxD.dtype
     head_c = head.astype(dtype)
@@ -103,6 +119,8 @@ def _run(hidden_BxLxD, head, targets_BxL, weights_BxL, options, with_grads: bool
         return d_head, (*out, dh_BxCxD.astype(dtype))
 
     xs = (_chunks(hidden_BxLxD, chunk), _chunks(targets_BxL, chunk), _chunks(weights_BxL, chunk))
+    if remat:
+        body = jax.checkpoint(body)
     d_head, outs = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32), xs)
     objective = jnp.sum(outs[0])
     metrics = (_unchunk(outs[1]), _unchunk(outs[2]))

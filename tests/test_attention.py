@@ -117,13 +117,39 @@ def test_gpt_logits_and_gradients_do_not_depend_on_causal_block():
     cfg = ModelConfig(vocab_size=32, d_model=16, n_layers=2, n_heads=2, d_ff=32, max_seq_len=L)
     tokens = jax.random.randint(jax.random.key(2), (B, L), 0, 32)
     segments = jnp.array([[1] * 5 + [2] * (L - 5), [1] * L])
-    params = GPT(cfg).init(jax.random.key(0), tokens)["params"]
+    params = jax.jit(GPT(cfg).init)(jax.random.key(0), tokens)["params"]
 
-    def loss(causal_block):
+    def value_and_grads(causal_block):
         model = GPT(dataclasses.replace(cfg, causal_block=causal_block))
-        return lambda p: jnp.sum(jnp.sin(model.apply({"params": p}, tokens, None, segments)))
 
-    np.testing.assert_allclose(loss(4)(params), loss(0)(params), rtol=1e-6)
-    blocked, whole = jax.grad(loss(4))(params), jax.grad(loss(0))(params)
+        def loss(p):
+            return jnp.sum(jnp.sin(model.apply({"params": p}, tokens, None, segments)))
+
+        return jax.jit(jax.value_and_grad(loss))(params)
+
+    (value_blocked, blocked), (value_whole, whole) = value_and_grads(4), value_and_grads(0)
+    np.testing.assert_allclose(value_blocked, value_whole, rtol=1e-6)
     for got, want in zip(jax.tree.leaves(blocked), jax.tree.leaves(whole), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("block", [0, 4], ids=["whole", "causal_blocks"])
+def test_the_switch_off_gives_the_same_values_and_gradients(block, dtype):
+    """``custom_backward=False`` (model.custom_backward off) differentiates the same forward by
+    autodiff: equal outputs, and gradients equal to float32 rounding (fp32) or within bf16's."""
+    q, k, v, mask = (x.astype(dtype) if x.dtype != jnp.bool_ else x for x in _inputs())
+
+    def value_and_grads(custom_backward):
+        def loss(q, k, v):
+            out = attention(q, k, v, mask, "flaxlm", block, custom_backward)
+            return jnp.sum(jnp.sin(out.astype(jnp.float32)))
+
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+
+    (value_on, grads_on), (value_off, grads_off) = value_and_grads(True), value_and_grads(False)
+    np.testing.assert_allclose(value_on, value_off, rtol=1e-6)
+    tolerance = {"atol": 1e-6} if dtype == jnp.float32 else {"atol": 0.05}
+    for on, off in zip(grads_on, grads_off, strict=True):
+        assert on.dtype == off.dtype == dtype
+        np.testing.assert_allclose(on.astype(jnp.float32), off.astype(jnp.float32), **tolerance)

@@ -11,7 +11,8 @@ from conftest import REPO
 
 from flaxlm.cli import main
 from flaxlm.config import load_config
-from flaxlm.tools.bench import model_flops, peak_warning, predicted_positions
+from flaxlm.families import get_family
+from flaxlm.tools.bench import model_flops, peak_warning
 
 
 def test_flop_formula_of_gpt_small_cpu_by_hand():
@@ -20,7 +21,9 @@ def test_flop_formula_of_gpt_small_cpu_by_hand():
     block_params = n_layers * (4 * d * d + 2 * d * f)  # q, k, v, out + MLP up, down
     assert block_params == 10_616_832
     body = 6 * block_params + 12 * n_layers * d * seq  # 63,700,992 + 7,077,888
-    flops = model_flops(cfg.model, cfg.data.seq_len, predicted_positions(cfg))
+    flops = model_flops(
+        cfg.model, cfg.data.seq_len, get_family(cfg.model.family).predicted_positions(cfg)
+    )
     assert flops["flops_per_token"] == body == 70_778_880
     assert flops["flops_per_token_incl_head"] == body + 6 * d * vocab == 89_653_248
     assert "6*N + 12*L*d*S" in flops["flops_formula"]
@@ -29,8 +32,10 @@ def test_flop_formula_of_gpt_small_cpu_by_hand():
 
 def test_bert_head_flops_count_only_the_gathered_positions():
     cfg = load_config(REPO / "configs/bench/bert_small_cpu.yaml", check_paths=False)
-    assert predicted_positions(cfg) == 20  # ceil(0.15 * 128)
-    flops = model_flops(cfg.model, cfg.data.seq_len, predicted_positions(cfg))
+    assert get_family(cfg.model.family).predicted_positions(cfg) == 20  # ceil(0.15 * 128)
+    flops = model_flops(
+        cfg.model, cfg.data.seq_len, get_family(cfg.model.family).predicted_positions(cfg)
+    )
     d, vocab, seq = 384, 8192, 128
     body = 6 * 6 * (4 * d * d + 2 * d * 1536) + 12 * 6 * d * seq
     assert flops["flops_per_token"] == body
@@ -61,23 +66,46 @@ TINY = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("config", ["configs/gpt_tiny.yaml", "configs/bert_tiny.yaml"])
-def test_bench_json_has_the_promised_fields(capsys, config):
+# TINY by hand: d = 32, F = 64, one layer, S = 16, V = 128, 2 rows of 16 tokens per step.
+TINY_BODY_FLOPS = 6 * (4 * 32 * 32 + 2 * 32 * 64) + 12 * 1 * 32 * 16  # 55,296 per token
+TINY_HEAD_FLOPS = {"gpt": 6 * 32 * 128, "bert": 6 * 32 * 128 * 3 / 16}  # BERT: 3 = ceil(.15 * 16)
+
+
+@pytest.mark.parametrize(
+    ("config", "peaks", "warns"),
+    [
+        ("configs/gpt_tiny.yaml", (100e9, 130e9), True),  # 30 apart, 26 % of the mean 115
+        ("configs/bert_tiny.yaml", (100e9, 105e9), False),  # 5 apart, 4.9 % of 102.5
+    ],
+)
+def test_bench_json_rates_against_the_peaks_it_measured(capsys, monkeypatch, config, peaks, warns):
+    """The peaks are pinned to known values, so the MFU, the FLOPs and the warning can be
+    checked against hand-computed figures (only the step time is the machine's)."""
+    from flaxlm.tools import bench
+
+    measured = iter(peaks)  # before, after; a third measurement would raise
+    monkeypatch.setattr(bench, "measure_peak", lambda *args, **kwargs: next(measured))
     code = main(["bench", str(REPO / config), *TINY, "--json", "--steps", "2", "--warmup", "1"])
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     report = json.loads(out[0])
-    for key in ("tokens_per_s", "step_s", "peak_gflops", "mfu", "mfu_incl_head", "compile_s",
-                "peak_gflops_before", "peak_gflops_after", "flops_per_token",
-                "flops_per_token_incl_head", "flops_formula", "peak_host_memory_mb",
-                "malloc_huge_pages"):  # fmt: skip
-        assert key in report, key
-    assert report["tokens_per_s"] > 0 and report["peak_gflops"] > 0
-    assert 0 < report["mfu"] <= report["mfu_incl_head"]
-    assert ("warning" in report) == (
-        peak_warning(report["peak_gflops_before"], report["peak_gflops_after"]) is not None
-    )
+    family = "bert" if "bert" in config else "gpt"
+    peak = (peaks[0] + peaks[1]) / 2
+    assert (report["peak_gflops_before"], report["peak_gflops_after"]) == (100, peaks[1] / 1e9)
+    assert report["peak_gflops"] == pytest.approx(peak / 1e9)
+    assert report["flops_per_token"] == TINY_BODY_FLOPS == 55_296
+    with_head = TINY_BODY_FLOPS + TINY_HEAD_FLOPS[family]
+    assert report["flops_per_token_incl_head"] == pytest.approx(with_head)
+    assert report["steps"] == 2 and report["step_s_min"] <= report["step_s"]
+    assert report["tokens_per_s"] == pytest.approx(2 * 16 / report["step_s"])
+    assert report["mfu"] == pytest.approx(TINY_BODY_FLOPS * report["tokens_per_s"] / peak)
+    assert report["mfu_incl_head"] == pytest.approx(with_head * report["tokens_per_s"] / peak)
+    assert report["compile_s"] > 0 and report["peak_host_memory_mb"] > 100
+    assert isinstance(report["malloc_huge_pages"], bool)
+    assert ("warning" in report) == warns
+    if warns:
+        assert "moved by 26%" in report["warning"] and "noisy machine" in report["warning"]
 
 
 def test_bench_decode_compares_cache_and_recompute(capsys):

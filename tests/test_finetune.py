@@ -11,8 +11,8 @@ import pytest
 from conftest import bert_tiny_config
 
 from flaxlm.cli import main
-from flaxlm.data.labelled import write_rotten_tomatoes
-from flaxlm.tools.finetune import FinetuneOptions, finetune, load_classifier
+from flaxlm.data.labelled import read_labelled, split_rows, write_rotten_tomatoes
+from flaxlm.tools.finetune import FinetuneOptions, encode_rows, finetune, load_classifier
 from flaxlm.tools.load import load_checkpoint
 from flaxlm.train import train
 
@@ -37,11 +37,10 @@ def test_frozen_body_stays_bit_identical(bert_run, reviews, tmp_path):
     opts = FinetuneOptions(group_column="movie", epochs=1, lr=1e-3, max_train_rows=256,
                            max_len=24, freeze_body=True, out=str(tmp_path / "ft"))  # fmt: skip
     report = finetune(bert_run, reviews, opts, log=lambda line: None)
-    for key in ("accuracy", "macro_f1", "majority_baseline", "class_counts", "history"):
-        assert key in report, key
-    assert set(report["class_counts"]) == {"fresh", "rotten"}
+    _check_report_by_hand(report, reviews, max_len=24, n_train=256)
+    assert [h["epoch"] for h in report["history"]] == [1]
+    assert report["history"][0]["accuracy"] == report["accuracy"]
     model, params, labels, _ = load_classifier(report["checkpoint"])
-    assert labels == ["fresh", "rotten"]
     before = jax.device_get(load_checkpoint(bert_run).params)
     for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(params["bert"]), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -64,8 +63,7 @@ def test_cli_json_contract_and_one_line_errors(bert_run, reviews, tmp_path, caps
             "--out", str(tmp_path / "ft")]  # fmt: skip
     assert main(argv) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    for key in ("accuracy", "macro_f1", "majority_baseline"):
-        assert 0 <= report[key] <= 1, key
+    _check_report_by_hand(report, reviews, max_len=16, n_train=128)
 
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\ngood film,fresh\n  ,rotten\n")
@@ -81,6 +79,30 @@ def test_cli_json_contract_and_one_line_errors(bert_run, reviews, tmp_path, caps
     code = main(["finetune", str(bert_run), "--data", str(jsonl), "--labels", "fresh,rotten"])
     assert code == 2
     assert "row 2: label 'meh' is not one of fresh, rotten" in capsys.readouterr().err
+
+
+def _check_report_by_hand(report: dict, data: Path, max_len: int, n_train: int) -> None:
+    """The report's class counts, majority baseline, accuracy and macro-F1, recomputed from
+    the rows of ``data`` and the saved classifier's own predictions on the validation rows."""
+    train_rows, val_rows = split_rows(read_labelled(data, "text", "label", "movie"), 0.2)
+    assert report["labels"] == ["fresh", "rotten"] and report["n_val"] == len(val_rows)
+    counts = report["class_counts"]
+    assert counts["fresh"] + counts["rotten"] == report["n_train"] == n_train < len(train_rows)
+    majority = max(counts, key=counts.get)
+    gold = np.array([r.label for r in val_rows])
+    assert report["majority_baseline"] == pytest.approx(np.mean(gold == majority))
+
+    model, params, labels, tokenizer = load_classifier(report["checkpoint"])
+    tokens, segments = encode_rows(val_rows, tokenizer, max_len)
+    logits = jax.jit(model.apply)({"params": params}, tokens, segments)
+    pred = np.array(labels)[np.asarray(logits).argmax(-1)]
+    assert report["accuracy"] == pytest.approx(np.mean(pred == gold))
+    f1 = []
+    for label in labels:  # F1 = 2 TP / (2 TP + FP + FN), per class
+        tp = np.sum((pred == label) & (gold == label))
+        wrong = np.sum((pred == label) != (gold == label))
+        f1.append(2 * tp / max(2 * tp + wrong, 1))
+    assert report["macro_f1"] == pytest.approx(np.mean(f1))
 
 
 def test_finetune_beats_the_majority_class(small_corpus, tmp_path, reviews):

@@ -78,24 +78,24 @@ def test_chunk_size_is_the_largest_divisor_not_above_the_request():
 
 
 def test_train_step_loss_and_gradients_do_not_depend_on_head_chunk():
-    from flaxlm.models import build_model
-    from flaxlm.tools.bench import synthetic_batch
-    from flaxlm.train.step import _loss_on
+    from flaxlm.families import GPT_FAMILY
 
     base = Config()
     model_cfg = ModelConfig(vocab_size=V, d_model=D, n_layers=1, n_heads=2, d_ff=32,
                             max_seq_len=L, tie_embeddings=False)  # fmt: skip
     cfg = dataclasses.replace(base, model=model_cfg)
     cfg.data.seq_len, cfg.train.batch_size, cfg.train.label_smoothing = L, B, 0.1
-    batch = {k: jnp.asarray(v) for k, v in synthetic_batch(cfg, np.random.default_rng(0)).items()}
+    synthetic = GPT_FAMILY.synthetic_batch(cfg, np.random.default_rng(0))
+    batch = {k: jnp.asarray(v) for k, v in synthetic.items()}
     batch["loss_mask"] = batch["loss_mask"].at[:, :3].set(0.0)
-    model = build_model(model_cfg)
+    model = GPT_FAMILY.build_model(model_cfg)
     params = nn.meta.unbox(model.init(jax.random.key(0), batch["inputs"])["params"])
 
     def run(chunk):
         cfg.train.head_chunk = chunk
-        grad_fn = jax.value_and_grad(_loss_on, has_aux=True)
-        return grad_fn(params, batch, model, cfg, jax.random.key(1), True)
+        grad_fn = jax.value_and_grad(GPT_FAMILY.loss, has_aux=True)
+        scale = GPT_FAMILY.loss_scales(cfg, batch)
+        return grad_fn(params, batch, model, cfg, scale, jax.random.key(1), True)
 
     (obj0, metrics0), grads0 = run(0)
     (obj4, metrics4), grads4 = run(4)
@@ -104,3 +104,40 @@ def test_train_step_loss_and_gradients_do_not_depend_on_head_chunk():
         np.testing.assert_allclose(metrics4[key], metrics0[key], rtol=1e-5)
     for got, want in zip(jax.tree.leaves(grads4), jax.tree.leaves(grads0), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_switch_off_gives_the_same_loss_metrics_and_gradients(tied, dtype):
+    """``custom_backward=False`` (model.custom_backward off): autodiff of the same chunked
+    scan, each chunk rematerialised; the metrics and the loss weights carry no gradient."""
+    hidden, head, targets, mask = _inputs(dtype, tied)
+
+    def run(custom_backward):
+        def loss(h, w, m):
+            objective, ce, correct = fused_lm_loss(
+                h, w, targets, m, head_is_embedding=tied, chunk=4, label_smoothing=0.1,
+                z_loss=1e-3, custom_backward=custom_backward,
+            )  # fmt: skip
+            return objective + jnp.sum(ce) + jnp.sum(correct), (objective, ce, correct)
+
+        return jax.jit(jax.grad(loss, (0, 1, 2), has_aux=True))(hidden, head, mask)
+
+    (grads_on, outs_on), (grads_off, outs_off) = run(True), run(False)
+    for on, off in zip(outs_on, outs_off, strict=True):
+        np.testing.assert_allclose(on, off, rtol=1e-6)
+    tolerance = {"rtol": 1e-5, "atol": 1e-6} if dtype == jnp.float32 else {"atol": 0.02}
+    for on, off in zip(grads_on[:2], grads_off[:2], strict=True):
+        assert on.dtype == off.dtype
+        np.testing.assert_allclose(on.astype(jnp.float32), off.astype(jnp.float32), **tolerance)
+    assert not np.any(grads_on[2]) and not np.any(grads_off[2])  # no gradient to the weights
+
+    # and the off path still keeps no chunk's logits for the backward pass: it recomputes them
+    def objective(h, custom_backward):
+        return fused_lm_loss(h, head, targets, mask, head_is_embedding=tied, chunk=4,
+                             custom_backward=custom_backward)[0]  # fmt: skip
+
+    def backward_jaxpr(custom_backward):
+        return str(jax.make_jaxpr(jax.grad(lambda h: objective(h, custom_backward)))(hidden))
+
+    assert "remat" in backward_jaxpr(False) and "remat" not in backward_jaxpr(True)

@@ -1,5 +1,7 @@
 """Softmax attention with a hand-written backward pass (the default, ``model.attention_impl:
 flaxlm``), and the choice between it and ``jax.nn.dot_product_attention``.
+``model.custom_backward`` (flaxlm/models/backward.py) picks that backward or plain autodiff
+of the same forward.
 
 Why not autodiff of ``jax.nn.dot_product_attention``: on CPU its XLA backward re-derives the
 softmax through several B x H x L x S passes and layout copies; the closed form below needs
@@ -19,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.config import CHOICES
+from flaxlm.models import backward
 
 Array = jax.Array
 
@@ -32,16 +35,20 @@ def attention(
     mask_Bx1xLxS: Array,
     impl: str = "flaxlm",
     causal_block: int = 0,
+    custom_backward: bool | None = None,
 ) -> Array:
     """Multi-head softmax attention, ``out_BxLxHxK`` in the inputs' dtype.
 
     ``impl``: ``flaxlm`` (:func:`softmax_attention`), ``xla`` or ``cudnn``
     (``jax.nn.dot_product_attention`` with that implementation; cuDNN needs a GPU and
     bf16 / fp16 inputs). ``causal_block`` > 0 promises that the mask hides every key after
-    its query (see :func:`softmax_attention`).
+    its query, ``custom_backward`` picks the backward of ``flaxlm`` (see
+    :func:`softmax_attention`).
     """
     if impl == "flaxlm":
-        return softmax_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, causal_block)
+        return softmax_attention(
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, causal_block, custom_backward
+        )
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"model.attention_impl={impl!r} is not one of {', '.join(IMPLEMENTATIONS)}"
@@ -57,9 +64,12 @@ def softmax_attention(
     v_BxSxHxK: Array,
     mask_Bx1xLxS: Array,
     causal_block: int = 0,
+    custom_backward: bool | None = None,
 ) -> Array:
     """``softmax(q k^T / sqrt(K) masked) v`` per head; masked keys get zero weight (a query
     with no visible key gets the uniform average, as ``jax.nn.dot_product_attention``).
+    ``custom_backward``: the closed-form backward (True) or autodiff (False); None = the
+    ``auto`` choice.
 
     ``causal_block`` > 0, for a mask that hides every key after its query (causal, possibly
     AND segments) and L == S: the queries go in blocks of that many positions, and block i
@@ -73,10 +83,11 @@ def softmax_attention(
         return x_BxTxHxK.transpose(0, 2, 1, 3)
 
     q, k, v = heads_first(q_BxLxHxK * scale), heads_first(k_BxSxHxK), heads_first(v_BxSxHxK)
+    core = _attention_core if backward.resolve(custom_backward) else _attention_plain
     length = q.shape[2]
     blocks = length // causal_block if causal_block else 1
     if blocks <= 1 or length % causal_block or k.shape[2] != length:
-        return _attention_core(q, k, v, mask_Bx1xLxS).transpose(0, 2, 1, 3)
+        return core(q, k, v, mask_Bx1xLxS).transpose(0, 2, 1, 3)
     outs = []
     for i in range(blocks):
         rows, keys = (
@@ -84,7 +95,7 @@ def softmax_attention(
             slice(0, (i + 1) * causal_block),
         )
         block_mask = mask_Bx1xLxS[:, :, rows, keys]
-        outs.append(_attention_core(q[:, :, rows], k[:, :, keys], v[:, :, keys], block_mask))
+        outs.append(core(q[:, :, rows], k[:, :, keys], v[:, :, keys], block_mask))
     return jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
 
 
@@ -100,6 +111,16 @@ def _probabilities(q_BxHxLxK: Array, k_BxHxSxK: Array, mask_Bx1xLxS: Array) -> A
     return jax.nn.softmax(scores_BxHxLxS, axis=-1)
 
 
+def _weighted_values(probs_BxHxLxS: Array, v_BxHxSxK: Array, dtype) -> Array:
+    return _product("bhls,bhsk->bhlk", probs_BxHxLxS.astype(dtype), v_BxHxSxK).astype(dtype)
+
+
+def _attention_plain(q_BxHxLxK: Array, k_BxHxSxK: Array, v_BxHxSxK: Array, mask_Bx1xLxS: Array):
+    """The forward of :func:`_attention_core`, differentiated by autodiff."""
+    probs_BxHxLxS = _probabilities(q_BxHxLxK, k_BxHxSxK, mask_Bx1xLxS)
+    return _weighted_values(probs_BxHxLxS, v_BxHxSxK, q_BxHxLxK.dtype)
+
+
 @jax.custom_vjp
 def _attention_core(q_BxHxLxK: Array, k_BxHxSxK: Array, v_BxHxSxK: Array, mask_Bx1xLxS: Array):
     return _core_fwd(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS)[0]
@@ -107,8 +128,7 @@ def _attention_core(q_BxHxLxK: Array, k_BxHxSxK: Array, v_BxHxSxK: Array, mask_B
 
 def _core_fwd(q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS):
     probs_BxHxLxS = _probabilities(q_BxHxLxK, k_BxHxSxK, mask_Bx1xLxS)
-    dtype = q_BxHxLxK.dtype
-    out_BxHxLxK = _product("bhls,bhsk->bhlk", probs_BxHxLxS.astype(dtype), v_BxHxSxK).astype(dtype)
+    out_BxHxLxK = _weighted_values(probs_BxHxLxS, v_BxHxSxK, q_BxHxLxK.dtype)
     return out_BxHxLxK, (q_BxHxLxK, k_BxHxSxK, v_BxHxSxK, mask_Bx1xLxS, probs_BxHxLxS, out_BxHxLxK)
 
 

@@ -31,6 +31,7 @@ from flax import linen as nn
 
 from flaxlm.config import ModelConfig
 from flaxlm.models import layers
+from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.layers import Array, constrain
 
 POSITIONS = ("learned", "sinusoidal")
@@ -124,7 +125,8 @@ class BERT(nn.Module):
         dtype = layers.dtype_of(cfg.dtype)
         if masked_positions_BxP is not None:
             x_BxLxD = jnp.take_along_axis(x_BxLxD, masked_positions_BxP[..., None], axis=1)
-        h_BxPxD = layers.activation_fn(cfg.activation)(self.mlm_transform(x_BxLxD))
+        activation = layers.activation_fn(cfg.activation, use_custom_backward(cfg))
+        h_BxPxD = activation(self.mlm_transform(x_BxLxD))
         h_BxPxD = self.mlm_ln(h_BxPxD).astype(dtype)
         logits_BxPxV = self.token_embed.attend(h_BxPxD) + self.mlm_bias.astype(jnp.float32)
         return constrain(logits_BxPxV, "act_batch", "act_length", "act_vocab")

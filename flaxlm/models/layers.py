@@ -8,6 +8,8 @@ Mixed precision: parameters live in ``cfg.param_dtype``; matmuls take ``cfg.dtyp
 accumulate in float32; LayerNorm and softmax run in float32; activations between layers are
 stored in ``cfg.dtype``. Every matmul has a hand-written backward (flaxlm/models/matmul.py):
 with bf16 its products are bf16 x bf16 -> f32 too; attention is flaxlm/models/attention.py.
+``cfg.custom_backward`` turns these (and LayerNorm's, GELU's) on or off together
+(flaxlm/models/backward.py).
 Depth (remat, scan over layers) is in flaxlm/models/depth.py.
 """
 
@@ -22,6 +24,7 @@ from flax import linen as nn
 
 from flaxlm.config import ModelConfig
 from flaxlm.models.attention import attention
+from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.matmul import matmul
 from flaxlm.models.norm_act import LayerNorm, activation_fn
 
@@ -80,7 +83,9 @@ class Dense(nn.Module):
         )
         dtype = dtype_of(cfg.dtype)
         batch_shape, n_in = x.shape[: x.ndim - self.n_in], math.prod(in_shape)
-        y = matmul(x.astype(dtype).reshape(-1, n_in), kernel.astype(dtype).reshape(n_in, -1))
+        x_NxI = x.astype(dtype).reshape(-1, n_in)
+        kernel_IxF = kernel.astype(dtype).reshape(n_in, -1)
+        y = matmul(x_NxI, kernel_IxF, custom_backward=use_custom_backward(cfg))
         y = y.reshape(*batch_shape, *self.features)
         if cfg.use_bias if self.use_bias is None else self.use_bias:
             bias = self.param(
@@ -98,6 +103,7 @@ def layer_norm(cfg: ModelConfig, name: str | None = None) -> LayerNorm:
         param_dtype=dtype_of(cfg.param_dtype),
         scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
         bias_init=zeros_init(("norm",)),
+        custom_backward=use_custom_backward(cfg),
         name=name,
     )
 
@@ -180,9 +186,12 @@ def apply_rope(x_BxLxHxK: Array, positions_BxL: Array, theta: float) -> Array:
 class TokenEmbed(nn.Embed):
     """``nn.Embed`` whose ``attend`` (the tied LM head) accumulates and returns float32."""
 
+    custom_backward: bool | None = None  # of the head's matmul (flaxlm/models/matmul.py)
+
     def attend(self, query: Array) -> Array:
         query, embedding = self.promote_dtype(query, self.embedding, dtype=self.dtype)
-        logits_NxV = matmul(query.reshape(-1, query.shape[-1]), embedding, True)
+        query_NxD = query.reshape(-1, query.shape[-1])
+        logits_NxV = matmul(query_NxD, embedding, True, self.custom_backward)
         return logits_NxV.reshape(*query.shape[:-1], -1)
 
 
@@ -193,6 +202,7 @@ def token_embed(cfg: ModelConfig, name: str = "token_embed") -> TokenEmbed:
         dtype=dtype_of(cfg.dtype),
         param_dtype=dtype_of(cfg.param_dtype),
         embedding_init=normal_init(cfg.init_std, ("vocab", "embed")),
+        custom_backward=use_custom_backward(cfg),
         name=name,
     )
 
@@ -255,8 +265,9 @@ class Attention(nn.Module):
 
         causal_block = cfg.causal_block if self.causal else 0
         out_BxLxHxK = attention(
-            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, cfg.attention_impl, causal_block
-        )
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, cfg.attention_impl, causal_block,
+            use_custom_backward(cfg),
+        )  # fmt: skip
         out_BxLxHxK = constrain(out_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
         out = Dense(
             cfg,
@@ -298,7 +309,7 @@ class MLP(nn.Module):
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         h_BxLxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), ("mlp",), name="up")(x_BxLxD)
-        h_BxLxF = activation_fn(cfg.activation)(h_BxLxF).astype(dtype)
+        h_BxLxF = activation_fn(cfg.activation, use_custom_backward(cfg))(h_BxLxF).astype(dtype)
         h_BxLxF = constrain(h_BxLxF, "act_batch", "act_length", "act_mlp")
         down = Dense(
             cfg, (cfg.d_model,), ("mlp", "embed"), ("embed",), std=residual_std(cfg), name="down"

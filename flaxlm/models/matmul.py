@@ -10,6 +10,8 @@ Why not autodiff of ``jax.lax.dot_general``:
   speed of bf16 x bf16 -> f32 on our CPUs (a 2048 x 2048 jnp.dot on Zen 5: ~400 vs 800+
   GFLOP/s); here it is cast to the inputs' dtype first, and the products accumulate in float32
   again.
+Both were measured on CPU only: ``custom_backward`` (``model.custom_backward``,
+flaxlm/models/backward.py) picks this backward or plain autodiff of the same product.
 """
 
 from __future__ import annotations
@@ -19,15 +21,30 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from flaxlm.models import backward
+
 Array = jax.Array
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def matmul(x_NxI: Array, w: Array, rhs_transposed: bool = False) -> Array:
+def matmul(
+    x_NxI: Array, w: Array, rhs_transposed: bool = False, custom_backward: bool | None = None
+) -> Array:
     """``x @ w`` (``x @ w.T`` if ``rhs_transposed``) of same-dtype inputs, accumulated and
     returned in float32; the gradients come back in the inputs' dtypes. 3-D operands
-    ``(G, N, I)``, ``(G, I, F)`` are G independent products."""
+    ``(G, N, I)``, ``(G, I, F)`` are G independent products. ``custom_backward``: the
+    hand-written backward (True) or autodiff (False); None = the ``auto`` choice."""
+    if backward.resolve(custom_backward):
+        return _matmul(x_NxI, w, rhs_transposed)
+    return _product(x_NxI, w, rhs_transposed)
+
+
+def _product(x_NxI: Array, w: Array, rhs_transposed: bool) -> Array:
     return _dot(x_NxI, w, (x_NxI.ndim - 1, w.ndim - (1 if rhs_transposed else 2)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x_NxI: Array, w: Array, rhs_transposed: bool) -> Array:
+    return _product(x_NxI, w, rhs_transposed)
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -37,7 +54,7 @@ def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
 
 
 def _matmul_fwd(x_NxI, w, rhs_transposed):
-    return matmul(x_NxI, w, rhs_transposed), (x_NxI, w)
+    return _product(x_NxI, w, rhs_transposed), (x_NxI, w)
 
 
 def _matmul_bwd(rhs_transposed, residuals, g_NxF):
@@ -51,4 +68,4 @@ def _matmul_bwd(rhs_transposed, residuals, g_NxF):
     return dx.astype(x_NxI.dtype), dw.astype(w.dtype)
 
 
-matmul.defvjp(_matmul_fwd, _matmul_bwd)
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)

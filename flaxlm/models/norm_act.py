@@ -5,7 +5,8 @@ centred input, the tanh) and spends one memory pass on each, in the forward and 
 backward; on CPU these element-wise passes cost as much as a matmul of the same block
 (benchmarks/RESULTS.md). The versions here save the least the backward needs (the normalised
 input and one scale per row; the GELU input) and compute each gradient in one pass.
-Both run in float32.
+Both run in float32. ``custom_backward`` (``model.custom_backward``, flaxlm/models/backward.py)
+picks them or plain autodiff of the same formulas (``_layer_norm_plain``, ``_gelu_tanh_plain``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from flaxlm.models import backward
+
 Array = jax.Array
 
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -26,10 +29,32 @@ _GELU_C = math.sqrt(2.0 / math.pi)
 # --- LayerNorm ------------------------------------------------------------------------------
 
 
-def layer_norm(x_NxD: Array, scale_D: Array, bias_D: Array, eps: float) -> Array:
+def layer_norm(
+    x_NxD: Array,
+    scale_D: Array,
+    bias_D: Array,
+    eps: float,
+    custom_backward: bool | None = None,
+) -> Array:
     """``(x - mean) / sqrt(var + eps) * scale + bias`` over the last axis, in float32 (the
-    input's gradient comes back in its dtype)."""
-    return _layer_norm(x_NxD, scale_D, bias_D, eps, jnp.dtype(x_NxD.dtype))
+    input's gradient comes back in its dtype). ``custom_backward``: the closed-form backward
+    (True) or autodiff (False); None = the ``auto`` choice."""
+    if backward.resolve(custom_backward):
+        return _layer_norm(x_NxD, scale_D, bias_D, eps, jnp.dtype(x_NxD.dtype))
+    return _layer_norm_plain(x_NxD, scale_D, bias_D, eps)
+
+
+def _normalise(x_NxD: Array, eps: float) -> tuple[Array, Array]:
+    """``(normed_NxD, inv_std_Nx1)`` in float32."""
+    x_NxD = x_NxD.astype(jnp.float32)
+    centred_NxD = x_NxD - jnp.mean(x_NxD, axis=-1, keepdims=True)
+    inv_std_Nx1 = jax.lax.rsqrt(jnp.mean(jnp.square(centred_NxD), axis=-1, keepdims=True) + eps)
+    return centred_NxD * inv_std_Nx1, inv_std_Nx1
+
+
+def _layer_norm_plain(x_NxD: Array, scale_D: Array, bias_D: Array, eps: float) -> Array:
+    normed_NxD, _ = _normalise(x_NxD, eps)
+    return normed_NxD * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -38,10 +63,7 @@ def _layer_norm(x_NxD: Array, scale_D: Array, bias_D: Array, eps: float, x_dtype
 
 
 def _layer_norm_fwd(x_NxD, scale_D, bias_D, eps, x_dtype):
-    x_NxD = x_NxD.astype(jnp.float32)
-    centred_NxD = x_NxD - jnp.mean(x_NxD, axis=-1, keepdims=True)
-    inv_std_Nx1 = jax.lax.rsqrt(jnp.mean(jnp.square(centred_NxD), axis=-1, keepdims=True) + eps)
-    normed_NxD = centred_NxD * inv_std_Nx1
+    normed_NxD, inv_std_Nx1 = _normalise(x_NxD, eps)
     y_NxD = normed_NxD * scale_D.astype(jnp.float32) + bias_D.astype(jnp.float32)
     return y_NxD, (normed_NxD, inv_std_Nx1, scale_D, bias_D)
 
@@ -72,6 +94,7 @@ class LayerNorm(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     scale_init: nn.initializers.Initializer = nn.initializers.ones_init()
     bias_init: nn.initializers.Initializer = nn.initializers.zeros_init()
+    custom_backward: bool | None = None  # see layer_norm
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -81,21 +104,32 @@ class LayerNorm(nn.Module):
             bias = self.param("bias", self.bias_init, features, self.param_dtype)
         else:
             bias = jnp.zeros(features, jnp.float32)
-        return layer_norm(x, scale, bias, self.epsilon)
+        return layer_norm(x, scale, bias, self.epsilon, self.custom_backward)
 
 
 # --- activations ----------------------------------------------------------------------------
 
 
-@jax.custom_vjp
-def gelu_tanh(x: Array) -> Array:
-    """GELU, tanh approximation (GPT-2, BERT's TF code), in float32."""
+def gelu_tanh(x: Array, custom_backward: bool | None = None) -> Array:
+    """GELU, tanh approximation (GPT-2, BERT's TF code), in float32. ``custom_backward``: the
+    closed-form backward (True) or autodiff (False); None = the ``auto`` choice."""
+    if backward.resolve(custom_backward):
+        return _gelu_tanh(x)
+    return _gelu_tanh_plain(x)
+
+
+def _gelu_tanh_plain(x: Array) -> Array:
     x = x.astype(jnp.float32)
     return 0.5 * x * (1.0 + jnp.tanh(_GELU_C * (x + 0.044715 * x**3)))
 
 
+@jax.custom_vjp
+def _gelu_tanh(x: Array) -> Array:
+    return _gelu_tanh_plain(x)
+
+
 def _gelu_tanh_fwd(x):
-    return gelu_tanh(x), x
+    return _gelu_tanh_plain(x), x
 
 
 def _gelu_tanh_bwd(x, g):
@@ -107,13 +141,14 @@ def _gelu_tanh_bwd(x, g):
     return ((g * slope).astype(x.dtype),)
 
 
-gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
+_gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
-def activation_fn(name: str) -> Callable[[Array], Array]:
-    """``gelu`` (tanh approximation, as GPT-2), ``gelu_exact``, ``relu``."""
+def activation_fn(name: str, custom_backward: bool | None = None) -> Callable[[Array], Array]:
+    """``gelu`` (tanh approximation, as GPT-2), ``gelu_exact``, ``relu``. ``custom_backward``
+    applies to ``gelu`` (the others are autodiff always); None = the ``auto`` choice."""
     fns = {
-        "gelu": gelu_tanh,
+        "gelu": functools.partial(gelu_tanh, custom_backward=custom_backward),
         "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
         "relu": jax.nn.relu,
     }
