@@ -24,7 +24,9 @@ from flaxlm.config_checks import ConfigError, set_key, source_name, validate  # 
 
 @dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
 class ModelConfig:
-    family: str = "gpt"  # gpt (causal decoder) | bert (encoder: MLM / NSP / unified objective)
+    # An entry of the family table (flaxlm/families/): gpt (causal decoder), bert (encoder:
+    # MLM / NSP / unified objective), or one registered with register_family
+    family: str = "gpt"
     vocab_size: int = 8192
     d_model: int = 384
     n_layers: int = 6
@@ -235,7 +237,6 @@ class Config:
 # The allowed values of every string key, declared only here: validation, the CLI's choices
 # and the tokenizer read them from this table, and so should any new code.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "model.family": ("gpt", "bert"),
     "model.norm_placement": ("pre", "post"),
     "model.positions": ("learned", "sinusoidal", "rope"),
     "model.activation": ("gelu", "gelu_exact", "relu"),

@@ -26,6 +26,7 @@ from flaxlm.data.inspection import causal_sample
 from flaxlm.families.base import Baseline, Family, ReportField
 from flaxlm.head_loss import fused_lm_loss
 from flaxlm.hf.gpt2 import GPT2
+from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.gpt import GPT
 from flaxlm.objectives import causal_lm_loss, lm_metrics
 
@@ -85,7 +86,7 @@ def loss(params, mb, model, cfg: Config, scale, rng, deterministic: bool):
     head = params["token_embed"]["embedding"] if tied else params["lm_head"]["kernel"]
     objective, ce_BxL, correct_BxL = fused_lm_loss(
         out, head, mb["targets"], mb["loss_mask"], head_is_embedding=tied, chunk=chunk,
-        label_smoothing=smoothing, z_loss=z_loss,
+        label_smoothing=smoothing, z_loss=z_loss, custom_backward=use_custom_backward(cfg),
     )  # fmt: skip
     metrics = lm_metrics(ce_BxL, correct_BxL, mb["loss_mask"], source_ids, sources)
     return objective * scale, metrics

@@ -25,7 +25,7 @@ import jax
 
 from flaxlm.config import Config, save_config
 from flaxlm.data import prepare_data
-from flaxlm.families import family_of, summary_line
+from flaxlm.families import family_of
 from flaxlm.train.batches import put_train_batch
 from flaxlm.train.controls import StepControls
 from flaxlm.train.evaluator import Evaluator
@@ -75,53 +75,21 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     batches = family.train_batches(data, cfg, cfg.train.batch_size)
     ms = ModelState.build(cfg, family)
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "tokenizer.model").write_bytes(data.tokenizer.model_bytes)
+        _write_run_files(run_dir, cfg, data.tokenizer.model_bytes)
 
     # Resume from the newest intact checkpoint of this run dir, or start fresh.
     ckpts = RunCheckpoints(cfg, ms, data.tokenizer.model_bytes)
-    resumed = ckpts.resume()
-    if resumed is None:
-        state, step, data_index, healing = ms.fresh(), 0, 0, SelfHealing(cfg.guard)
-    else:
-        state, step, data_index, healing = (
-            resumed.state,
-            resumed.step,
-            resumed.data_index,
-            resumed.healing,
-        )
-        if is_main:
-            ledger = f", skip ledger {healing.ledger.to_json()}" if healing.ledger.windows else ""
-            print(f"resuming {run_dir} from step {step}{ledger}")
+    start = ckpts.resume_or_start(announce=is_main)
+    state, step, data_index, healing = start.state, start.step, start.data_index, start.healing
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
-    result = TrainResult(
-        run_dir, step, resumed_from=None if resumed is None else resumed.step, process_index=proc[0]
-    )
+    result = TrainResult(run_dir, step, resumed_from=start.resumed_from, process_index=proc[0])
     log = MetricsLog(run_dir, enabled=is_main, resume_from_step=step)
     report = StepReporter(cfg, family, log, show, step, last_step)
-    controls, evaluator = (
-        StepControls(cfg),
-        Evaluator(cfg, family, ms.eval_step, ms.mesh, data.val, data.tokenizer),
-    )
+    controls = StepControls(cfg)
+    evaluator = Evaluator(cfg, family, ms.eval_step, ms.mesh, data.val, data.tokenizer)
     watchdog = Watchdog(cfg.train.watchdog_factor, cfg.train.watchdog_min_s)
 
-    def bad_reason(done: _Pending) -> str | None:
-        """Reads a finished step's metrics, logs them; returns why the step is bad, or None."""
-        metrics = jax.device_get(done.metrics)
-        values = scalars(metrics)
-        reason = healing.check(done.step, values["loss"], values["grad_norm"])
-        report.step_done(done.step, metrics, force=reason is not None)
-        return reason
-
-    def pause_clock(in_flight: _Pending | None) -> None:
-        """Before an eval or a save: the step in flight finishes on the throughput clock."""
-        if in_flight is not None:
-            jax.block_until_ready(in_flight.metrics)
-            report.meter.step_done(in_flight.step)
-        report.meter.pause()
-
-    pending: _Pending | None = None
+    pending: _Pending | None = None  # dispatched, metrics not read yet
     next_local = batches.batch(data_index, *proc)
     with PreemptionGuard() as preempt, watchdog:
         while True:
@@ -129,6 +97,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
             finished = step >= last_step or preempt.requested
             if finished and pending is None:
                 break
+            dispatched = None
             if not finished:  # dispatch the next step; its metrics are read one step later
                 batch = put_train_batch(next_local, ms.mesh, cfg.train.grad_accum)
                 state, metrics = ms.train_step(state, batch, controls.for_step(step, data_index))
@@ -137,16 +106,13 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 if step < last_step:  # host work overlaps the step just dispatched
                     next_local = batches.batch(data_index, *proc)
                 report.advanced()
-            else:  # drain: the last dispatched step is checked before anything is saved
-                dispatched = None
-            reason = bad_reason(pending) if pending is not None else None
-            if reason is not None:
+            # The guard reads the previous step (the last one, when draining before the save).
+            if pending is not None and (reason := _check(pending, healing, report)):
                 watchdog.enter("rollback", pending.step)
-                report.meter.pause()
-                state, step, data_index = _roll_back(
-                    pending, reason, healing, ckpts, controls, report, result
-                )
-                report.meter.resume()
+                with report.paused():
+                    state, step, data_index = _roll_back(
+                        pending, reason, healing, ckpts, controls, report, result
+                    )
                 pending, next_local = None, batches.batch(data_index, *proc)
                 continue
             pending = dispatched
@@ -154,28 +120,20 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 break
             if step % cfg.checkpoint.every == 0 and step != last_step:
                 watchdog.enter("checkpoint", step)
-                pause_clock(pending)
-                ckpts.save(state, step, data_index, healing)
-                report.meter.resume()
+                with report.paused(pending):
+                    ckpts.save(state, step, data_index, healing)
             if evaluator.due(step):
                 watchdog.enter("eval", step)
-                pause_clock(pending)
-                record = evaluator.run(state.params, step)
-                report.evaluated(record)
-                result.evals.append(record)
-                report.meter.resume()
+                with report.paused(pending):
+                    result.evals.append(report.evaluated(evaluator.run(state.params, step)))
     report.close()
     result.preempted = preempt.signal_name
 
-    # The end: a checkpoint of the last step, a final evaluation, plots.
+    # The end: a checkpoint of the last step, a final evaluation, the plots.
     if ckpts.latest_step() != step:
         ckpts.save(state, step, data_index, healing)
     if step == cfg.train.steps and (not result.evals or result.evals[-1]["step"] != step):
-        record = evaluator.run(state.params, step)
-        log.write(record)
-        result.evals.append(record)
-        if show:
-            print(f"step {step}: {summary_line(record, family)}")
+        result.evals.append(report.evaluated(evaluator.run(state.params, step), final=True))
     ckpts.close()  # waits until every checkpoint is durable, manifests included
     if result.preempted and is_main:
         print(f"{result.preempted}: checkpoint saved at step {step} in {run_dir}; rerun to resume")
@@ -183,6 +141,22 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     log.close()
     result.step, result.history = step, report.history
     return result
+
+
+def _write_run_files(run_dir: Path, cfg: Config, tokenizer_bytes: bytes) -> None:
+    """The resolved config and the tokenizer, beside the checkpoints."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    (run_dir / "tokenizer.model").write_bytes(tokenizer_bytes)
+
+
+def _check(done: _Pending, healing: SelfHealing, report: StepReporter) -> str | None:
+    """Reads a finished step's metrics and logs them; returns why the step is bad, or None."""
+    metrics = jax.device_get(done.metrics)
+    values = scalars(metrics)
+    reason = healing.check(done.step, values["loss"], values["grad_norm"])
+    report.step_done(done.step, metrics, force=reason is not None)
+    return reason
 
 
 def _roll_back(

@@ -4,8 +4,11 @@ meter (flaxlm/train/throughput.py) behind both."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
+import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -59,10 +62,28 @@ class StepReporter:
         """One more step dispatched."""
         self.bar.update(1)
 
-    def evaluated(self, record: dict[str, Any]) -> None:
+    @contextlib.contextmanager
+    def paused(self, in_flight: Any = None) -> Iterator[None]:
+        """Keeps an eval, a save or a rollback off the throughput clock; the step in flight
+        (a pending step with ``.step`` and ``.metrics``) finishes on the clock first."""
+        if in_flight is not None:
+            jax.block_until_ready(in_flight.metrics)
+            self.meter.step_done(in_flight.step)
+        self.meter.pause()
+        try:
+            yield
+        finally:
+            self.meter.resume()
+
+    def evaluated(self, record: dict[str, Any], final: bool = False) -> dict[str, Any]:
+        """Logs an eval record and shows its summary line; returns the record."""
         self.log.write(record)
-        if self.show:
-            self.bar.write(f"step {record['step']}: {summary_line(record, self.family)}")
+        line = f"step {record['step']}: {summary_line(record, self.family)}"
+        if self.show and final:
+            print(line)
+        elif self.show:
+            self.bar.write(line)
+        return record
 
     def rolled_back(self, event: dict[str, Any], restored_step: int) -> None:
         self.log.write(event)

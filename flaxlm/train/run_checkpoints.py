@@ -3,7 +3,7 @@ position, seed, the guard's state, the resolved config), saved together and rest
 together. Wraps :class:`flaxlm.checkpoint.Checkpointer`, which owns the files.
 
     ckpts = RunCheckpoints(cfg, model_state, tokenizer_bytes)
-    resumed = ckpts.resume()          # None on a fresh run dir
+    start = ckpts.resume_or_start()   # a checkpoint, or step 0
     ckpts.save(state, data_index, healing)
     state = ckpts.restore(step)       # step 0: the initial state, recreated from the seed
 """
@@ -23,11 +23,14 @@ from flaxlm.train.model_state import ModelState
 
 
 @dataclass
-class Resumed:
+class Start:
+    """Where a run starts: a restored checkpoint, or step 0."""
+
     state: TrainState
     step: int
     data_index: int
     healing: SelfHealing
+    resumed_from: int | None  # the checkpoint's step; None on a fresh start
 
 
 class RunCheckpoints:
@@ -37,17 +40,23 @@ class RunCheckpoints:
             Path(cfg.train.run_dir), cfg.checkpoint.keep, cfg.checkpoint.asynchronous
         )
 
-    def resume(self) -> Resumed | None:
-        """The newest intact checkpoint with the run's position and guard state, or None.
-        Newer damaged or unsealed folders are removed."""
+    def resume_or_start(self, announce: bool = False) -> Start:
+        """The newest intact checkpoint with the run's position and guard state (newer damaged
+        or unsealed folders are removed), or the fresh state at step 0. ``announce`` prints
+        where the run resumes."""
         if self.checkpointer.latest_step() is None:
-            return None
+            fresh = self.model_state.fresh()
+            return Start(fresh, 0, 0, SelfHealing(self.cfg.guard), None)
         ms = self.model_state
         state, meta = self.checkpointer.restore(ms.abstract, ms.shardings)
         step = int(meta["step"])
         self.checkpointer.delete_after(step)
         healing = SelfHealing.from_meta(self.cfg.guard, meta)
-        return Resumed(state, step, int(meta["data_index"]), healing)
+        if announce:
+            ledger = healing.ledger.to_json()
+            skipped = f", skip ledger {ledger}" if ledger else ""
+            print(f"resuming {self.cfg.train.run_dir} from step {step}{skipped}")
+        return Start(state, step, int(meta["data_index"]), healing, step)
 
     def save(self, state: TrainState, step: int, data_index: int, healing: SelfHealing) -> None:
         """Starts an (async) save of ``state`` at ``step``; the run resumes at ``data_index``."""

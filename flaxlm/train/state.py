@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import optax
 from flax import linen as nn
 from flax.training.train_state import TrainState
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
-from flaxlm.sharding import LOGICAL_RULES, logical_to_sharding
+from flaxlm.sharding import LOGICAL_RULES, logical_to_sharding, replicated
 
 
 def _init_variables(model: nn.Module, seq_len: int, rng: jax.Array):
@@ -44,7 +44,7 @@ def _opt_state_shardings(opt_state_shape: Any, params_sh: Any, params_shape: Any
         strict=True,
     ):
         by_path[tuple(path)] = (sh, shape.shape)
-    replicated = NamedSharding(mesh, PartitionSpec())
+    everywhere = replicated(mesh)
 
     def pick(path, leaf):
         path = tuple(path)
@@ -52,7 +52,7 @@ def _opt_state_shardings(opt_state_shape: Any, params_sh: Any, params_shape: Any
             hit = by_path.get(path[-n:])
             if hit is not None and hit[1] == leaf.shape:
                 return hit[0]
-        return replicated
+        return everywhere
 
     return jax.tree_util.tree_map_with_path(pick, opt_state_shape)
 
@@ -64,8 +64,7 @@ def state_shardings(
     params_sh = param_shardings(model, mesh, seq_len)
     abstract = abstract_state(model, tx, seq_len)
     opt_sh = _opt_state_shardings(abstract.opt_state, params_sh, abstract.params, mesh)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    return abstract.replace(step=replicated, params=params_sh, opt_state=opt_sh)
+    return abstract.replace(step=replicated(mesh), params=params_sh, opt_state=opt_sh)
 
 
 def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: int) -> TrainState:
