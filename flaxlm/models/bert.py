@@ -1,6 +1,6 @@
 """BERT: a bidirectional transformer encoder with pooler, MLM and NSP heads.
 
-    model = BERT(cfg)                      # cfg.family == "bert"
+    model = BERT(cfg)                      # a ModelConfig; the "bert" family builds it
     params = model.init(jax.random.key(0), tokens_BxL)["params"]
     out = model.apply({"params": params}, tokens_BxL, token_types_BxL=types_BxL,
                       masked_positions_BxP=pos_BxP)
