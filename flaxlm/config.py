@@ -19,7 +19,13 @@ from typing import Any
 import yaml
 
 # ConfigError and source_name are defined there and imported from here by the rest of flaxlm.
-from flaxlm.config_checks import ConfigError, set_key, source_name, validate  # noqa: F401
+from flaxlm.config_checks import (  # noqa: F401
+    ConfigError,
+    parse_yaml,
+    set_key,
+    source_name,
+    validate,
+)
 
 
 @dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
@@ -171,6 +177,10 @@ class TrainConfig:
     # message naming the step and phase, so the scheduler restarts it from a checkpoint.
     watchdog_factor: float = 50.0  # 0 = watchdog off
     watchdog_min_s: float = 600.0
+    # Resuming with a changed key that changes what the run computes (model, tokenizer, data
+    # and its content, seed, batch size, optimizer, ...; flaxlm/train/resume_checks.py) is
+    # refused unless this is true; the accepted change is then an event in metrics.jsonl.
+    allow_config_change: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
@@ -284,7 +294,7 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = parse_yaml(path.read_text(), f"config file {str(path)!r}") or {}
         if not isinstance(raw, dict):
             raise ConfigError(
                 f"config file {str(path)!r} must hold a mapping, got {type(raw).__name__}"
@@ -296,7 +306,8 @@ def load_config(
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form section.key=value")
-        set_key(cfg, key.strip(), yaml.safe_load(text) if text.strip() else "")
+        value = parse_yaml(text, f"override {item!r}") if text.strip() else ""
+        set_key(cfg, key.strip(), value)
     validate(cfg, CHOICES, check_paths=check_paths)
     return cfg
 

@@ -17,6 +17,8 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names it and what was expected."""
@@ -46,10 +48,24 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
         "train.grad_accum": t.grad_accum,
         "train.log_every": t.log_every,
         "checkpoint.keep": cfg.checkpoint.keep,
+        "checkpoint.every": cfg.checkpoint.every,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}={value} must be > 0")
+    for key, value in {
+        "train.eval_every": t.eval_every,
+        "train.eval_batches": t.eval_batches,
+        "train.watchdog_factor": t.watchdog_factor,
+    }.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value} must be >= 0 (0 = off)")
+    if t.watchdog_factor > 0 and t.watchdog_min_s <= 0:
+        raise ConfigError(
+            f"train.watchdog_min_s={t.watchdog_min_s:g} must be > 0 while the watchdog is on "
+            f"(train.watchdog_factor={t.watchdog_factor:g}): it is the least time any phase "
+            "may take; train.watchdog_factor=0 turns the watchdog off"
+        )
     if m.d_model % m.n_heads:
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"
@@ -164,6 +180,19 @@ def _validate_sources(d: Any) -> None:
 def _source_exists(path: str) -> bool:
     # TFDS datasets are looked up (and explained when missing) by flaxlm.data.tfds_source.
     return path.startswith("tfds:") or Path(path.removeprefix("hf:")).exists()
+
+
+def parse_yaml(text: str, where: str) -> Any:
+    """``text`` parsed as YAML; a syntax error is a ConfigError naming ``where`` (a file or
+    an override) and, in a file, the line and column."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        multiline = "\n" in text.strip()  # a one-line override is quoted whole instead
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark and multiline else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where} is not valid YAML{at}: {problem}") from None
 
 
 def set_key(cfg: Any, key: str, value: Any, allow_section: bool = False) -> None:

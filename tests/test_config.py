@@ -48,6 +48,10 @@ def test_resolved_config_round_trips(tmp_path):
         (["model.positions=alibi"], "model.positions='alibi' is not one of"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one axis may be -1"),
         (["train.steps"], "is not of the form section.key=value"),
+        (["checkpoint.every=0"], "checkpoint.every=0 must be > 0"),
+        (["train.eval_every=-5"], "train.eval_every=-5 must be >= 0 (0 = off)"),
+        (["train.watchdog_min_s=0"], "train.watchdog_min_s=0 must be > 0 while the watchdog"),
+        (["data.paths=[a, b"], "override 'data.paths=[a, b' is not valid YAML: expected"),
     ],
 )
 def test_validation_errors_name_the_value(overrides, message):
@@ -55,6 +59,22 @@ def test_validation_errors_name_the_value(overrides, message):
         load_config(None, overrides)
     assert message in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_yaml_syntax_error_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  steps: 3\n  run_dir: runs/x: y\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value) == (
+        f"config file {str(path)!r} is not valid YAML at line 3, column 18: "
+        "mapping values are not allowed here"
+    )
+
+
+def test_watchdog_off_needs_no_floor():
+    cfg = load_config(None, ["train.watchdog_factor=0", "train.watchdog_min_s=0"])
+    assert cfg.train.watchdog_factor == 0
 
 
 def test_rope_has_no_position_table_limit():

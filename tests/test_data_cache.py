@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +16,7 @@ from flaxlm.data import (
     DataError,
     TokenSplit,
     assign_splits,
+    cache,
     iter_documents,
     prepare_data,
     tokenize_documents,
@@ -123,6 +128,42 @@ def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
     monkeypatch.undo()
     assert not prepare_data(config(tmp_path), progress=False).cache_hit
+
+
+def test_build_folders_of_killed_builds_are_removed_on_the_next_start(tmp_path, corpus):
+    root = tmp_path / "cache"
+    root.mkdir()
+    dead = _finished_pid()
+    killed = root / f".build-{'a' * 20}-{cache._HOST}-{dead}-x1y2z3"
+    live = root / f".build-{'b' * 20}-{cache._HOST}-{os.getpid()}-abc_12"
+    other_host = root / f".build-{'c' * 20}-otherhost-{dead}-q9"
+    old_unnamed = root / ".build-dddd-abcdef"  # named before pids were: by age
+    for folder in (killed, live, other_host, old_unnamed):
+        folder.mkdir()
+        (folder / "train.tokens.raw").write_bytes(b"x")
+    a_day_ago = time.time() - cache.STALE_BUILD_S - 60
+    for path in (old_unnamed, old_unnamed / "train.tokens.raw"):
+        os.utime(path, (a_day_ago, a_day_ago))
+    prepare_data(config(tmp_path), progress=False)
+    left = {p.name for p in root.glob(".build-*")}
+    assert left == {live.name, other_host.name}  # a live build and a fresh foreign one stay
+
+
+def _finished_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_fingerprints_follow_content_not_location(tmp_path, corpus):
+    first = prepare_data(config(tmp_path), progress=False)
+    moved = shutil.copytree(corpus, tmp_path / "elsewhere" / "corpus")
+    again = prepare_data(config(tmp_path, paths=[str(moved)]), progress=False)
+    assert again.fingerprints == first.fingerprints and list(first.fingerprints) == ["data"]
+    (corpus / "doc00.txt").write_text("changed text\n")
+    changed = prepare_data(config(tmp_path), progress=False)
+    assert changed.fingerprints["data"] != first.fingerprints["data"]
 
 
 def test_given_tokenizer_is_used_and_checked(tmp_path, corpus):

@@ -9,6 +9,7 @@ import time
 
 from conftest import REPO
 
+from flaxlm.train import watchdog
 from flaxlm.train.watchdog import EXIT_CODE, Watchdog
 
 
@@ -22,6 +23,55 @@ def test_limit_follows_the_median_step():
     assert 0.5 <= dog.limit() < 1.0  # 10 x ~0.01 s is below the floor
     dog._recent.extend([1.0] * 20)
     assert dog.limit() == 10.0
+
+
+def test_compiling_phases_are_not_timed():
+    dog = Watchdog(factor=10, min_seconds=0.5)
+    timed = []
+    for phase, step in [
+        ("step", 1),
+        ("step", 2),
+        ("step", 3),
+        ("eval", 3),
+        ("eval", 6),
+        ("rollback", 7),
+        ("step", 5),
+        ("step", 6),
+        ("step", 7),
+        ("compile", 7),
+    ]:
+        dog.enter(phase, step)
+        timed.append(dog.current_limit() is not None)
+    # The first two steps after the start and after the rollback, and the first eval compile.
+    assert timed == [False, False, True, False, True, True, False, False, True, False]  # fmt: skip
+
+
+def test_no_limit_before_a_step_time_is_known_when_min_seconds_is_zero():
+    dog = Watchdog(factor=50, min_seconds=0)
+    dog.enter("checkpoint", 0)
+    assert dog.current_limit() is None  # was 0 s: every phase exited 75
+    for step in range(1, 5):
+        dog.enter("step", step)
+    assert dog.current_limit() is not None and dog._recent
+
+
+def test_a_slow_compile_passes_and_a_slow_step_after_it_fires(monkeypatch):
+    fired = []
+    monkeypatch.setattr(watchdog.os, "_exit", fired.append)
+    with Watchdog(factor=2, min_seconds=0.2, poll_seconds=0.05) as dog:
+        dog.enter("step", 1)
+        time.sleep(0.5)  # compiling: longer than the limit, not timed
+        dog.enter("step", 2)
+        time.sleep(0.3)
+        for step in range(3, 7):
+            dog.enter("step", step)
+            time.sleep(0.01)
+        assert not fired
+        dog.enter("step", 7)
+        deadline = time.monotonic() + 5
+        while not fired and time.monotonic() < deadline:
+            time.sleep(0.05)
+    assert fired[0] == EXIT_CODE
 
 
 def test_a_stalled_step_exits_non_zero_naming_it(small_corpus, tiny_cache_dir, tmp_path):

@@ -9,8 +9,10 @@ when a hash of their id falls below ``data.val_fraction``, so the split does not
 order or number of other documents. The cache lives in ``<cache_dir>/<key>/``, where the key
 hashes everything the tokens depend on (source paths, sizes and contents, the jsonl field, the
 tokenizer or the settings to train one, val_fraction, the format version). It is built in a
-temporary folder and renamed into place, so a crash never leaves a half cache, and processes
-that race to build it agree on one result.
+temporary folder (``.build-<key>-<host>-<pid>-*``) and renamed into place, so a crash never
+leaves a half cache, and processes that race to build it agree on one result. A build folder
+left by a killed process is removed on the next start: at once when its process (same host)
+is gone, after a day without writes when it was another host's.
 
 With several sources (``data.sources``) the documents are written source after source, so each
 source's documents are a contiguous range of each split: ``prepared.sources[i].train`` is a
@@ -22,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Iterable, Iterator
@@ -47,6 +51,9 @@ from flaxlm.tokenizer import Tokenizer, check_vocab
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val")
+# Another host's build folder with no write for this long is taken for a killed build.
+# Long: training a tokenizer on a large corpus writes nothing for a while.
+STALE_BUILD_S = 24 * 3600
 
 
 @dataclass
@@ -124,6 +131,8 @@ class PreparedData:
     n_empty_docs: int  # empty / whitespace-only documents skipped
     seconds: float  # wall time of prepare_data
     sources: list[SourceData] = field(default_factory=list)  # in data.sources order
+    # Per source name: a SHA-256 of its files' doc ids, sizes and contents (not their paths)
+    fingerprints: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> str:
         """One line for the log."""
@@ -168,13 +177,15 @@ def prepare_data(
     if given is not None and model_vocab_size is not None:
         check_vocab(given, model_vocab_size)
 
-    key = cache_key(data_cfg, given)
+    files = _sources_files(data_cfg)  # hashes every file once, for the key and fingerprints
+    key = cache_key(data_cfg, given, files)
     root = Path(data_cfg.cache_dir)
+    remove_stale_builds(root)
     final = root / key
     cache_hit = (final / "meta.json").is_file()
     if not cache_hit:
         root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-", dir=root))
+        tmp = Path(tempfile.mkdtemp(prefix=f".build-{key}-{_HOST}-{os.getpid()}-", dir=root))
         try:
             _build(data_cfg, given, tmp, progress)
             os.chmod(tmp, 0o755)  # mkdtemp makes it private; the cache is meant to be shared
@@ -217,14 +228,22 @@ def prepare_data(
         n_empty_docs=meta["n_empty_docs"],
         seconds=time.perf_counter() - start,
         sources=sources,
+        fingerprints={
+            spec.name: _content_sha256(source_files)
+            for spec, source_files in zip(specs, files, strict=True)
+        },
     )
 
 
-def cache_key(data_cfg: DataConfig, tokenizer: Tokenizer | None) -> str:
+def cache_key(
+    data_cfg: DataConfig, tokenizer: Tokenizer | None, files: list[list[dict]] | None = None
+) -> str:
     """A hash of everything the cached tokens depend on (not seq_len: packing is done later).
 
-    Not the mixture weights either: they only change which rows batches draw.
+    Not the mixture weights either: they only change which rows batches draw. ``files``: the
+    sources' file fingerprints, if already computed.
     """
+    files = _sources_files(data_cfg) if files is None else files
     if tokenizer is not None:
         tok = {"model_sha256": hashlib.sha256(tokenizer.model_bytes).hexdigest()}
     else:
@@ -240,20 +259,15 @@ def cache_key(data_cfg: DataConfig, tokenizer: Tokenizer | None) -> str:
             tok["normalization"] = data_cfg.tokenizer_normalization
     blob = {
         "format": FORMAT_VERSION,
-        "sources": _files_fingerprint(data_cfg.paths, data_cfg.tfds_data_dir),
+        "sources": files[0],
         "jsonl_field": data_cfg.jsonl_field,
         "val_fraction": data_cfg.val_fraction,
         "tokenizer": tok,
     }
     if data_cfg.sources:
         blob["sources"] = [
-            {
-                "name": spec.name,
-                "field": spec.field,
-                "split": spec.split,
-                "files": _files_fingerprint(spec.paths, data_cfg.tfds_data_dir),
-            }
-            for spec in resolve_sources(data_cfg)
+            {"name": spec.name, "field": spec.field, "split": spec.split, "files": source_files}
+            for spec, source_files in zip(resolve_sources(data_cfg), files, strict=True)
         ]
         del blob["jsonl_field"]  # each source names its field
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
@@ -411,6 +425,63 @@ class _SplitWriter:
         self.raw_path.unlink()
         np.save(self.out / f"{self.name}.doc_offsets.npy", np.asarray(self.offsets, np.int64))
         return {"n_docs": len(self.offsets) - 1, "n_tokens": n}
+
+
+def remove_stale_builds(root: Path) -> list[Path]:
+    """Removes the ``.build-*`` folders of ``root`` that no live process is writing: those of
+    a process of this host that is gone, and any other with no write for ``STALE_BUILD_S``.
+    Returns the removed folders."""
+    if not root.is_dir():
+        return []
+    removed = []
+    for folder in root.glob(".build-*"):
+        owner = _BUILD_NAME.fullmatch(folder.name)
+        if owner and owner["host"] == _HOST:
+            stale = not _pid_alive(int(owner["pid"]))
+        else:  # another host's build, or one named before pids were
+            stale = time.time() - _last_write(folder) > STALE_BUILD_S
+        if stale:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+_HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+_BUILD_NAME = re.compile(r"\.build-[0-9a-f]+-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]+")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def _last_write(folder: Path) -> float:
+    """The newest modification time of the folder and the files in it."""
+    times = [folder.stat().st_mtime]
+    for path in folder.rglob("*"):
+        try:
+            times.append(path.stat().st_mtime)
+        except OSError:  # removed meanwhile
+            continue
+    return max(times)
+
+
+def _sources_files(data_cfg: DataConfig) -> list[list[dict]]:
+    """The file fingerprints of each source, in ``resolve_sources`` order."""
+    return [
+        _files_fingerprint(spec.paths, data_cfg.tfds_data_dir) for spec in resolve_sources(data_cfg)
+    ]
+
+
+def _content_sha256(files: list[dict]) -> str:
+    """What a source's documents are, wherever its files live: doc ids, sizes, contents."""
+    content = [{k: f[k] for k in ("doc_id", "size", "sha256")} for f in files]
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
 
 
 def _files_fingerprint(paths: Iterable[str], tfds_data_dir: str) -> list[dict]:
