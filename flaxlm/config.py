@@ -204,13 +204,18 @@ class GuardConfig:
 
     enabled: bool = True
     window: int = 128  # healthy steps in the rolling statistics
-    warmup: int = 20  # healthy steps needed before the k-sigma test starts (NaN: always)
+    warmup: int = 20  # healthy steps needed before the outlier test starts (NaN: always)
+    # A step is bad when its loss > median + k_sigma x scale of the window, with the robust
+    # scale = max(1.4826 x MAD, rel_floor x |median|): the median absolute deviation is the
+    # std of Gaussian noise but ignores the window's outliers, and the floor keeps a quiet
+    # window (or a short one) from making ordinary noise look like a spike.
     k_sigma: float = 6.0
+    rel_floor: float = 0.02
     # The same test on the gradient norm, with its own k; 0 = only non-finite norms are bad.
     # Off by default: with clipping, a norm outlier alone cannot move the weights further
     # than a normal step, and small models show harmless 10-sigma norm outliers.
     grad_norm_k_sigma: float = 0.0
-    max_ratio: float = 0.0  # also bad when value > max_ratio x rolling mean; 0 = off
+    max_ratio: float = 0.0  # also bad when value > max_ratio x rolling median; 0 = off
     known_good_after: int = 20  # healthy steps after a checkpoint that make it known good
     margin: int = 0  # extra data positions skipped after the bad one
     max_rollbacks: int = 5  # per run

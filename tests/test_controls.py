@@ -1,4 +1,4 @@
-"""The step controls: the one place the learning-rate factor is decided (cool-down x chaos)."""
+"""The step controls: the one place the LR factor is decided (the guard's cool-down x chaos)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import numpy as np
 
 from flaxlm.config import Config
 from flaxlm.train.controls import StepControls
+from flaxlm.train.healing import SelfHealing
 
 
 def controls() -> StepControls:
@@ -13,7 +14,7 @@ def controls() -> StepControls:
     cfg.guard.cooldown_steps, cfg.guard.cooldown_factor = 3, 0.1
     cfg.chaos.spike_at_steps, cfg.chaos.spike_lr_scale = [5], 1000.0
     cfg.chaos.nan_at_steps = [7]
-    return StepControls(cfg)
+    return StepControls(cfg, SelfHealing(cfg.guard))
 
 
 def test_chaos_follows_the_data_position_not_the_step():
@@ -26,7 +27,7 @@ def test_chaos_follows_the_data_position_not_the_step():
 
 def test_cool_down_after_a_rollback_multiplies_with_a_spike():
     c = controls()
-    c.cool_down_from(2)
+    c.healing.cooldown_until = 2 + 3  # what a rollback to step 2 sets (guard.cooldown_steps=3)
     assert [c.lr_scale(s, 10 + s) for s in range(1, 7)] == [0.1, 0.1, 0.1, 0.1, 1.0, 1.0]
     assert np.isclose(c.lr_scale(3, 4), 0.1 * 1000.0)
     out = c.for_step(3, 4)

@@ -40,12 +40,24 @@ def test_state_round_trips_through_checkpoint_metadata():
     again = SelfHealing.from_meta(cfg, meta)
     assert again.ledger.windows == h.ledger.windows == [(5, 8)]
     assert again.protected() == h.protected()
-    assert again.policy.rollbacks == 1
+    assert again.policy.rollbacks == again.rollbacks == 1
+    assert again.cooldown_until == h.cooldown_until
+    assert list(again.detector.losses) == list(h.detector.losses) == []  # reset by the rollback
 
 
 def test_nan_is_bad_at_once_and_rollbacks_are_bounded():
-    h = SelfHealing(GuardConfig(max_rollbacks=1))
-    assert "nan" in h.check(1, float("nan"), 1.0)
-    h.roll_back(1, 0, existing=set())
+    h = SelfHealing(GuardConfig(max_rollbacks=1, known_good_after=1, cooldown_steps=4))
+    h.saved(1, 1)
+    assert h.check(2, 3.0, 1.0) is None  # checkpoint 1 is known good now
+    assert "nan" in h.check(3, float("nan"), 1.0)
+    h.roll_back(3, 2, existing={1})
+    assert [h.lr_factor(s) for s in range(1, 7)] == [0.1] * 4 + [1.0] * 2  # the cool-down
     with pytest.raises(TrainingDiverged, match="max_rollbacks"):
-        h.roll_back(1, 1, existing=set())
+        h.roll_back(4, 3, existing={1})
+
+
+def test_without_a_known_good_checkpoint_the_run_stops():
+    h = SelfHealing(GuardConfig())
+    assert "nan" in h.check(1, float("nan"), 1.0)
+    with pytest.raises(TrainingDiverged, match="no checkpoint is known good"):
+        h.roll_back(1, 0, existing=set())

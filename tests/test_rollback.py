@@ -59,7 +59,8 @@ def test_one_fault_one_rollback_to_the_known_good_checkpoint(
 
 def test_repeated_faults_past_the_bound_stop_the_run(small_corpus, tiny_cache_dir, tmp_path):
     run_dir = tmp_path / "run"
-    faults = "chaos.nan_at_steps=[15,25,35,45]"
+    # Checkpoint 10 becomes known good at step 35; each fault after that rolls back to it.
+    faults = "chaos.nan_at_steps=[38,39,40]"
     cfg = tiny_config(
         small_corpus, tiny_cache_dir, run_dir, *GUARDED, faults, "guard.max_rollbacks=2"
     )

@@ -1,7 +1,7 @@
 """The per-step inputs of the train step besides the batch: the learning-rate factor and the
 chaos faults. The one place the effective learning rate's factor is decided:
-``lr_scale = cool-down after a rollback x chaos spike`` (the step multiplies the schedule by it,
-:func:`flaxlm.train.step.effective_lr`).
+``lr_scale = cool-down after a rollback (the guard's state) x chaos spike`` (the step multiplies
+the schedule by it, :func:`flaxlm.train.step.effective_lr`).
 
 A fault is attached to the batch that step s trains on in an undisturbed run (data position
 s - 1), so after a rollback it is skipped with its batch, as a real bad batch would be.
@@ -14,27 +14,19 @@ import time
 import numpy as np
 
 from flaxlm.config import Config
+from flaxlm.train.healing import SelfHealing
 from flaxlm.train.step import step_controls
 
 
 class StepControls:
-    def __init__(self, cfg: Config):
-        self.cooldown_steps, self.cooldown_factor = (
-            cfg.guard.cooldown_steps,
-            cfg.guard.cooldown_factor,
-        )
-        self.chaos = cfg.chaos
+    def __init__(self, cfg: Config, healing: SelfHealing):
+        self.chaos, self.healing = cfg.chaos, healing
         self.spikes, self.nans = set(cfg.chaos.spike_at_steps), set(cfg.chaos.nan_at_steps)
-        self.cooldown_until = 0
-
-    def cool_down_from(self, step: int) -> None:
-        """After a rollback to ``step``: the next ``guard.cooldown_steps`` run at a lower LR."""
-        self.cooldown_until = step + self.cooldown_steps
 
     def lr_scale(self, step: int, data_index: int) -> float:
         """The factor on the scheduled learning rate of the step after ``step``, which trains
         on data position ``data_index``."""
-        scale = self.cooldown_factor if step < self.cooldown_until else 1.0
+        scale = self.healing.lr_factor(step)
         if data_index + 1 in self.spikes:
             scale *= self.chaos.spike_lr_scale
         return scale

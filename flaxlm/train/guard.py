@@ -1,12 +1,17 @@
 """Keeping a run healthy: spike / NaN detection, the skip ledger, known-good checkpoints.
 
 A step is *bad* when its loss or gradient norm is not finite, or its loss sits more than
-``k_sigma`` standard deviations above the rolling mean of the last ``window`` healthy steps (or
-above ``max_ratio`` times that mean); the gradient norm gets the same test when
-``grad_norm_k_sigma`` is set. On a bad step the loop restores the newest checkpoint that is
-*known good* — followed by ``known_good_after`` healthy steps — and records the data it
-trained on since then in the :class:`SkipLedger`, so those batches are never seen again. The
-ledger travels in every later checkpoint, so resumes and other hosts honour it.
+``k_sigma`` robust scales above the median of the last ``window`` healthy steps (or above
+``max_ratio`` times that median); the gradient norm gets the same test when
+``grad_norm_k_sigma`` is set. The robust scale is ``max(1.4826 * MAD, rel_floor * |median|)``:
+the MAD ignores the window's own outliers, and the relative floor keeps a short or unusually
+quiet window from calling ordinary noise a spike (a mean / std test with 20 samples did, after
+every restart). On a bad step the loop restores the newest checkpoint that is *known good* —
+followed by ``known_good_after`` healthy steps — and records the data it trained on since then
+in the :class:`SkipLedger`, so those batches are never seen again. With no known-good
+checkpoint the run stops (:class:`TrainingDiverged`) rather than restart from fresh weights.
+All of this state travels in every checkpoint (flaxlm/train/healing.py), so a resumed run
+decides exactly as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -85,18 +90,34 @@ class SpikeDetector:
     def _outlier(self, name: str, value: float, history: deque[float], k: float) -> str | None:
         if len(history) < self.cfg.warmup:
             return None
-        values = np.asarray(history, dtype=np.float64)
-        mean, std = float(values.mean()), float(values.std())
-        if value > mean + k * std and value > mean * (1 + 1e-3):
-            return f"{name} {value:.4g} > mean {mean:.4g} + {k:g} std ({std:.3g})"
-        if self.cfg.max_ratio > 0 and value > self.cfg.max_ratio * mean:
-            return f"{name} {value:.4g} > {self.cfg.max_ratio:g} x mean {mean:.4g}"
+        median, scale = robust_center_scale(np.asarray(history), self.cfg.rel_floor)
+        if value > median + k * scale:
+            return f"{name} {value:.4g} > median {median:.4g} + {k:g} x scale {scale:.3g}"
+        if self.cfg.max_ratio > 0 and value > self.cfg.max_ratio * median:
+            return f"{name} {value:.4g} > {self.cfg.max_ratio:g} x median {median:.4g}"
         return None
 
     def reset(self) -> None:
         """After a rollback the statistics restart: the restored weights are older."""
         self.losses.clear()
         self.grad_norms.clear()
+
+    def to_json(self) -> dict:
+        return {"losses": list(self.losses), "grad_norms": list(self.grad_norms)}
+
+    def load_json(self, raw: dict | None) -> None:
+        """The window saved by :meth:`to_json` (floats round-trip exactly through JSON)."""
+        self.reset()
+        self.losses.extend(float(x) for x in (raw or {}).get("losses", []))
+        self.grad_norms.extend(float(x) for x in (raw or {}).get("grad_norms", []))
+
+
+def robust_center_scale(values: np.ndarray, rel_floor: float) -> tuple[float, float]:
+    """``(median, max(1.4826 * MAD, rel_floor * |median|))`` of ``values``."""
+    values = np.asarray(values, dtype=np.float64)
+    median = float(np.median(values))
+    mad = float(np.median(np.abs(values - median)))
+    return median, max(1.4826 * mad, rel_floor * abs(median), 1e-12)
 
 
 @dataclass
@@ -115,9 +136,9 @@ class RollbackPolicy:
         self.per_restore: dict[int, int] = {int(k): v for k, v in (per_window or {}).items()}
         # step -> data position of checkpoints that are saved but not yet proven healthy
         self.candidates: dict[int, int] = {}
-        # step -> data position of checkpoints followed by enough healthy steps. Step 0 is the
-        # initial state, always recreatable from the seed.
-        self.known_good: dict[int, int] = {0: 0}
+        # step -> data position of checkpoints followed by enough healthy steps. The initial
+        # state is not one: rolling back to it would throw away every step trained.
+        self.known_good: dict[int, int] = {}
 
     def saved(self, step: int, data_index: int) -> None:
         self.candidates[step] = data_index
@@ -129,17 +150,25 @@ class RollbackPolicy:
             self.known_good[c] = self.candidates.pop(c)
         return promoted
 
-    def newest_known_good(self) -> int:
-        return max(self.known_good)
+    def newest_known_good(self) -> int | None:
+        return max(self.known_good, default=None)
 
     def protected(self) -> set[int]:
         """Checkpoints retention must spare: the newest known-good one, and the candidates
         that may still become known good."""
-        return {self.newest_known_good(), *self.candidates}
+        newest = self.newest_known_good()
+        return {*self.candidates} | ({newest} if newest is not None else set())
 
     def plan(self, bad_step: int, bad_data_index: int, existing: set[int]) -> RollbackPlan:
         """Where to go back to after the bad step; raises TrainingDiverged past the bounds."""
-        usable = [s for s in self.known_good if s < bad_step and (s == 0 or s in existing)]
+        usable = [s for s in self.known_good if s < bad_step and s in existing]
+        if not usable:
+            raise TrainingDiverged(
+                f"step {bad_step} is bad and no checkpoint is known good yet (one is, "
+                f"guard.known_good_after={self.cfg.known_good_after} healthy steps after its "
+                f"save; saved: {sorted(existing) or 'none'}); stopping rather than restarting "
+                "from fresh weights"
+            )
         restore = max(usable)
         self.rollbacks += 1
         self.per_restore[restore] = self.per_restore.get(restore, 0) + 1

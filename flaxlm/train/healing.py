@@ -1,13 +1,14 @@
-"""The guard's state during a run: spike detection, known-good checkpoints, rollback counts
-and the skip ledger (flaxlm/train/guard.py), as one collaborator of the loop.
+"""The guard's state during a run — spike detection's rolling window, known-good checkpoints,
+rollback counts, the skip ledger and the LR cool-down — as one collaborator of the loop.
 
     healing = SelfHealing.from_meta(cfg.guard, meta)      # or SelfHealing(cfg.guard)
     reason = healing.check(step, loss, grad_norm)          # None: healthy
     plan = healing.roll_back(bad_step, bad_data_index, existing_checkpoints)
     data_index = healing.next_data_index(plan.restore_data_index)
 
-Its state goes into every checkpoint's metadata (:meth:`to_meta`), so a resumed run continues
-with the same ledger and the same knowledge of which checkpoints are known good.
+All of it goes into every checkpoint's metadata (:meth:`to_meta`), and into the rollback
+record written before a rollback deletes anything (flaxlm/train/run_checkpoints.py), so a run
+killed at any moment and resumed makes exactly the decisions of the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -29,18 +30,32 @@ class SelfHealing:
         self.detector = SpikeDetector(cfg)
         self.ledger = ledger or SkipLedger()
         self.policy = policy or RollbackPolicy(cfg)
+        self.cooldown_until = 0  # steps before this one run at guard.cooldown_factor x LR
 
     @classmethod
     def from_meta(cls, cfg: GuardConfig, meta: dict[str, Any]) -> SelfHealing:
-        """The state saved in a checkpoint's metadata by :meth:`to_meta`."""
-        return cls(
+        """The state saved by :meth:`to_meta` (in a checkpoint or a rollback record)."""
+        healing = cls(
             cfg,
             SkipLedger.from_json(meta.get("skip_ledger")),
             RollbackPolicy.from_json(cfg, meta.get("rollback_policy")),
         )
+        healing.detector.load_json(meta.get("detector"))
+        healing.cooldown_until = int(meta.get("cooldown_until", 0))
+        return healing
 
     def to_meta(self) -> dict[str, Any]:
-        return {"skip_ledger": self.ledger.to_json(), "rollback_policy": self.policy.to_json()}
+        return {
+            "skip_ledger": self.ledger.to_json(),
+            "rollback_policy": self.policy.to_json(),
+            "detector": self.detector.to_json(),
+            "cooldown_until": self.cooldown_until,
+        }
+
+    @property
+    def rollbacks(self) -> int:
+        """Rollbacks so far: orders two saved states of one run (more = newer)."""
+        return self.policy.rollbacks
 
     def check(self, step: int, loss: float, grad_norm: float) -> str | None:
         """Why step ``step`` is bad, or None (then it counts as healthy)."""
@@ -59,12 +74,18 @@ class SelfHealing:
 
     def roll_back(self, bad_step: int, bad_data_index: int, existing: set[int]) -> RollbackPlan:
         """Where to go after bad step ``bad_step`` (which trained on ``bad_data_index``): the
-        newest known-good checkpoint; the data since then joins the skip ledger. Raises
-        TrainingDiverged past ``guard.max_rollbacks`` / ``guard.max_per_window``."""
+        newest known-good checkpoint; the data since then joins the skip ledger, and the LR
+        cools down for ``guard.cooldown_steps``. Raises TrainingDiverged past
+        ``guard.max_rollbacks`` / ``guard.max_per_window``, or with no known-good checkpoint."""
         plan = self.policy.plan(bad_step, bad_data_index, existing)
         self.ledger.add(*plan.window)
         self.detector.reset()
+        self.cooldown_until = plan.restore_step + self.cfg.cooldown_steps
         return plan
+
+    def lr_factor(self, step: int) -> float:
+        """The cool-down factor of the step after ``step``."""
+        return self.cfg.cooldown_factor if step < self.cooldown_until else 1.0
 
     def next_data_index(self, index: int) -> int:
         """The first data position >= ``index`` outside the skip ledger."""

@@ -16,7 +16,6 @@ skip ledger. The collaborators each own their state: the model and jitted steps
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,9 +82,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     state, step, data_index, healing = start.state, start.step, start.data_index, start.healing
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
     result = TrainResult(run_dir, step, resumed_from=start.resumed_from, process_index=proc[0])
-    log = MetricsLog(run_dir, enabled=is_main, resume_from_step=step)
+    log = MetricsLog(run_dir, is_main, resume_from_step=step, keep_lines=start.metrics_lines)
     report = StepReporter(cfg, family, log, show, step, last_step)
-    controls = StepControls(cfg)
+    controls = StepControls(cfg, healing)
     evaluator = Evaluator(cfg, family, ms.eval_step, ms.mesh, data.val, data.tokenizer)
     watchdog = Watchdog(cfg.train.watchdog_factor, cfg.train.watchdog_min_s)
 
@@ -106,32 +105,34 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
                 if step < last_step:  # host work overlaps the step just dispatched
                     next_local = batches.batch(data_index, *proc)
                 report.advanced()
-            # The guard reads the previous step (the last one, when draining before the save).
-            if pending is not None and (reason := _check(pending, healing, report)):
-                watchdog.enter("rollback", pending.step)
+            # The guard reads the previous step; before an eval or a save (and when draining)
+            # also the one just dispatched, so no checkpoint holds an unchecked step.
+            boundary = finished or evaluator.due(step) or ckpts.due(step, last_step)
+            to_check = [p for p in (pending, dispatched if boundary else None) if p is not None]
+            pending = None if boundary else dispatched
+            bad = next(((p, r) for p in to_check if (r := _check(p, healing, report))), None)
+            if bad is not None:
+                watchdog.enter("rollback", bad[0].step)
                 with report.paused():
-                    state, step, data_index = _roll_back(
-                        pending, reason, healing, ckpts, controls, report, result
-                    )
+                    state, step, data_index = _roll_back(*bad, healing, ckpts, report, result)
                 pending, next_local = None, batches.batch(data_index, *proc)
                 continue
-            pending = dispatched
             if finished:
                 break
-            if step % cfg.checkpoint.every == 0 and step != last_step:
-                watchdog.enter("checkpoint", step)
-                with report.paused(pending):
-                    ckpts.save(state, step, data_index, healing)
-            if evaluator.due(step):
+            if evaluator.due(step):  # before the save: its line belongs to the checkpoint
                 watchdog.enter("eval", step)
-                with report.paused(pending):
+                with report.paused():
                     result.evals.append(report.evaluated(evaluator.run(state.params, step)))
+            if ckpts.due(step, last_step):
+                watchdog.enter("checkpoint", step)
+                with report.paused():
+                    ckpts.save(state, step, data_index, healing, log.lines)
     report.close()
     result.preempted = preempt.signal_name
 
     # The end: a checkpoint of the last step, a final evaluation, the plots.
     if ckpts.latest_step() != step:
-        ckpts.save(state, step, data_index, healing)
+        ckpts.save(state, step, data_index, healing, log.lines)
     if step == cfg.train.steps and (not result.evals or result.evals[-1]["step"] != step):
         result.evals.append(report.evaluated(evaluator.run(state.params, step), final=True))
     ckpts.close()  # waits until every checkpoint is durable, manifests included
@@ -164,19 +165,17 @@ def _roll_back(
     reason: str,
     healing: SelfHealing,
     ckpts: RunCheckpoints,
-    controls: StepControls,
     report: StepReporter,
     result: TrainResult,
 ) -> tuple[Any, int, int]:
     """Restores the newest known-good checkpoint before the bad step and puts the data since
-    then in the skip ledger. Returns (state, step, data index) to continue from."""
+    then in the skip ledger; the event is logged and the outcome recorded durably before any
+    checkpoint is deleted. Returns (state, step, data index) to continue from."""
     try:
         plan = healing.roll_back(bad.step, bad.data_index, ckpts.steps())
     except TrainingDiverged as exc:
         report.log.write({"event": "stopped", "step": bad.step, "reason": f"{reason}; {exc}"})
         raise
-    state = ckpts.restore(plan.restore_step)
-    controls.cool_down_from(plan.restore_step)
     event = {
         "event": "rollback",
         "step": bad.step,
@@ -185,8 +184,7 @@ def _roll_back(
         "reason": reason,
     }
     result.rollbacks.append(event)
-    if jax.process_index() == 0:
-        ledger_path = result.run_dir / "skip_ledger.json"
-        ledger_path.write_text(json.dumps(healing.ledger.to_json()))
     report.rolled_back(event, plan.restore_step)
-    return state, plan.restore_step, healing.next_data_index(plan.restore_data_index)
+    data_index = healing.next_data_index(plan.restore_data_index)
+    state = ckpts.roll_back(plan, data_index, healing, report.log.lines)
+    return state, plan.restore_step, data_index

@@ -12,27 +12,44 @@ import numpy as np
 
 
 class MetricsLog:
-    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_from_step: int = 0):
+    """``keep_lines``: on resume, the number of lines the file held when the checkpoint (or
+    rollback) the run resumes from was written; later lines belong to the lost attempt and are
+    replayed, so they are dropped and the file reads as if the run had never stopped. Without
+    it (an old checkpoint), lines after ``resume_from_step`` are dropped instead. ``lines``
+    counts the lines written so far."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        enabled: bool = True,
+        resume_from_step: int = 0,
+        keep_lines: int | None = None,
+    ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.enabled = enabled
+        self.lines = 0
         self._tb = None
         self._file = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._drop_lines_after(resume_from_step)
+        self._truncate(resume_from_step, keep_lines)
         self._file = self.path.open("a")
 
-    def _drop_lines_after(self, step: int) -> None:
-        """On resume from step s, lines logged after s by the lost attempt are replayed anyway;
-        dropping them keeps one line per step. Rewritten atomically."""
+    def _truncate(self, step: int, keep_lines: int | None) -> None:
+        """Rewritten atomically: a kill here leaves the old file or the new one."""
         if not self.path.exists():
             return
-        kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= step]
+        lines = [line for line in self.path.read_text().splitlines() if _parses(line)]
+        if keep_lines is not None:
+            kept = lines[:keep_lines]
+        else:
+            kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         tmp = self.path.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
+        self.lines = len(kept)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -40,6 +57,7 @@ class MetricsLog:
         clean = {k: _plain(v) for k, v in record.items()}
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
+        self.lines += 1
         writer = self._tensorboard()
         step = clean.get("step", 0)
         if "event" in clean:  # rollbacks, stops: a text entry TensorBoard shows at that step
@@ -108,6 +126,14 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     plt.close(fig)
     tmp.replace(out_path)
     return Path(out_path)
+
+
+def _parses(line: str) -> bool:
+    try:
+        json.loads(line)
+    except json.JSONDecodeError:
+        return False  # a torn last line
+    return True
 
 
 def _plain(value: Any) -> Any:

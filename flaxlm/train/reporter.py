@@ -5,6 +5,8 @@ meter (flaxlm/train/throughput.py) behind both."""
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -76,8 +78,14 @@ class StepReporter:
             self.meter.resume()
 
     def evaluated(self, record: dict[str, Any], final: bool = False) -> dict[str, Any]:
-        """Logs an eval record and shows its summary line; returns the record."""
+        """Logs an eval record and shows its summary line; returns the record. A non-finite
+        validation loss is also an ``eval_not_finite`` event and a warning (in the record
+        itself it is written as null, to keep every line strict JSON)."""
         self.log.write(record)
+        if not math.isfinite(record["val_loss"]):
+            message = f"evaluation at step {record['step']} gave val_loss {record['val_loss']}"
+            self.log.write({"event": "eval_not_finite", "step": record["step"], "reason": message})
+            warnings.warn(message, stacklevel=2)
         line = f"step {record['step']}: {summary_line(record, self.family)}"
         if self.show and final:
             print(line)

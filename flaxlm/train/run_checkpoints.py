@@ -1,25 +1,38 @@
 """A run's checkpoints as the loop sees them: the train state plus where the run is (data
-position, seed, the guard's state, the resolved config), saved together and restored
-together. Wraps :class:`flaxlm.checkpoint.Checkpointer`, which owns the files.
+position, seed, the guard's state, how many metrics.jsonl lines belong to it, the resolved
+config), saved together and restored together. Wraps :class:`flaxlm.checkpoint.Checkpointer`,
+which owns the files.
 
     ckpts = RunCheckpoints(cfg, model_state, tokenizer_bytes)
-    start = ckpts.resume_or_start()   # a checkpoint, or step 0
-    ckpts.save(state, data_index, healing)
-    state = ckpts.restore(step)       # step 0: the initial state, recreated from the seed
+    start = ckpts.resume_or_start()   # a checkpoint (or an interrupted rollback), or step 0
+    ckpts.save(state, step, data_index, healing, metrics_lines)
+    state = ckpts.roll_back(plan, data_index, healing, metrics_lines)
+
+A rollback writes its outcome — the restored step, the guard's new state (with the grown skip
+ledger), the data position to continue at — to ``rollback.json`` (atomically, synced to disk)
+*before* it deletes the checkpoints newer than the restored one. A run killed anywhere in or
+after the rollback resumes from that record, so it never trains on the skipped data again
+and decides as the uninterrupted run would.
 """
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import jax
 from flax.training.train_state import TrainState
 
-from flaxlm.checkpoint import Checkpointer
+from flaxlm.checkpoint import Checkpointer, CheckpointError
 from flaxlm.config import Config, to_dict
+from flaxlm.train.guard import RollbackPlan
 from flaxlm.train.healing import SelfHealing
 from flaxlm.train.model_state import ModelState
+
+ROLLBACK_FILE = "rollback.json"
 
 
 @dataclass
@@ -31,54 +44,100 @@ class Start:
     data_index: int
     healing: SelfHealing
     resumed_from: int | None  # the checkpoint's step; None on a fresh start
+    metrics_lines: int | None = None  # lines of metrics.jsonl that belong to this point
 
 
 class RunCheckpoints:
     def __init__(self, cfg: Config, model_state: ModelState, tokenizer_bytes: bytes):
         self.cfg, self.model_state, self.tokenizer_bytes = cfg, model_state, tokenizer_bytes
+        self.run_dir = Path(cfg.train.run_dir)
         self.checkpointer = Checkpointer(
-            Path(cfg.train.run_dir), cfg.checkpoint.keep, cfg.checkpoint.asynchronous
+            self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.asynchronous
         )
 
     def resume_or_start(self, announce: bool = False) -> Start:
         """The newest intact checkpoint with the run's position and guard state (newer damaged
-        or unsealed folders are removed), or the fresh state at step 0. ``announce`` prints
-        where the run resumes."""
+        or unsealed folders are removed) — or, when a rollback happened after it, the point
+        that rollback restored — or the fresh state at step 0. ``announce`` prints where."""
         if self.checkpointer.latest_step() is None:
-            fresh = self.model_state.fresh()
-            return Start(fresh, 0, 0, SelfHealing(self.cfg.guard), None)
+            return Start(self.model_state.fresh(), 0, 0, SelfHealing(self.cfg.guard), None, 0)
         ms = self.model_state
         state, meta = self.checkpointer.restore(ms.abstract, ms.shardings)
         step = int(meta["step"])
         self.checkpointer.delete_after(step)
         healing = SelfHealing.from_meta(self.cfg.guard, meta)
+        data_index, lines = int(meta["data_index"]), meta.get("metrics_lines")
+        record = self._rollback_record()
+        if record is not None and record["rollbacks"] > healing.rollbacks:
+            # The run was killed after a rollback that this checkpoint predates: finish it.
+            step, data_index = int(record["restore_step"]), int(record["data_index"])
+            healing = SelfHealing.from_meta(self.cfg.guard, record["guard"])
+            lines = record["metrics_lines"]
+            state = self._restore_exactly(step)
         if announce:
             ledger = healing.ledger.to_json()
             skipped = f", skip ledger {ledger}" if ledger else ""
-            print(f"resuming {self.cfg.train.run_dir} from step {step}{skipped}")
-        return Start(state, step, int(meta["data_index"]), healing, step)
+            print(f"resuming {self.run_dir} from step {step}{skipped}")
+        return Start(state, step, data_index, healing, step, lines)
 
-    def save(self, state: TrainState, step: int, data_index: int, healing: SelfHealing) -> None:
-        """Starts an (async) save of ``state`` at ``step``; the run resumes at ``data_index``."""
+    def save(
+        self,
+        state: TrainState,
+        step: int,
+        data_index: int,
+        healing: SelfHealing,
+        metrics_lines: int,
+    ) -> None:
+        """Starts an (async) save of ``state`` at ``step``; the run resumes at ``data_index``
+        with the first ``metrics_lines`` lines of metrics.jsonl."""
         healing.saved(step, data_index)
         meta: dict[str, Any] = {
             "data_index": data_index,
             "seed": self.cfg.train.seed,
             **healing.to_meta(),
+            "metrics_lines": metrics_lines,
             "config": to_dict(self.cfg),
         }
         self.checkpointer.save(state, meta, self.tokenizer_bytes, protect=healing.protected())
 
-    def restore(self, step: int) -> TrainState:
-        """The state of checkpoint ``step``, after deleting every newer checkpoint (they hold
-        weights from a bad stretch); step 0 is recreated from the seed."""
+    def roll_back(
+        self, plan: RollbackPlan, data_index: int, healing: SelfHealing, metrics_lines: int
+    ) -> TrainState:
+        """Records the rollback durably, then deletes the checkpoints newer than
+        ``plan.restore_step`` (they hold weights from the bad stretch) and restores it.
+        ``healing`` is the guard's state after the rollback; the run continues at
+        ``data_index`` with ``metrics_lines`` lines of metrics.jsonl."""
+        if jax.process_index() == 0:
+            record = {
+                "rollbacks": healing.rollbacks,
+                "restore_step": plan.restore_step,
+                "data_index": data_index,
+                "metrics_lines": metrics_lines,
+                "guard": healing.to_meta(),
+            }
+            _write_durably(self.run_dir / ROLLBACK_FILE, json.dumps(record))
+            _write_durably(self.run_dir / "skip_ledger.json", json.dumps(healing.ledger.to_json()))
+        return self._restore_exactly(plan.restore_step)
+
+    def _restore_exactly(self, step: int) -> TrainState:
+        """Deletes every checkpoint newer than ``step`` and restores ``step``."""
         self.checkpointer.delete_after(step)
-        if step == 0:
-            return self.model_state.fresh()
-        state, _ = self.checkpointer.restore(
-            self.model_state.abstract, self.model_state.shardings, step
-        )
-        return state
+        ms = self.model_state
+        return self.checkpointer.restore(ms.abstract, ms.shardings, step)[0]
+
+    def _rollback_record(self) -> dict[str, Any] | None:
+        path = self.run_dir / ROLLBACK_FILE
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:  # written atomically: this is outside damage
+            raise CheckpointError(f"{path} is not valid JSON ({exc}); remove it to resume") from exc
+
+    def due(self, step: int, last_step: int) -> bool:
+        """Save after ``step``? Every ``checkpoint.every`` steps; the last step is saved once
+        the loop ends."""
+        return step % self.cfg.checkpoint.every == 0 and step != last_step
 
     def steps(self) -> set[int]:
         return set(self.checkpointer.steps())
@@ -89,3 +148,18 @@ class RunCheckpoints:
     def close(self) -> None:
         """Waits until every checkpoint is durable, manifests included."""
         self.checkpointer.close()
+
+
+def _write_durably(path: Path, text: str) -> None:
+    """Writes ``text`` to ``path`` atomically and syncs it (and the folder) to disk."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
