@@ -8,47 +8,68 @@ alone is enough to evaluate or sample.
 Saves are asynchronous: ``save`` returns once the arrays are copied off the devices. Orbax
 writes into ``<step>.orbax-checkpoint-tmp`` and renames it when complete; after that we write
 ``MANIFEST.json`` (every file's size and SHA-256) *last*. A checkpoint counts only with a
-manifest that matches its files, so a crash mid-save, a truncated or bit-flipped file or an
-empty step folder is never restored: :meth:`Checkpointer.restore` walks back to the newest
-intact checkpoint and warns, naming the broken one.
+manifest that matches its files. Only such *verified* damage — a file missing, truncated or
+bit-flipped, metadata that cannot be parsed — makes :meth:`Checkpointer.restore` walk back to
+an older checkpoint (with a warning naming the broken one, recorded in ``walked_past``). An
+intact checkpoint that does not fit the state asked for (a changed model shape) and a read
+that keeps failing with an I/O error are one-line :class:`CheckpointError` s instead: nothing
+is walked past, so nothing gets deleted. A save that fails (a full disk) is a one-line
+CheckpointError too, raised by ``save`` or, for an asynchronous save, by the next ``save``,
+``wait`` or ``close``.
 """
 
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
+import logging
 import os
 import shutil
 import threading
+import time
 import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
 import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
 MANIFEST = "MANIFEST.json"
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of the folders Orbax writes into
+IO_ATTEMPTS = 3  # reads that fail with an OSError are tried this often in all
+IO_BACKOFF_S = 0.5  # before the first retry; doubles each time
+
+T = TypeVar("T")
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing or cannot be read; the message names it."""
+    """A checkpoint is missing, damaged, does not fit, or cannot be read or written; the
+    one-line message names it."""
 
 
 class Checkpointer:
     """Saves and restores the checkpoints of one run directory.
 
-    Retention keeps the newest ``keep`` checkpoints plus any step in ``protect`` (the loop
-    protects the newest known-good checkpoint so a rollback always has somewhere to go).
+    Retention keeps the newest ``keep`` complete checkpoints plus any step in ``protect`` (the
+    loop protects the newest known-good checkpoint and the candidates, so a rollback always
+    has somewhere to go).
     """
 
     def __init__(self, run_dir: str | Path, keep: int = 3, asynchronous: bool = True):
         self.directory = Path(run_dir).absolute() / "checkpoints"
         self.keep = keep
         self.is_writer = jax.process_index() == 0
+        # Damaged steps the last restore skipped, newest first: what a resume may delete.
+        self.walked_past: list[int] = []
         self._lock = threading.Lock()
         self._unsealed: list[int] = []  # saved by orbax, manifest not yet written
+        self._in_flight: int | None = None  # the step of the save not yet waited for
+        self._cleaned = False  # leftovers of killed saves removed (at the first save)
+        self._intact: dict[int, dict[str, tuple]] = {}  # verified step -> saved array shapes
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours: it must spare the known-good checkpoint
             enable_async_checkpointing=asynchronous,
@@ -66,7 +87,7 @@ class Checkpointer:
     # -- what is on disk -------------------------------------------------------------------
 
     def steps(self) -> list[int]:
-        """Steps of complete checkpoints (with a manifest), oldest first. Cheap: sizes only."""
+        """Steps of complete checkpoints (with a manifest), oldest first. Cheap: no reads."""
         if not self.directory.is_dir():
             return []
         out = []
@@ -80,12 +101,15 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def verify(self, step: int) -> str | None:
-        """None if the checkpoint's files match its manifest, else what is wrong."""
+        """None if the checkpoint's files match its manifest and its metadata parses, else
+        what is wrong. An I/O error while reading raises OSError: that is not damage."""
         folder = self.directory / str(step)
         try:
             manifest = json.loads((folder / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            return f"no readable {MANIFEST} ({type(exc).__name__})"
+        except FileNotFoundError:
+            return f"it has no {MANIFEST} (its save never finished)"
+        except ValueError:  # JSONDecodeError, UnicodeDecodeError
+            return f"{MANIFEST} is not valid JSON"
         for rel, (size, digest) in manifest["files"].items():
             path = folder / rel
             if not path.is_file():
@@ -94,7 +118,63 @@ class Checkpointer:
                 return f"{rel} has {path.stat().st_size} bytes, expected {size}"
             if _sha256(path) != digest:
                 return f"{rel} does not match its checksum"
+        try:
+            json.loads((folder / "meta" / "metadata").read_text())
+        except FileNotFoundError:
+            return "meta/metadata is missing"
+        except ValueError:
+            return "meta/metadata is not valid JSON"
         return None
+
+    def newest_intact(self) -> int:
+        """The newest checkpoint without verified damage. Damaged newer ones are skipped with
+        a warning naming each, and listed in ``walked_past`` (newest first)."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        self.walked_past, problems = [], []
+        for step in reversed(steps):
+            problem = self._damage(step)
+            if problem is None:
+                return step
+            message = f"checkpoint {self.directory / str(step)} is damaged: {problem}"
+            warnings.warn(message + "; trying an older one", stacklevel=3)
+            self.walked_past.append(step)
+            problems.append(message)
+        raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems))
+
+    def check_intact(self, step: int) -> int:
+        """``step`` if that checkpoint has no verified damage, else a CheckpointError saying
+        what is wrong with it (no walking back: it was asked for by name)."""
+        folder = self.directory / str(step)
+        if not folder.is_dir():
+            raise CheckpointError(f"no checkpoint {folder} (have: {self.steps() or 'none'})")
+        problem = self._damage(step)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
+        return step
+
+    def _damage(self, step: int) -> str | None:
+        """What :meth:`verify` finds, or unreadable Orbax metadata; None when intact (then
+        the saved array shapes are kept for :meth:`_check_fits`)."""
+        if step in self._intact:
+            return None
+        folder = self.directory / str(step)
+
+        def check() -> str | None:
+            problem = self.verify(step)
+            if problem is not None:
+                return problem
+            try:
+                tree = ocp.StandardCheckpointHandler().metadata(folder / "state")
+            except OSError:
+                raise
+            except Exception as exc:  # orbax raises many types for a bad _METADATA
+                return f"its array metadata cannot be read ({_one_line(exc)})"
+            self._intact[step] = _shapes(getattr(tree, "tree", tree))
+            return None
+
+        return _retrying(f"checking checkpoint {folder}", check)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -105,30 +185,42 @@ class Checkpointer:
         tokenizer_bytes: bytes,
         protect: set[int] | frozenset[int] = frozenset(),
     ) -> None:
-        """Starts saving ``state`` at ``state.step``; returns before the write finishes."""
+        """Starts saving ``state`` at ``state.step``; returns before the write finishes.
+
+        Raises CheckpointError when this save, or the previous asynchronous one, failed to
+        write (e.g. the disk is full); the checkpoints saved before are left intact.
+        """
         step = int(jax.device_get(state.step))
         # The previous save has had a whole checkpoint interval to finish; make sure, so that
         # at most one save is in flight and retention never races it.
         self.wait()
+        if not self._cleaned:
+            self.remove_incomplete()
         self._prune(protect | {step})
         folder = self.directory / str(step)
         if folder.exists() and self.is_writer:
             # A stale folder from before a rollback, or an unsealed leftover: replace it.
             shutil.rmtree(folder)
+        self._intact.pop(step, None)
         _sync(f"flaxlm-checkpoint-save-{step}")  # every process sees the same folders
         self._manager.reload()
         meta = dict(meta, step=step, tokenizer_b64=base64.b64encode(tokenizer_bytes).decode())
         with self._lock:
             self._unsealed.append(step)
-        self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=True,
-        )
-        if not self._manager.is_saving_in_progress():
-            self._seal_pending()  # synchronous save (or already finished)
+        self._in_flight = step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            if not self._manager.is_saving_in_progress():
+                self._seal_pending()  # synchronous save (or already finished)
+                self._in_flight = None
+        except Exception as exc:
+            self._save_failed(step, exc)
 
     def _seal_pending(self) -> None:
         """Writes the manifest of every finished save: sizes and checksums, written last.
@@ -145,23 +237,68 @@ class Checkpointer:
                     _write_manifest(folder, step)
                 self._unsealed.remove(step)
 
+    def _save_failed(self, step: int | None, exc: Exception) -> None:
+        """Raises for a failed save of ``step``: a one-line CheckpointError for a write error
+        (a full disk), ``exc`` itself for anything else. Call it from an ``except`` block.
+        What the save left (Orbax may still be unwinding it) goes at the next save."""
+        with self._lock:
+            self._unsealed = [s for s in self._unsealed if s != step]
+        self._in_flight = None
+        self._cleaned = False
+        if not _is_io_error(exc):
+            raise exc
+        run_dir = self.directory.parent
+        intact = f"the checkpoints before it are intact ({self.steps() or 'none'})"
+        if _is_disk_full(exc):
+            raise CheckpointError(
+                f"the disk is full: checkpoint {step} could not be saved in {run_dir}; "
+                f"{intact}: free some space and rerun to resume"
+            ) from exc
+        raise CheckpointError(
+            f"checkpoint {step} could not be saved in {run_dir} ({_one_line(exc)}); {intact}"
+        ) from exc
+
     def _prune(self, protect: set[int] | frozenset[int]) -> None:
         if not self.is_writer:
             return
         # Called just before a new save: leave room for it within ``keep``.
         steps = self.steps()
-        older = steps[len(steps) - (self.keep - 1) :] if self.keep > 1 else []
-        keep = set(older) | set(protect)
+        room = max(self.keep - 1, 0)
+        keep = set(steps[max(len(steps) - room, 0) :] if room else []) | set(protect)
         for step in steps:
             if step not in keep:
+                self._intact.pop(step, None)
                 shutil.rmtree(self.directory / str(step), ignore_errors=True)
 
-    def delete_after(self, step: int) -> None:
-        """Removes checkpoints newer than ``step`` (they hold weights from a bad stretch)."""
+    def remove_incomplete(self) -> list[str]:
+        """Removes what killed saves leave behind: Orbax temporary folders
+        (``<step>.orbax-checkpoint-tmp*``) and step folders without a manifest. Only process
+        0 deletes, and only after this Checkpointer's own save is done; the first ``save``
+        calls it. Never call it from a reader: a trainer may be saving into that folder.
+        Returns the names removed."""
         self.wait()
+        removed = []
+        if self.is_writer and self.directory.is_dir():
+            for path in self.directory.iterdir():
+                unsealed = path.name.isdigit() and not (path / MANIFEST).exists()
+                if path.is_dir() and (ORBAX_TMP in path.name or unsealed):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path.name)
+        self._cleaned = True
+        _sync("flaxlm-checkpoint-remove-incomplete")
+        self._manager.reload()
+        return sorted(removed)
+
+    def delete_after(self, step: int, only: Iterable[int] | None = None) -> None:
+        """Removes the checkpoints newer than ``step`` — all of them (a rollback: they hold
+        weights from a bad stretch), or just those in ``only`` (a resume: pass
+        ``walked_past``, the damaged ones, so nothing intact is ever deleted)."""
+        self.wait()
+        chosen = None if only is None else set(only)
         if self.is_writer:
             for s in self.steps():
-                if s > step:
+                if s > step and (chosen is None or s in chosen):
+                    self._intact.pop(s, None)
                     shutil.rmtree(self.directory / str(s), ignore_errors=True)
         _sync(f"flaxlm-checkpoint-delete-after-{step}")
         self._manager.reload()
@@ -177,28 +314,45 @@ class Checkpointer:
         """Restores ``step``, or the newest intact checkpoint, into the given shardings.
 
         Passing the target shardings is what lets a checkpoint written on one mesh (or by N
-        processes) load onto another. Without ``step``, broken checkpoints are skipped with a
-        warning naming them; with ``step``, a broken one raises CheckpointError.
+        processes) load onto another. Without ``step``, damaged checkpoints are skipped with
+        a warning naming them and listed in ``walked_past``; a damaged ``step`` raises.
+        A checkpoint that does not fit ``abstract_state`` and an I/O error that outlasts
+        the retries raise CheckpointError without walking back.
         """
-        candidates = [step] if step is not None else list(reversed(self.steps()))
-        if not candidates:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        problems = []
-        for s in candidates:
-            problem = self.verify(s)
-            if problem is None:
-                try:
-                    return self._restore_step(s, abstract_state, state_sh)
-                except Exception as exc:  # orbax raises many types; name the checkpoint
-                    problem = (
-                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-                    )
-            message = f"checkpoint {self.directory / str(s)} is damaged: {problem}"
-            if step is not None:
-                raise CheckpointError(message)
-            warnings.warn(message + "; trying an older one", stacklevel=2)
-            problems.append(message)
-        raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems))
+        self.walked_past = []
+        step = self.newest_intact() if step is None else self.check_intact(step)
+        folder = self.directory / str(step)
+        self._check_fits(step, abstract_state)
+        try:
+            return _retrying(
+                f"reading checkpoint {folder}",
+                lambda: self._restore_step(step, abstract_state, state_sh),
+            )
+        except CheckpointError:
+            raise
+        except Exception as exc:  # intact and fitting, yet orbax fails: name the checkpoint
+            raise CheckpointError(f"cannot restore checkpoint {folder}: {_one_line(exc)}") from exc
+
+    def _check_fits(self, step: int, abstract_state: TrainState) -> None:
+        """Raises CheckpointError naming the first parameter (then optimizer entry) whose
+        saved shape differs from the one asked for, or that only one side has."""
+        saved = self._intact[step]
+        wanted = _shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+        differences = []
+        for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[:7] != "params/", k)):
+            if key not in saved:
+                differences.append(f"{key} {wanted[key]} is not in the checkpoint")
+            elif key not in wanted:
+                differences.append(f"{key} {saved[key]} is in the checkpoint but not expected")
+            elif saved[key] != wanted[key]:
+                differences.append(f"{key} is saved as {saved[key]}, expected {wanted[key]}")
+        if differences:
+            more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} does not fit the model and optimizer "
+                f"it is restored into: {differences[0]}{more}; was the model config changed? "
+                "The checkpoint is intact and was left as it is"
+            )
 
     def _restore_step(self, step: int, abstract_state: TrainState, state_sh: TrainState):
         target = jax.tree.map(
@@ -222,21 +376,28 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         path = self.directory / str(step) / "meta" / "metadata"
         try:
-            return json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            return json.loads(_retrying(f"reading {path}", path.read_text))
+        except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} has no readable metadata: "
                 f"{type(exc).__name__}"
             ) from exc
 
     def wait(self) -> None:
-        """Blocks until every started save is durable on disk, manifest included."""
-        self._manager.wait_until_finished()
-        self._seal_pending()
+        """Blocks until every started save is durable on disk, manifest included. Raises
+        CheckpointError when an asynchronous save failed to write."""
+        try:
+            self._manager.wait_until_finished()
+            self._seal_pending()
+        except Exception as exc:
+            self._save_failed(self._in_flight, exc)
+        self._in_flight = None
 
     def close(self) -> None:
-        self.wait()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def tokenizer_bytes_from_meta(meta: dict[str, Any]) -> bytes:
@@ -249,6 +410,71 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
+
+
+def _retrying(what: str, read: Callable[[], T]) -> T:
+    """``read()``, tried IO_ATTEMPTS times while it raises OSError (a flaky disk or network
+    file system), then a one-line CheckpointError: an I/O error is not damage. A missing
+    file is no I/O error: it is raised at once."""
+    for attempt in range(IO_ATTEMPTS):
+        try:
+            return read()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt + 1 == IO_ATTEMPTS:
+                raise CheckpointError(
+                    f"I/O error {what} ({_one_line(exc)}), {IO_ATTEMPTS} tries; nothing was deleted"
+                ) from exc
+            time.sleep(IO_BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """'params/blocks_0/attn/query/kernel' -> shape, for every array of a serialized tree."""
+    flat = ocp.tree.to_flat_dict(tree, sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+def _chain(exc: BaseException | None):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+# Tensorstore reports OS errors as ValueError text ("... [os_error_code='28']").
+_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
+
+
+def _is_io_error(exc: BaseException) -> bool:
+    return any(isinstance(e, OSError) or "os_error_code=" in str(e) for e in _chain(exc))
+
+
+def _is_disk_full(exc: BaseException) -> bool:
+    return any(
+        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
+        or any(text in str(e) for text in _DISK_FULL_TEXT)
+        for e in _chain(exc)
+    )
+
+
+class _QuietDiskFull(logging.Filter):
+    """Orbax logs a full disk with three tracebacks from its threads; the save raises it as
+    one line (``Checkpointer._save_failed``), so those log records are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return exc is None or not _is_disk_full(exc)
+
+
+logging.getLogger("absl").addFilter(_QuietDiskFull())
 
 
 def _write_manifest(folder: Path, step: int) -> None:
