@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -168,3 +171,25 @@ def test_temperature_sampling_is_reproducible_per_seed(loaded):
     assert all(0 <= t < loaded.tokenizer.vocab_size for t in first)
     with pytest.raises(ValueError, match="temperature=-1"):
         _continue(loaded, prompt, 4, temperature=-1.0)
+
+
+def test_eval_walks_back_past_a_damaged_newest_checkpoint(trained_run, tmp_path, capsys):
+    """As a resume does: the newest intact checkpoint, with a warning naming the damaged one;
+    the damaged one asked for by name is a one-line error saying what is wrong."""
+    from flaxlm.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)  # the shared run must stay as it is
+    newest = run / "checkpoints" / str(TRAINED_RUN_STEPS)
+    metadata = newest / "meta" / "metadata"
+    metadata.write_text(metadata.read_text()[:-40] + " not json")
+
+    with pytest.warns(UserWarning, match=f"{re.escape(str(newest))} is damaged"):
+        assert main(["eval", str(run), "--json", "--max-batches", "1"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 150
+
+    assert main(["eval", str(newest), "--json"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"flaxlm eval: error: checkpoint {newest} is damaged: meta/metadata")
+    assert err.count("\n") == 1
+    assert (newest / "MANIFEST.json").is_file()  # a reader deletes nothing

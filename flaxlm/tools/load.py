@@ -47,12 +47,15 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None]:
 def load_checkpoint(path: str | Path, mesh_cfg: MeshConfig | None = None) -> LoadedModel:
     """Restores the parameters, config and tokenizer of a run's newest (or a given) checkpoint.
 
-    The mesh defaults to pure data parallelism over all local devices, whatever mesh the run
-    was trained on: Orbax reshards on restore.
+    From a run dir, damaged newer checkpoints (checksum mismatch, unreadable metadata) are
+    skipped with a warning naming each, as a resume does; a damaged checkpoint named by path
+    is a CheckpointError saying what is wrong. The mesh defaults to pure data parallelism
+    over all local devices, whatever mesh the run was trained on: Orbax reshards on restore.
     """
     run_dir, step = resolve_checkpoint(path)
     ckpt = Checkpointer(run_dir, asynchronous=False)
     try:
+        step = ckpt.newest_intact() if step is None else ckpt.check_intact(step)
         meta = ckpt.read_meta(step)
         cfg = from_dict(meta["config"], check_paths=False)
         cfg.mesh = mesh_cfg or MeshConfig()
