@@ -56,15 +56,16 @@ class RunCheckpoints:
         )
 
     def resume_or_start(self, announce: bool = False) -> Start:
-        """The newest intact checkpoint with the run's position and guard state (newer damaged
-        or unsealed folders are removed) — or, when a rollback happened after it, the point
+        """The newest intact checkpoint with the run's position and guard state (newer ones
+        that failed verification are removed) — or, when a rollback happened after it, the point
         that rollback restored — or the fresh state at step 0. ``announce`` prints where."""
         if self.checkpointer.latest_step() is None:
             return Start(self.model_state.fresh(), 0, 0, SelfHealing(self.cfg.guard), None, 0)
         ms = self.model_state
         state, meta = self.checkpointer.restore(ms.abstract, ms.shardings)
         step = int(meta["step"])
-        self.checkpointer.delete_after(step)
+        # Newer checkpoints that failed verification go; anything intact stays.
+        self.checkpointer.delete_after(step, only=self.checkpointer.walked_past)
         healing = SelfHealing.from_meta(self.cfg.guard, meta)
         data_index, lines = int(meta["data_index"]), meta.get("metrics_lines")
         record = self._rollback_record()
