@@ -23,7 +23,7 @@ from typing import Any
 import jax
 
 from flaxlm.config import Config, save_config
-from flaxlm.data import prepare_data
+from flaxlm.data import PreparedData, prepare_data
 from flaxlm.families import family_of
 from flaxlm.train.batches import put_train_batch
 from flaxlm.train.controls import StepControls
@@ -34,7 +34,9 @@ from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.model_state import ModelState
 from flaxlm.train.preemption import PreemptionGuard
 from flaxlm.train.reporter import StepReporter, scalars
+from flaxlm.train.resume_checks import ResumeCheck, write_fingerprints
 from flaxlm.train.run_checkpoints import RunCheckpoints
+from flaxlm.train.run_lock import holds_run_lock
 from flaxlm.train.watchdog import Watchdog
 
 
@@ -59,6 +61,7 @@ class _Pending:
     metrics: Any
 
 
+@holds_run_lock  # one trainer per run dir: a second one refuses, naming this one
 def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     """Trains (or resumes) the run in ``cfg.train.run_dir`` up to ``cfg.train.steps``.
 
@@ -69,12 +72,15 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     family, run_dir = family_of(cfg), Path(cfg.train.run_dir)
     is_main, proc = jax.process_index() == 0, (jax.process_index(), jax.process_count())
     show = is_main and cfg.train.progress
-    # Data first: it is the slowest thing to fail on, and the tokenizer must fit the model.
-    data = prepare_data(cfg.data, cfg.model.vocab_size, progress=show)
+    resume = ResumeCheck(cfg)  # refuses a resume that would change the run (resume_checks.py)
+    # Data first: it is the slowest thing to fail on, and the tokenizer must fit the model
+    # (a resume's is the checkpoint's own).
+    data = prepare_data(cfg.data, cfg.model.vocab_size, show, resume.tokenizer)
+    resume.check_data(data.fingerprints)
     batches = family.train_batches(data, cfg, cfg.train.batch_size)
     ms = ModelState.build(cfg, family)
-    if is_main:
-        _write_run_files(run_dir, cfg, data.tokenizer.model_bytes)
+    if is_main:  # only now: a refused resume leaves the run's files as they were
+        _write_run_files(run_dir, cfg, data)
 
     # Resume from the newest intact checkpoint of this run dir, or start fresh.
     ckpts = RunCheckpoints(cfg, ms, data.tokenizer.model_bytes)
@@ -83,6 +89,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
     result = TrainResult(run_dir, step, resumed_from=start.resumed_from, process_index=proc[0])
     log = MetricsLog(run_dir, is_main, resume_from_step=step, keep_lines=start.metrics_lines)
+    resume.record(log, step)  # accepted changes: an event in metrics.jsonl
     report = StepReporter(cfg, family, log, show, step, last_step)
     controls = StepControls(cfg, healing)
     evaluator = Evaluator(cfg, family, ms.eval_step, ms.mesh, data.val, data.tokenizer)
@@ -144,11 +151,13 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     return result
 
 
-def _write_run_files(run_dir: Path, cfg: Config, tokenizer_bytes: bytes) -> None:
-    """The resolved config and the tokenizer, beside the checkpoints."""
+def _write_run_files(run_dir: Path, cfg: Config, data: PreparedData) -> None:
+    """The resolved config, the tokenizer and the data's fingerprints, beside the
+    checkpoints."""
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "tokenizer.model").write_bytes(tokenizer_bytes)
+    (run_dir / "tokenizer.model").write_bytes(data.tokenizer.model_bytes)
+    write_fingerprints(run_dir, data.fingerprints)
 
 
 def _check(done: _Pending, healing: SelfHealing, report: StepReporter) -> str | None:
