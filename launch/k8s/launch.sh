@@ -3,13 +3,16 @@
 #
 #   launch/k8s/launch.sh [--dry-run] [--name flaxlm] [--namespace default] [--image IMAGE]
 #       [--port 1234] [--resource nvidia.com/gpu=8 ...] [--pvc CLAIM] [--mount /runs] \
-#       N flaxlm train CONFIG [key=value ...]
+#       [--max-restarts 3] [--grace 300] N flaxlm train CONFIG [key=value ...]
 #
 # Pod i of Job NAME is host NAME-i in the Service NAME (Indexed Job hostnames + subdomain), so
 # every pod reaches process 0 at NAME-0.NAME:PORT = FLAXLM_COORDINATOR. FLAXLM_NUM_PROCESSES
 # is N and FLAXLM_PROCESS_ID is the pod's completion index (the annotation behind
-# JOB_COMPLETION_INDEX). backoffLimit 0: one failed pod fails the Job; delete it and launch
-# again to resume from the newest checkpoint (train.run_dir on the --pvc volume, shared by all).
+# JOB_COMPLETION_INDEX). Restarts (the pod failure policy): a pod that fails (exit 75 from the
+# hang watchdog, a dead peer) is replaced and resumes from the newest checkpoint (train.run_dir
+# on the --pvc volume, shared by all), up to --max-restarts times N pod failures; an evicted or
+# preempted pod never counts; exit 3 (training diverged) fails the Job at once. A pod being
+# stopped gets SIGTERM and --grace seconds to save before SIGKILL.
 # DRY_RUN=1 is the same as --dry-run: print the kubectl command and manifest, apply nothing.
 set -euo pipefail
 
@@ -21,6 +24,8 @@ port=1234
 resources=()
 pvc=""
 mount="/runs"
+max_restarts=3
+grace=300
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --dry-run) dry_run=1; shift ;;
@@ -31,7 +36,9 @@ while [[ $# -gt 0 ]]; do
     --resource) resources+=("$2"); shift 2 ;;
     --pvc) pvc="$2"; shift 2 ;;
     --mount) mount="$2"; shift 2 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    --max-restarts) max_restarts="$2"; shift 2 ;;
+    --grace) grace="$2"; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) break ;;
   esac
 done
@@ -48,10 +55,12 @@ if ! [[ "$namespace" =~ ^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$ ]]; then
   echo "launch/k8s/launch.sh: --namespace '$namespace' should be a DNS label" >&2
   exit 2
 fi
-if ! [[ "$port" =~ ^[0-9]+$ ]]; then
-  echo "launch/k8s/launch.sh: --port '$port' should be a number" >&2
-  exit 2
-fi
+for option in "port=$port" "max-restarts=$max_restarts" "grace=$grace"; do
+  if ! [[ "${option#*=}" =~ ^[0-9]+$ ]]; then
+    echo "launch/k8s/launch.sh: --${option%%=*} '${option#*=}' should be a number" >&2
+    exit 2
+  fi
+done
 n="$1"; shift
 
 # A YAML double-quoted scalar: any argument (brackets, colons, quotes) stays one string.
@@ -103,14 +112,28 @@ spec:
   completionMode: Indexed
   completions: ${n}
   parallelism: ${n}
-  backoffLimit: 0
+  # A failure of the whole group is N pod failures: each pod's watchdog exits 75 (or its
+  # runtime sees the dead peer); their replacements join again and resume.
+  backoffLimit: $((max_restarts * n))
+  podFailurePolicy:
+    rules:
+      - action: Ignore  # evicted, preempted, node drained: not the run's fault
+        onPodConditions:
+          - type: DisruptionTarget
+      - action: FailJob  # training diverged: a restart would diverge again
+        onExitCodes:
+          containerName: flaxlm
+          operator: In
+          values: [3]
+      # Any other failure (75 from the hang watchdog included) counts toward backoffLimit.
   template:
     metadata:
       labels:
         flaxlm/job: ${name}
     spec:
       subdomain: ${name}
-      restartPolicy: Never
+      restartPolicy: Never  # the Job replaces a failed pod (required by podFailurePolicy)
+      terminationGracePeriodSeconds: ${grace}  # SIGTERM, then this long to save
       containers:
         - name: flaxlm
           image: $(quote "$image")
