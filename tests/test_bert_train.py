@@ -102,9 +102,10 @@ def _bert_metrics_by_hand(run_dir, n_batches: int, batch_size: int) -> dict[str,
 def test_nan_in_a_bert_step_rolls_back(small_corpus, tiny_cache_dir, tmp_path):
     cfg = bert_tiny_config(
         small_corpus, tiny_cache_dir, tmp_path / "r", "train.steps=10", "checkpoint.every=4",
-        "train.eval_every=0", "chaos.nan_at_steps=[7]",
+        "train.eval_every=0", "chaos.nan_at_steps=[7]", "guard.known_good_after=2",
     )  # fmt: skip
     result = train(cfg)
     assert result.step == 10 and len(result.rollbacks) == 1
     assert result.rollbacks[0]["step"] == 7
+    assert result.rollbacks[0]["restored_step"] == 4  # known good since step 6
     assert all(np.isfinite(r["loss"]) for r in result.history if r["step"] != 7)

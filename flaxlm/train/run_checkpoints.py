@@ -141,6 +141,9 @@ class RunCheckpoints:
         return step % self.cfg.checkpoint.every == 0 and step != last_step
 
     def steps(self) -> set[int]:
+        """Steps of the complete checkpoints, after any save in flight has finished (an async
+        save is sealed only once it is done; a rollback must see it)."""
+        self.checkpointer.wait()
         return set(self.checkpointer.steps())
 
     def latest_step(self) -> int | None:
