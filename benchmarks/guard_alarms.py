@@ -8,7 +8,10 @@ For each config and seed:
   through the detector flaxlm used before (mean + 6 std of the window, no floor), straight and
   with its window emptied every 40 steps as a restart used to do, to show why it was replaced;
 - faulty runs with an LR spike (x1000 and a milder x30) at step 60, a NaN at 100 and another
-  spike at 140: a fault counts as detected when a rollback happens within 2 steps of it.
+  spike at 140. Faults are attached to data positions (``chaos.*``: step s of an undisturbed
+  run trains on position s - 1), so after a rollback they come at other step numbers; a fault
+  counts as detected when a rollback's bad step trained on its position or one of the next
+  two (the rollback's ``skipped`` window ends there). Any other rollback is a false alarm.
 Prints a Markdown table (copied into benchmarks/RESULTS.md) and writes JSON lines to --out.
 """
 
@@ -66,7 +69,8 @@ def run(name: str, corpus: str, seed: int, steps: int, faults: list[str], tmp: P
     )
     result = train(cfg)
     losses = [r["loss"] for r in result.history if "loss" in r]
-    return {"rollbacks": [r["step"] for r in result.rollbacks], "losses": losses}
+    # The data position the bad step trained on ends each skipped window (guard.margin=0).
+    return {"rollbacks": [r["skipped"][1] for r in result.rollbacks], "losses": losses}
 
 
 def main() -> int:
@@ -75,6 +79,7 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS))
+    parser.add_argument("--scales", nargs="+", type=float, default=[1000.0, 30.0])
     parser.add_argument("--out", default=str(REPO / "benchmarks/guard_alarms.jsonl"))
     args = parser.parse_args()
     rows = []
@@ -86,9 +91,11 @@ def main() -> int:
                 healthy = run(name, args.corpus, seed, args.steps, [], Path(tmp))
                 row["runs"] += 1
                 row["false_alarms"] += len(healthy["rollbacks"])
+                row.setdefault("healthy_false_alarms", 0)
+                row["healthy_false_alarms"] += len(healthy["rollbacks"])
                 row["old_alarms"] += old_detector_alarms(healthy["losses"])
                 row["old_alarms_restarts"] += old_detector_alarms(healthy["losses"], 40)
-                for scale in (1000, 30):
+                for scale in args.scales:
                     faults = [
                         f"chaos.spike_at_steps=[{SPIKES[0]},{SPIKES[1]}]",
                         f"chaos.spike_lr_scale={scale}",
@@ -97,17 +104,19 @@ def main() -> int:
                     faulty = run(name, args.corpus, seed, 170, faults, Path(tmp))
                     hits = row["detected"].setdefault(f"spike x{scale}", [0, 0])
                     nan_hits = row["detected"].setdefault("NaN", [0, 0])
+                    near = faulty["rollbacks"]
+                    faults_at = (*SPIKES, NAN)
                     for at in SPIKES:
-                        hits[0] += any(at <= s <= at + 2 for s in faulty["rollbacks"])
+                        hits[0] += any(at - 1 <= d <= at + 1 for d in near)
                         hits[1] += 1
-                    nan_hits[0] += any(NAN <= s <= NAN + 2 for s in faulty["rollbacks"])
+                    nan_hits[0] += any(NAN - 1 <= d <= NAN + 1 for d in near)
                     nan_hits[1] += 1
-                    caused = [s for s in faulty["rollbacks"]
-                              if not any(at <= s <= at + 2 for at in (*SPIKES, NAN))]  # fmt: skip
+                    caused = [d for d in near if not any(a - 1 <= d <= a + 1 for a in faults_at)]
                     row["false_alarms"] += len(caused)
                     row["runs"] += 1
             rows.append(row)
             out.write(json.dumps(row) + "\n")
+            out.flush()
     print(
         "| config | runs | false alarms (now) | old rule, healthy | old rule, restart every 40 "
         "| " + " | ".join(rows[0]["detected"]) + " |"
