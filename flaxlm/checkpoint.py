@@ -68,6 +68,7 @@ class Checkpointer:
         self._lock = threading.Lock()
         self._unsealed: list[int] = []  # saved by orbax, manifest not yet written
         self._in_flight: int | None = None  # the step of the save not yet waited for
+        self._last_started: int | None = None
         self._cleaned = False  # leftovers of killed saves removed (at the first save)
         self._intact: dict[int, dict[str, tuple]] = {}  # verified step -> saved array shapes
         options = ocp.CheckpointManagerOptions(
@@ -207,7 +208,7 @@ class Checkpointer:
         meta = dict(meta, step=step, tokenizer_b64=base64.b64encode(tokenizer_bytes).decode())
         with self._lock:
             self._unsealed.append(step)
-        self._in_flight = step
+        self._in_flight = self._last_started = step
         try:
             self._manager.save(
                 step,
@@ -390,7 +391,10 @@ class Checkpointer:
             self._manager.wait_until_finished()
             self._seal_pending()
         except Exception as exc:
-            self._save_failed(self._in_flight, exc)
+            # At most one save runs at a time: a failure here is the last one started (an
+            # asynchronous save that failed at once has already left _in_flight).
+            failed = self._in_flight if self._in_flight is not None else self._last_started
+            self._save_failed(failed, exc)
         self._in_flight = None
 
     def close(self) -> None:
