@@ -33,4 +33,3 @@ def test_resume_or_start_save_and_restore(small_corpus, tiny_cache_dir, tmp_path
     for got, want in zip(jax.tree.leaves(again.state.params), jax.tree.leaves(state.params),
                          strict=True):  # fmt: skip
         np.testing.assert_array_equal(got, want)
-
