@@ -99,10 +99,12 @@ def check_layouts_match_1_device(
             )
 
 
-# The chunked head is checked on the meshes that split the vocabulary (tensor axis) and
-# everything at once; the plain logits on all four.
+# Together the two cover all four layouts: the plain logits on data, FSDP and all axes at once;
+# the chunked head on the two that split the vocabulary (tensor axis).
 @pytest.mark.parametrize(
-    "head_chunk, meshes", [(0, MESHES), (8, ("1,4,2", "2,2,2"))], ids=["logits", "chunked_head"]
+    "head_chunk, meshes",
+    [(0, ("8,1,1", "1,8,1", "2,2,2")), (8, ("1,4,2", "2,2,2"))],
+    ids=["logits", "chunked_head"],
 )
 def test_gpt_on_every_layout_matches_1_device(
     small_corpus, tiny_cache_dir, tmp_path, head_chunk, meshes
