@@ -47,6 +47,7 @@ from flaxlm.data.sources import (
     list_source_files,
     resolve_sources,
 )
+from flaxlm.pids import pid_alive
 from flaxlm.tokenizer import Tokenizer, check_vocab
 
 FORMAT_VERSION = 1
@@ -437,7 +438,7 @@ def remove_stale_builds(root: Path) -> list[Path]:
     for folder in root.glob(".build-*"):
         owner = _BUILD_NAME.fullmatch(folder.name)
         if owner and owner["host"] == _HOST:
-            stale = not _pid_alive(int(owner["pid"]))
+            stale = not pid_alive(int(owner["pid"]))
         else:  # another host's build, or one named before pids were
             stale = time.time() - _last_write(folder) > STALE_BUILD_S
         if stale:
@@ -448,16 +449,6 @@ def remove_stale_builds(root: Path) -> list[Path]:
 
 _HOST = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
 _BUILD_NAME = re.compile(r"\.build-[0-9a-f]+-(?P<host>[A-Za-z0-9._]+)-(?P<pid>\d+)-[a-z0-9_]+")
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _last_write(folder: Path) -> float:

@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flaxlm.pids import pid_alive
+
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # 10 missed heartbeats: the holder's host is taken for dead
@@ -132,7 +134,7 @@ class RunLock:
             if str(self.path.absolute()) in _HELD:
                 return None  # this process holds it: a second trainer in the same process
             return "it was left by an earlier process with this pid"
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return f"process {pid} is gone"
         if holder.get("start") is not None and _start_time(pid) not in (None, holder["start"]):
             return f"pid {pid} is now another process"
@@ -227,18 +229,6 @@ def _age(path: Path) -> float:
         return time.time() - os.stat(path).st_mtime
     except FileNotFoundError:
         return 0.0
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
 
 
 def _start_time(pid: int) -> int | None:
