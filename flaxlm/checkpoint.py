@@ -42,6 +42,7 @@ MANIFEST = "MANIFEST.json"
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of the folders Orbax writes into
 IO_ATTEMPTS = 3  # reads that fail with an OSError are tried this often in all
 IO_BACKOFF_S = 0.5  # before the first retry; doubles each time
+SEAL_POLL_S = 0.05  # how often the sealing thread looks whether an asynchronous save is done
 
 T = TypeVar("T")
 
@@ -75,11 +76,6 @@ class Checkpointer:
             max_to_keep=None,  # retention is ours: it must spare the known-good checkpoint
             enable_async_checkpointing=asynchronous,
             create=True,
-            async_options=(
-                ocp.AsyncOptions(post_finalization_callback=self._seal_pending)
-                if asynchronous
-                else None
-            ),
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")
@@ -220,14 +216,27 @@ class Checkpointer:
             if not self._manager.is_saving_in_progress():
                 self._seal_pending()  # synchronous save (or already finished)
                 self._in_flight = None
+            else:
+                threading.Thread(
+                    target=self._seal_when_done, name="flaxlm-seal", daemon=True
+                ).start()
         except Exception as exc:
             self._save_failed(step, exc)
+
+    def _seal_when_done(self) -> None:
+        """Seals an asynchronous save as soon as Orbax has moved it into place (a background
+        thread), so a kill any time after that finds the checkpoint complete — not only after
+        the next save or :meth:`wait`. Orbax's own post-finalization callback runs before the
+        folder is renamed, too early to seal."""
+        while self._manager.is_saving_in_progress():
+            time.sleep(SEAL_POLL_S)
+        self._seal_pending()
 
     def _seal_pending(self) -> None:
         """Writes the manifest of every finished save: sizes and checksums, written last.
 
-        Runs after Orbax finalizes a save (its callback, in a background thread) and in
-        :meth:`wait`; a save still sitting in its temporary folder stays pending.
+        Runs in the sealing thread and in :meth:`wait`; a save still sitting in its temporary
+        folder stays pending.
         """
         with self._lock:  # the callback thread and wait() may both get here
             for step in list(self._unsealed):

@@ -14,12 +14,18 @@ def train_command(args: argparse.Namespace) -> int:
     from flaxlm.config import load_config
     from flaxlm.distributed import initialize
     from flaxlm.train import train
+    from flaxlm.train.watchdog import EXIT_CODE
 
     cfg = load_config(args.config, args.overrides)
     initialize(cfg.train.distributed)  # before anything touches a JAX backend
     result = train(cfg)
-    if result.preempted or result.process_index != 0:
-        return 0  # the loop said where the checkpoint is
+    if result.preempted:
+        # Saved after a SIGTERM/SIGINT (the loop said where): 75, EX_TEMPFAIL like the hang
+        # watchdog, tells a scheduler to run it again, and the rerun resumes. Every process
+        # stopped at the same step, so every process exits with the same code.
+        return EXIT_CODE if result.step < cfg.train.steps else 0
+    if result.process_index != 0:
+        return 0
     if result.rollbacks:
         ledger = result.run_dir / "skip_ledger.json"
         print(f"{len(result.rollbacks)} rollback(s); skipped data windows in {ledger}")

@@ -6,6 +6,7 @@ import errno
 import logging
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -398,3 +399,16 @@ def test_a_full_disk_is_one_line_and_the_previous_checkpoints_stay(
     again.save(small_state(3), {"data_index": 3}, TOKENIZER_BYTES)
     again.close()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2", "3"]
+
+
+def test_an_asynchronous_save_is_sealed_without_waiting_for_the_next_one(tmp_path):
+    # A kill after an asynchronous save finished, but before the next save or wait(), must
+    # find that checkpoint complete (issue 14): the sealing thread writes its manifest.
+    ckpt = Checkpointer(tmp_path, keep=3, asynchronous=True)
+    ckpt.save(small_state(7), {}, b"tok")
+    deadline = time.monotonic() + 30
+    while ckpt.steps() != [7] and time.monotonic() < deadline:
+        time.sleep(0.02)  # no wait(), no further save: only the sealing thread can seal it
+    assert ckpt.steps() == [7]
+    assert Checkpointer(tmp_path).verify(7) is None  # what a fresh process would find
+    ckpt.close()

@@ -9,7 +9,7 @@
 # every pod reaches process 0 at NAME-0.NAME:PORT = FLAXLM_COORDINATOR. FLAXLM_NUM_PROCESSES
 # is N and FLAXLM_PROCESS_ID is the pod's completion index (the annotation behind
 # JOB_COMPLETION_INDEX). Restarts (the pod failure policy): a pod that fails (exit 75 from the
-# hang watchdog, a dead peer) is replaced and resumes from the newest checkpoint (train.run_dir
+# hang watchdog or after a SIGTERM save, a dead peer) is replaced and resumes from the newest checkpoint (train.run_dir
 # on the --pvc volume, shared by all), up to --max-restarts times N pod failures; an evicted or
 # preempted pod never counts; exit 3 (training diverged) fails the Job at once. A pod being
 # stopped gets SIGTERM and --grace seconds to save before SIGKILL.
@@ -125,7 +125,7 @@ spec:
           containerName: flaxlm
           operator: In
           values: [3]
-      # Any other failure (75 from the hang watchdog included) counts toward backoffLimit.
+      # Any other failure (75 from the watchdog or a SIGTERM save) counts toward backoffLimit.
   template:
     metadata:
       labels:
