@@ -37,6 +37,10 @@ class ModelConfig:
     d_model: int = 384
     n_layers: int = 6
     n_heads: int = 6
+    # Key/value heads: 0 = n_heads (multi-head attention); 1 = multi-query; a divisor of
+    # n_heads = grouped-query attention (GQA), each key/value head shared by n_heads / n_kv_heads
+    # query heads (attention, the KV cache and every kernel)
+    n_kv_heads: int = 0
     d_ff: int = 1536
     max_seq_len: int = 1024  # size of the learned / sinusoidal position table
     positions: str = "learned"  # a learned or sinusoidal table (max_seq_len), or rope
@@ -53,9 +57,11 @@ class ModelConfig:
     # parameters get a leading "layers" axis.
     scan_layers: bool = False
     remat: str = "none"  # activation recomputation per block (dots: keep matmul outputs)
-    # flaxlm (softmax attention with a closed-form backward) | xla | cudnn (the last two are
-    # jax.nn.dot_product_attention; cudnn needs a GPU and bf16 / fp16 compute)
-    attention_impl: str = "flaxlm"
+    # auto = by the platform the step is compiled for: splash on TPU, cudnn on GPU, flaxlm on
+    # CPU (flaxlm/models/attention.py). flaxlm: softmax attention with a closed-form backward;
+    # xla / cudnn: jax.nn.dot_product_attention (cudnn needs a GPU and bf16 / fp16 compute);
+    # splash: the Pallas TPU splash-attention kernel (segment ids, no dense mask)
+    attention_impl: str = "auto"
     # GPT (flaxlm attention): queries in blocks of this many positions, each attending only to
     # the keys up to its end, so the masked upper triangle is not computed; 0, or a length it
     # does not divide, = one block
@@ -258,7 +264,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention_impl": ("flaxlm", "xla", "cudnn"),
+    "model.attention_impl": ("auto", "flaxlm", "xla", "cudnn", "splash"),
     "model.custom_backward": ("auto", "on", "off"),
     "data.tokenizer_type": ("bpe", "unigram"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),

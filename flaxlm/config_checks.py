@@ -70,6 +70,11 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
         raise ConfigError(
             f"model.d_model={m.d_model} is not divisible by model.n_heads={m.n_heads}"
         )
+    if m.n_kv_heads < 0 or (m.n_kv_heads and m.n_heads % m.n_kv_heads):
+        raise ConfigError(
+            f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
+            "(0 = as many as n_heads)"
+        )
     if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
         raise ConfigError(
             f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"

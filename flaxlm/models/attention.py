@@ -22,6 +22,7 @@ import numpy as np
 
 from flaxlm.config import CHOICES
 from flaxlm.models import backward
+from flaxlm.models.platform import auto_attention
 
 Array = jax.Array
 
@@ -45,6 +46,8 @@ def attention(
     its query, ``custom_backward`` picks the backward of ``flaxlm`` (see
     :func:`softmax_attention`).
     """
+    if impl == "auto":
+        impl = auto_attention()
     if impl == "flaxlm":
         return softmax_attention(
             q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, causal_block, custom_backward

@@ -12,9 +12,8 @@ gradients (tests/test_matmul.py, test_attention.py, test_norm_act.py, test_head_
 
 from __future__ import annotations
 
-import jax
-
 from flaxlm.config import CHOICES, Config, ModelConfig
+from flaxlm.models.platform import current_platform
 
 MODES = CHOICES["model.custom_backward"]
 
@@ -22,12 +21,12 @@ MODES = CHOICES["model.custom_backward"]
 def use_custom_backward(cfg: Config | ModelConfig | str = "auto") -> bool:
     """Whether the hand-written backward passes run, for a config (its
     ``model.custom_backward``) or a mode: ``on``, ``off``, or ``auto`` = only when
-    ``jax.default_backend() == "cpu"``."""
+    when the step is compiled for the CPU (flaxlm/models/platform.py)."""
     mode = cfg if isinstance(cfg, str) else getattr(cfg, "model", cfg).custom_backward
     if mode not in MODES:
         raise ValueError(f"model.custom_backward={mode!r} is not one of {', '.join(MODES)}")
     if mode == "auto":
-        return jax.default_backend() == "cpu"
+        return current_platform() == "cpu"
     return mode == "on"
 
 
