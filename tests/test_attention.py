@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxlm.models import layers
 from flaxlm.models.attention import attention, softmax_attention
+from flaxlm.models.masks import Mask
 
 B, L, H, K = 2, 12, 3, 8
 
@@ -17,8 +17,10 @@ B, L, H, K = 2, 12, 3, 8
 def _inputs(dtype=jnp.float32):
     kq, kk, kv = jax.random.split(jax.random.key(1), 3)
     q, k, v = (jax.random.normal(key, (B, L, H, K)).astype(dtype) for key in (kq, kk, kv))
-    segments = jnp.array([[1] * (L // 2) + [2] * (L - L // 2), [1] * L])
-    return q, k, v, layers.causal_segment_mask(segments)
+    return q, k, v, Mask.causal_segments(SEGMENTS).dense()
+
+
+SEGMENTS = jnp.array([[1] * (L // 2) + [2] * (L - L // 2), [1] * L])
 
 
 def _numpy_attention(q, k, v, mask):
@@ -40,7 +42,7 @@ def test_softmax_attention_matches_numpy():
 def test_softmax_attention_gradients_match_jax_attention(mask_kind):
     q, k, v, mask = _inputs()
     if mask_kind == "bidirectional_segment":
-        mask = layers.segment_mask(jnp.array([[1] * 5 + [2] * (L - 5), [1] * L]))
+        mask = Mask.segments(jnp.array([[1] * 5 + [2] * (L - 5), [1] * L])).dense()
 
     def loss(fn):
         return lambda q, k, v: jnp.sum(jnp.sin(fn(q, k, v, mask)))
@@ -84,10 +86,12 @@ def test_a_query_with_no_visible_key_gets_the_uniform_average_like_jax():
 
 
 def test_attention_dispatches_on_impl_and_rejects_unknown_ones():
-    q, k, v, mask = _inputs()
-    np.testing.assert_allclose(attention(q, k, v, mask, "xla"), softmax_attention(q, k, v, mask),
-                               atol=1e-5)  # fmt: skip
-    with pytest.raises(ValueError, match=r"model.attention_impl='flash'.*flaxlm, xla, cudnn"):
+    q, k, v, dense = _inputs()
+    mask = Mask.causal_segments(SEGMENTS)
+    want = softmax_attention(q, k, v, dense)
+    for impl in ("xla", "flaxlm", "auto"):
+        np.testing.assert_allclose(attention(q, k, v, mask, impl), want, atol=1e-5)
+    with pytest.raises(ValueError, match=r"model.attention_impl='flash'.*auto, flaxlm, xla"):
         attention(q, k, v, mask, "flash")
 
 
@@ -138,11 +142,13 @@ def test_gpt_logits_and_gradients_do_not_depend_on_causal_block():
 def test_the_switch_off_gives_the_same_values_and_gradients(block, dtype):
     """``custom_backward=False`` (model.custom_backward off) differentiates the same forward by
     autodiff: equal outputs, and gradients equal to float32 rounding (fp32) or within bf16's."""
-    q, k, v, mask = (x.astype(dtype) if x.dtype != jnp.bool_ else x for x in _inputs())
+    q, k, v, _ = (x.astype(dtype) if x.dtype != jnp.bool_ else x for x in _inputs())
 
     def value_and_grads(custom_backward):
         def loss(q, k, v):
-            out = attention(q, k, v, mask, "flaxlm", block, custom_backward)
+            out = attention(
+                q, k, v, Mask.causal_segments(SEGMENTS), "flaxlm", block, custom_backward
+            )
             return jnp.sum(jnp.sin(out.astype(jnp.float32)))
 
         return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)

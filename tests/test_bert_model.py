@@ -12,7 +12,7 @@ from flax import linen as nn
 from flaxlm.config import ModelConfig
 from flaxlm.families import build_model
 from flaxlm.models import BERT
-from flaxlm.models.layers import prefix_lm_mask
+from flaxlm.models.masks import Mask
 from flaxlm.objectives import causal_lm_loss, mlm_loss
 from flaxlm.sharding import LOGICAL_RULES
 
@@ -67,7 +67,7 @@ def test_encoder_is_bidirectional_and_gpt_is_not(model_and_params):
 
 def test_prefix_lm_mask_and_model():
     seg = jnp.array([[1, 1, 1, 1, 1, 2], [1, 1, 1, 1, 0, 0]], jnp.int32)
-    mask = np.asarray(prefix_lm_mask(seg, jnp.array([3, 0])))[:, 0]
+    mask = np.asarray(Mask.prefix_lm(seg, jnp.array([3, 0])).dense())[:, 0]
     i, j = np.arange(6)[:, None], np.arange(6)[None, :]
     same = np.asarray(seg)[:, :, None] == np.asarray(seg)[:, None, :]
     np.testing.assert_array_equal(mask[0], same[0] & ((j <= i) | (j < 3)))

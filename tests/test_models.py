@@ -14,6 +14,7 @@ from flax import linen as nn
 from flaxlm.config import ModelConfig
 from flaxlm.families import build_model
 from flaxlm.models import GPT, count_params, layers, non_embedding_params
+from flaxlm.models.masks import Mask
 from flaxlm.sharding import LOGICAL_RULES
 
 V, D, N_LAYERS, H, F, MAX_LEN, L = 64, 32, 2, 4, 64, 64, 16
@@ -103,7 +104,7 @@ def test_packed_documents_are_isolated(positions):
 
 
 def test_causal_segment_mask_values():
-    mask = layers.causal_segment_mask(jnp.array([[1, 1, 2, 2]]))
+    mask = Mask.causal_segments(jnp.array([[1, 1, 2, 2]])).dense()
     expected = np.array([[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]], bool)
     assert mask.shape == (1, 1, 4, 4)
     np.testing.assert_array_equal(mask[0, 0], expected)
@@ -345,7 +346,7 @@ def test_post_ln_block_with_bidirectional_mask_sees_the_future():
     cfg = tiny()
     block = layers.Block(cfg, norm_placement="post")
     x = jax.random.normal(jax.random.key(8), (1, 8, D))
-    mask = layers.segment_mask(jnp.ones((1, 8), jnp.int32))
+    mask = Mask.segments(jnp.ones((1, 8), jnp.int32))
     pos = jnp.arange(8)[None]
     variables = nn.meta.unbox(block.init(jax.random.key(0), x, mask, pos))
     y = block.apply(variables, x, mask, pos)
@@ -359,7 +360,9 @@ def test_bad_norm_placement_is_named():
     x = jnp.zeros((1, 4, D))
     block = layers.Block(cfg, norm_placement="sandwich")
     with pytest.raises(ValueError, match="sandwich"):
-        block.init(jax.random.key(0), x, layers.causal_mask(4), jnp.arange(4)[None])
+        block.init(
+            jax.random.key(0), x, Mask.causal_segments(jnp.ones((1, 4))), jnp.arange(4)[None]
+        )
 
 
 def test_sharded_params_and_apply_under_mesh_and_logical_rules():

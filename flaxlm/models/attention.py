@@ -1,5 +1,5 @@
-"""Softmax attention with a hand-written backward pass (the default, ``model.attention_impl:
-flaxlm``), and the choice between it and ``jax.nn.dot_product_attention``.
+"""Attention: the choice of kernel (:func:`attention`, ``model.attention_impl``), and softmax
+attention with a hand-written backward pass (``flaxlm``, what ``auto`` runs on the CPU).
 ``model.custom_backward`` (flaxlm/models/backward.py) picks that backward or plain autodiff
 of the same forward.
 
@@ -22,6 +22,7 @@ import numpy as np
 
 from flaxlm.config import CHOICES
 from flaxlm.models import backward
+from flaxlm.models.masks import Mask
 from flaxlm.models.platform import auto_attention
 
 Array = jax.Array
@@ -31,33 +32,77 @@ IMPLEMENTATIONS = CHOICES["model.attention_impl"]
 
 def attention(
     q_BxLxHxK: Array,
-    k_BxSxHxK: Array,
-    v_BxSxHxK: Array,
-    mask_Bx1xLxS: Array,
-    impl: str = "flaxlm",
+    k_BxSxNxK: Array,
+    v_BxSxNxK: Array,
+    mask: Mask,
+    impl: str = "auto",
     causal_block: int = 0,
     custom_backward: bool | None = None,
 ) -> Array:
     """Multi-head softmax attention, ``out_BxLxHxK`` in the inputs' dtype.
 
-    ``impl``: ``flaxlm`` (:func:`softmax_attention`), ``xla`` or ``cudnn``
-    (``jax.nn.dot_product_attention`` with that implementation; cuDNN needs a GPU and
-    bf16 / fp16 inputs). ``causal_block`` > 0 promises that the mask hides every key after
-    its query, ``custom_backward`` picks the backward of ``flaxlm`` (see
-    :func:`softmax_attention`).
+    ``N`` key/value heads, N dividing H: N == H is multi-head, N == 1 multi-query, else
+    grouped-query attention (query head h reads key/value head h // (H / N)). ``mask`` says
+    which keys each query sees (flaxlm/models/masks.py). ``impl``:
+
+    - ``auto``: by the platform being compiled for (flaxlm/models/platform.py): ``splash`` on
+      TPU, ``cudnn`` on GPU, ``flaxlm`` on CPU;
+    - ``flaxlm``: :func:`softmax_attention` over the dense mask (CPU);
+    - ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` (cuDNN needs a GPU and bf16 /
+      fp16): the causal part is the kernel's own ``is_causal``; segments go in as a dense
+      mask, since that API has no segment ids;
+    - ``splash``: the Pallas TPU splash-attention kernel (flaxlm/models/splash.py), causal or
+      full with segment ids, no dense mask.
+
+    Decoding with a KV cache (queries at an offset) runs the dense path whatever ``impl``:
+    one query row per token, so the mask is ``B x 1 x 1 x S``.
+    ``causal_block`` and ``custom_backward``: see :func:`softmax_attention`.
     """
-    if impl == "auto":
-        impl = auto_attention()
-    if impl == "flaxlm":
-        return softmax_attention(
-            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, causal_block, custom_backward
-        )
     if impl not in IMPLEMENTATIONS:
         raise ValueError(
             f"model.attention_impl={impl!r} is not one of {', '.join(IMPLEMENTATIONS)}"
         )
+    heads, kv_heads = q_BxLxHxK.shape[2], k_BxSxNxK.shape[2]
+    if heads % kv_heads:
+        raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
+    if impl == "auto":
+        impl = auto_attention()
+    if impl == "splash" and not mask.is_training_shape:
+        impl = "xla"  # a decode step: see the docstring
+    if impl == "splash":
+        from flaxlm.models.splash import splash_attention
+
+        return splash_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask)
+    if mask.prefix_len_B is not None and impl != "flaxlm" and mask.is_training_shape:
+        causal, within_prefix, use_prefix_BxL = mask.split_prefix()
+        both = [
+            attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, m, impl) for m in (causal, within_prefix)
+        ]
+        return jnp.where(use_prefix_BxL[:, :, None, None], both[1], both[0])
+    if impl == "flaxlm":
+        k_BxSxHxK, v_BxSxHxK = repeat_kv(k_BxSxNxK, heads), repeat_kv(v_BxSxNxK, heads)
+        return softmax_attention(
+            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask.dense(), causal_block, custom_backward
+        )
+    return _dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask, impl)
+
+
+def repeat_kv(x_BxSxNxK: Array, heads: int) -> Array:
+    """Key/value heads repeated to ``heads`` (GQA: each serves heads / N query heads)."""
+    repeats = heads // x_BxSxNxK.shape[2]
+    return x_BxSxNxK if repeats == 1 else jnp.repeat(x_BxSxNxK, repeats, axis=2)
+
+
+def _dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask: Mask, impl: str) -> Array:
+    """``jax.nn.dot_product_attention`` (xla / cudnn): GQA natively; causal as the kernel's
+    ``is_causal`` where queries and keys line up, the segment part as a dense mask."""
+    if mask.causal and mask.is_training_shape and mask.prefix_len_B is None:
+        segments = Mask.segments(mask.q_segment_ids_BxL).dense()
+        return jax.nn.dot_product_attention(
+            q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask=segments, is_causal=True, implementation=impl
+        )
     return jax.nn.dot_product_attention(
-        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask=mask_Bx1xLxS, implementation=impl
+        q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask=mask.dense(), implementation=impl
     )
 
 

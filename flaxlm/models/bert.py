@@ -12,7 +12,7 @@
 Without ``masked_positions_BxP`` the MLM head runs at every position (what the unified
 objective's causal and prefix-LM rows need). ``prefix_len_B`` switches the attention mask per
 row: ``None`` (bidirectional over each segment), 0 (causal), p (bidirectional over the first p
-tokens, causal after) — see :func:`flaxlm.models.layers.prefix_lm_mask`.
+tokens, causal after) — see :meth:`flaxlm.models.masks.Mask.prefix_lm`.
 
 Param tree, named after HuggingFace ``BertForPreTraining`` where it has a counterpart:
 ``token_embed`` (word_embeddings), ``position_embed`` (position_embeddings; learned only),
@@ -33,6 +33,7 @@ from flaxlm.config import ModelConfig
 from flaxlm.models import layers
 from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.layers import Array, constrain
+from flaxlm.models.masks import Mask
 
 POSITIONS = ("learned", "sinusoidal")
 
@@ -109,11 +110,11 @@ class BERT(nn.Module):
         x_BxLxD = constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
 
         if prefix_len_B is None:
-            mask_Bx1xLxS = layers.segment_mask(segment_ids_BxL)
+            mask = Mask.segments(segment_ids_BxL)
         else:
-            mask_Bx1xLxS = layers.prefix_lm_mask(segment_ids_BxL, prefix_len_B)
+            mask = Mask.prefix_lm(segment_ids_BxL, prefix_len_B)
         for block in self.blocks:
-            x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic)
+            x_BxLxD = block(x_BxLxD, mask, positions_BxL, deterministic)
         if cfg.norm_placement == "pre":
             x_BxLxD = self.ln_final(x_BxLxD).astype(dtype)
         return x_BxLxD

@@ -35,9 +35,9 @@ class _ScanStep(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index):
+    def __call__(self, x_BxLxD, mask, positions_BxL, cache_index):
         block = Block(self.cfg, self.norm_placement, self.causal, name="block")
-        return block(x_BxLxD, mask_Bx1xLxS, positions_BxL, self.deterministic, cache_index), None
+        return block(x_BxLxD, mask, positions_BxL, self.deterministic, cache_index), None
 
 
 class ScannedBlocks(nn.Module):
@@ -50,7 +50,7 @@ class ScannedBlocks(nn.Module):
     causal: bool = False
 
     @nn.compact
-    def __call__(self, x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index=None):
+    def __call__(self, x_BxLxD, mask, positions_BxL, cache_index=None):
         step = _ScanStep
         if self.cfg.remat != "none":
             step = nn.remat(_ScanStep, policy=remat_policy(self.cfg), prevent_cse=False)
@@ -63,5 +63,5 @@ class ScannedBlocks(nn.Module):
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
         stack = scan(self.cfg, self.norm_placement, self.deterministic, self.causal, name="layers")
-        x_BxLxD, _ = stack(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
+        x_BxLxD, _ = stack(x_BxLxD, mask, positions_BxL, cache_index)
         return x_BxLxD

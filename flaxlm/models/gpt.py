@@ -26,6 +26,7 @@ from flax import linen as nn
 from flaxlm.config import ModelConfig
 from flaxlm.models import depth, layers
 from flaxlm.models.layers import Array, constrain
+from flaxlm.models.masks import Mask
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 
@@ -77,17 +78,17 @@ class GPT(nn.Module):
         x_BxLxD = constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
 
         if decode:
-            mask_Bx1xLxS, cache_index = self._decode_mask(segment_ids_BxL)
+            mask, cache_index = self._decode_mask(segment_ids_BxL)
         else:
-            mask_Bx1xLxS, cache_index = layers.causal_segment_mask(segment_ids_BxL), None
+            mask, cache_index = Mask.causal_segments(segment_ids_BxL), None
         if cfg.scan_layers:
             stack = depth.ScannedBlocks(cfg, "pre", deterministic, causal=True, name="blocks")
-            x_BxLxD = stack(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
+            x_BxLxD = stack(x_BxLxD, mask, positions_BxL, cache_index)
         else:
             block_cls = depth.remat_block(cfg)
             for i in range(cfg.n_layers):
                 block = block_cls(cfg, norm_placement="pre", causal=True, name=f"blocks_{i}")
-                x_BxLxD = block(x_BxLxD, mask_Bx1xLxS, positions_BxL, deterministic, cache_index)
+                x_BxLxD = block(x_BxLxD, mask, positions_BxL, deterministic, cache_index)
 
         x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)
         if return_hidden and not self.is_initializing():
@@ -103,26 +104,22 @@ class GPT(nn.Module):
         logits_BxLxV = logits_BxLxV.astype(jnp.float32)
         return constrain(logits_BxLxV, "act_batch", "act_length", "act_vocab")
 
-    def _decode_mask(self, segment_ids_BxL: Array) -> tuple[Array, Array]:
-        """The cache's write index and ``mask_Bx1xLxS`` for L new tokens over S cache slots:
-        slot j is visible to new token t iff j <= index + t and both carry the same segment id
-        (padding has segment 0, so real tokens never see it). Advances the index by L."""
+    def _decode_mask(self, segment_ids_BxL: Array) -> tuple[Mask, Array]:
+        """The cache's write index and the mask of L new tokens over S cache slots
+        (:meth:`Mask.decode`). Advances the index by L."""
         ready = self.has_variable("cache", "index")
         index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
         segments = self.variable(
             "cache", "segment_ids", jnp.zeros, segment_ids_BxL.shape, jnp.int32
         )
         if not ready:  # creating the cache: only shapes matter
-            return layers.causal_segment_mask(segment_ids_BxL), index.value
+            return Mask.causal_segments(segment_ids_BxL), index.value
         start = index.value
         segments.value = jax.lax.dynamic_update_slice(
             segments.value, segment_ids_BxL.astype(jnp.int32), (0, start)
         )
-        length, slots = segment_ids_BxL.shape[1], segments.value.shape[1]
-        causal_LxS = jnp.arange(slots)[None, :] <= start + jnp.arange(length)[:, None]
-        same_BxLxS = segment_ids_BxL[:, :, None] == segments.value[:, None, :]
-        index.value = start + length
-        return (same_BxLxS & causal_LxS)[:, None], start
+        index.value = start + segment_ids_BxL.shape[1]
+        return Mask.decode(segment_ids_BxL, segments.value, start), start
 
 
 def _inner(params) -> dict:

@@ -25,6 +25,7 @@ from flax import linen as nn
 from flaxlm.config import ModelConfig
 from flaxlm.models.attention import attention
 from flaxlm.models.backward import use_custom_backward
+from flaxlm.models.masks import Mask
 from flaxlm.models.matmul import matmul
 from flaxlm.models.norm_act import LayerNorm, activation_fn
 
@@ -114,37 +115,6 @@ def residual_std(cfg: ModelConfig) -> float:
     return cfg.init_std / math.sqrt(2 * cfg.n_layers)
 
 
-# --- masks (built by the caller, so an encoder can pass a bidirectional one) ---------------
-
-
-def causal_mask(length: int) -> Array:
-    """``mask_1x1xLxS``: query i may attend to key j iff j <= i."""
-    return jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))[None, None]
-
-
-def segment_mask(segment_ids_BxL: Array) -> Array:
-    """``mask_Bx1xLxS``: tokens attend only within their own packed document."""
-    same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
-    return same_BxLxS[:, None]
-
-
-def causal_segment_mask(segment_ids_BxL: Array) -> Array:
-    """``mask_Bx1xLxS`` = causal AND same segment: what a packed decoder needs."""
-    return segment_mask(segment_ids_BxL) & causal_mask(segment_ids_BxL.shape[1])
-
-
-def prefix_lm_mask(segment_ids_BxL: Array, prefix_len_B: Array) -> Array:
-    """``mask_Bx1xLxS`` for per-row prefix LM: key j is visible to query i iff both are in the
-    same segment and (j <= i or j < prefix_len). ``prefix_len`` 0 is causal, >= L is fully
-    bidirectional, so one mask serves a batch mixing MLM, causal and prefix-LM rows."""
-    length = segment_ids_BxL.shape[1]
-    key_S = jnp.arange(length)
-    visible_BxLxS = (key_S[None, None, :] <= key_S[None, :, None]) | (
-        key_S[None, None, :] < prefix_len_B[:, None, None]
-    )
-    return segment_mask(segment_ids_BxL) & visible_BxLxS[:, None]
-
-
 # --- positions ------------------------------------------------------------------------------
 
 
@@ -222,10 +192,17 @@ def position_embed(cfg: ModelConfig, name: str = "position_embed") -> nn.Embed:
 # --- attention, MLP, block ------------------------------------------------------------------
 
 
+def kv_heads_of(cfg: ModelConfig) -> int:
+    """``model.n_kv_heads``, with 0 meaning as many as ``n_heads``."""
+    return cfg.n_kv_heads or cfg.n_heads
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with separate q, k, v projections.
 
-    The mask comes from the caller (causal + segment for GPT, segment-only for an encoder).
+    ``n_kv_heads`` key/value heads (0 = n_heads; fewer = grouped-query / multi-query
+    attention). The mask (flaxlm/models/masks.py) comes from the caller: causal + segment for
+    GPT, segment-only for an encoder, per-row prefix LM for the unified objective.
     No dropout on the attention probabilities (``model.attention_impl`` picks the kernel,
     flaxlm/models/attention.py); the output projection's dropout is applied by the block.
 
@@ -241,31 +218,33 @@ class Attention(nn.Module):
     def __call__(
         self,
         x_BxLxD: Array,
-        mask_Bx1xLxS: Array,
+        mask: Mask,
         positions_BxL: Array,
         cache_index: Array | None = None,
     ) -> Array:
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
-        n_heads, head_dim = cfg.n_heads, cfg.d_model // cfg.n_heads
+        head_dim = cfg.d_model // cfg.n_heads
 
-        def project(name: str) -> Array:
+        def project(name: str, heads: int) -> Array:
             layer = Dense(
-                cfg, (n_heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"), name=name
+                cfg, (heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"), name=name
             )
             y_BxLxHxK = layer(x_BxLxD).astype(dtype)
             return constrain(y_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
 
-        q_BxLxHxK, k_BxSxHxK, v_BxSxHxK = project("query"), project("key"), project("value")
+        kv_heads = kv_heads_of(cfg)
+        q_BxLxHxK = project("query", cfg.n_heads)
+        k_BxSxNxK, v_BxSxNxK = project("key", kv_heads), project("value", kv_heads)
         if cfg.positions == "rope":
             q_BxLxHxK = apply_rope(q_BxLxHxK, positions_BxL, cfg.rope_theta)
-            k_BxSxHxK = apply_rope(k_BxSxHxK, positions_BxL, cfg.rope_theta)
+            k_BxSxNxK = apply_rope(k_BxSxNxK, positions_BxL, cfg.rope_theta)
         if cache_index is not None:
-            k_BxSxHxK, v_BxSxHxK = self._cached(k_BxSxHxK, v_BxSxHxK, cache_index)
+            k_BxSxNxK, v_BxSxNxK = self._cached(k_BxSxNxK, v_BxSxNxK, cache_index)
 
         causal_block = cfg.causal_block if self.causal else 0
         out_BxLxHxK = attention(
-            q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, cfg.attention_impl, causal_block,
+            q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask, cfg.attention_impl, causal_block,
             use_custom_backward(cfg),
         )  # fmt: skip
         out_BxLxHxK = constrain(out_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
@@ -334,7 +313,7 @@ class Block(nn.Module):
     def __call__(
         self,
         x_BxLxD: Array,
-        mask_Bx1xLxS: Array,
+        mask: Mask,
         positions_BxL: Array,
         deterministic: bool = True,
         cache_index: Array | None = None,
@@ -351,11 +330,11 @@ class Block(nn.Module):
         drop = nn.Dropout(rate=cfg.dropout, deterministic=deterministic)
 
         if self.norm_placement == "pre":
-            h = attn(ln_attn(x_BxLxD).astype(dtype), mask_Bx1xLxS, positions_BxL, cache_index)
+            h = attn(ln_attn(x_BxLxD).astype(dtype), mask, positions_BxL, cache_index)
             x_BxLxD = x_BxLxD + drop(h)
             x_BxLxD = x_BxLxD + drop(mlp(ln_mlp(x_BxLxD).astype(dtype)))
         else:
-            h = attn(x_BxLxD, mask_Bx1xLxS, positions_BxL, cache_index)
+            h = attn(x_BxLxD, mask, positions_BxL, cache_index)
             x_BxLxD = ln_attn(x_BxLxD + drop(h)).astype(dtype)
             x_BxLxD = ln_mlp(x_BxLxD + drop(mlp(x_BxLxD))).astype(dtype)
         return constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
