@@ -104,3 +104,10 @@ def test_shipped_configs_load():
         assert cfg.model.d_model % cfg.model.n_heads == 0
     small = load_config("configs/gpt_small.yaml")
     assert (small.model.n_layers, small.model.d_model, small.model.max_seq_len) == (12, 768, 1024)
+
+
+@pytest.mark.parametrize("bad", ["4", "-1"])
+def test_kv_heads_must_divide_the_heads(bad):
+    with pytest.raises(ConfigError, match=rf"model.n_kv_heads={bad} must divide model.n_heads=6"):
+        load_config(None, [f"model.n_kv_heads={bad}", "model.n_heads=6", "model.d_model=384"])
+    assert load_config(None, ["model.n_kv_heads=2", "model.n_heads=6"]).model.n_kv_heads == 2

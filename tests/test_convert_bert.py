@@ -151,6 +151,8 @@ def test_unsupported_options_are_refused_with_the_option_named(tmp_path):
     for option, bad in [("norm_placement", "pre"), ("positions", "rope")]:
         with pytest.raises(ConversionError, match=f"model.{option}='{bad}' cannot be expressed"):
             export_hf(tiny_bert(**{option: bad}), params, tmp_path / "refused")
+    with pytest.raises(ConversionError, match="model.n_kv_heads=1 .* cannot be expressed"):
+        export_hf(tiny_bert(n_kv_heads=1), params, tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
 
     export_hf(tiny_bert(), params, tmp_path)

@@ -132,3 +132,11 @@ def tiny_tokenizer(small_corpus, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tok") / "tok"
     return Tokenizer.load(train_tokenizer(sorted(small_corpus.iterdir())[:2], out, V))
+
+
+def test_grouped_query_attention_is_refused_with_the_option_named(tmp_path):
+    cfg = ModelConfig(vocab_size=64, d_model=32, n_layers=1, n_heads=4, d_ff=64, n_kv_heads=2)
+    params = GPT(cfg).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    with pytest.raises(ConversionError, match="model.n_kv_heads=2 .* cannot be expressed by GPT-2"):
+        export_hf(cfg, params, tmp_path / "refused")
+    assert not (tmp_path / "refused").exists()

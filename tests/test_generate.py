@@ -49,9 +49,13 @@ PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [12, 13], [20, 21, 22, 23]]
 # --- the KV cache ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("positions", ["learned", "sinusoidal", "rope"])
-def test_kv_cache_logits_equal_full_recomputation_at_every_step(positions):
-    cfg = tiny(positions=positions)
+@pytest.mark.parametrize(
+    "positions,kv_heads",
+    [("learned", 0), ("sinusoidal", 0), ("rope", 0), ("rope", 2), ("learned", 1)],
+    ids=["learned", "sinusoidal", "rope", "rope-gqa", "learned-mqa"],
+)
+def test_kv_cache_logits_equal_full_recomputation_at_every_step(positions, kv_heads):
+    cfg = tiny(positions=positions, n_kv_heads=kv_heads)
     model, params = GPT(cfg), noisy_params(cfg)
     n_new = 10
     # Random continuations (not argmax), so the test does not depend on the model's taste.
@@ -66,6 +70,9 @@ def test_kv_cache_logits_equal_full_recomputation_at_every_step(positions):
     step = jax.jit(functools.partial(decode_step, model, params))
     padded = pad_prompts(PROMPTS, PAD, bucket=8)
     cache = init_cache(model, len(PROMPTS), padded.tokens_BxP.shape[1] + n_new)
+    if kv_heads:  # the cache holds only the key/value heads: GQA's memory saving
+        shapes = {x.shape[-2] for x in jax.tree.leaves(cache) if x.ndim == 4}
+        assert shapes == {kv_heads}, shapes
     logits_BxPxV, cache = step(
         cache, padded.tokens_BxP, padded.positions_BxP, padded.segment_ids_BxP
     )

@@ -51,6 +51,11 @@ _OLD_NORM_NAMES = {"LayerNorm.gamma": "LayerNorm.weight", "LayerNorm.beta": "Lay
 def bert_config(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` of a ``BertForPreTraining`` equal to ``BERT(cfg)``; refuses options
     HF BERT cannot express."""
+    if cfg.n_kv_heads not in (0, cfg.n_heads):
+        raise ConversionError(
+            f"model.n_kv_heads={cfg.n_kv_heads} (grouped-query attention) cannot be expressed "
+            f"by BERT, whose key/value heads equal its n_heads={cfg.n_heads}"
+        )
     if cfg.norm_placement != "post":
         raise ConversionError(
             f"model.norm_placement={cfg.norm_placement!r} cannot be expressed by HF BERT "

@@ -38,6 +38,11 @@ FROM_GPT2_ACTIVATIONS = FROM_HF_ACTIVATIONS
 def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
     """The ``config.json`` of a ``GPT2LMHeadModel`` equal to ``GPT(cfg)``; refuses options
     GPT-2 cannot express."""
+    if cfg.n_kv_heads not in (0, cfg.n_heads):
+        raise ConversionError(
+            f"model.n_kv_heads={cfg.n_kv_heads} (grouped-query attention) cannot be expressed "
+            f"by GPT-2, whose key/value heads equal its n_heads={cfg.n_heads}"
+        )
     if cfg.positions == "rope":
         raise ConversionError(
             "model.positions='rope' cannot be expressed by GPT-2 (learned absolute positions)"
