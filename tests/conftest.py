@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from flaxlm.config import Config, load_config
+from flaxlm.accelerators import prefer_cpu_without_accelerators
+
+# Before any test imports jax: without an accelerator, run on the CPU and leave an installed
+# libtpu unloaded (no warnings, no lock file; the TPU compile tests load it as a compiler).
+# Importing flaxlm does the same; this says so where the tests start.
+prefer_cpu_without_accelerators()
+
+from flaxlm.config import Config, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PLAYS = ("hamlet", "macbeth", "othello", "the-tempest", "twelfth-night", "king-lear")
