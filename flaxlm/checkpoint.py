@@ -15,41 +15,40 @@ intact checkpoint that does not fit the state asked for (a changed model shape) 
 that keeps failing with an I/O error are one-line :class:`CheckpointError` s instead: nothing
 is walked past, so nothing gets deleted. A save that fails (a full disk) is a one-line
 CheckpointError too, raised by ``save`` or, for an asynchronous save, by the next ``save``,
-``wait`` or ``close``.
+``wait`` or ``close``. The manifest, the retries and the sorting of I/O errors are in
+:mod:`flaxlm.checkpoint_files`.
 """
 
 from __future__ import annotations
 
 import base64
-import errno
-import hashlib
 import json
-import logging
-import os
 import shutil
 import threading
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
-MANIFEST = "MANIFEST.json"
+# CheckpointError and MANIFEST are defined there and imported from here by the rest of flaxlm.
+from flaxlm.checkpoint_files import (
+    MANIFEST,
+    CheckpointError,
+    is_disk_full,
+    is_io_error,
+    manifest_problem,
+    one_line,
+    retrying,
+    write_manifest,
+)
+
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of the folders Orbax writes into
-IO_ATTEMPTS = 3  # reads that fail with an OSError are tried this often in all
-IO_BACKOFF_S = 0.5  # before the first retry; doubles each time
 SEAL_POLL_S = 0.05  # how often the sealing thread looks whether an asynchronous save is done
-
-T = TypeVar("T")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, damaged, does not fit, or cannot be read or written; the
-    one-line message names it."""
 
 
 class Checkpointer:
@@ -101,20 +100,9 @@ class Checkpointer:
         """None if the checkpoint's files match its manifest and its metadata parses, else
         what is wrong. An I/O error while reading raises OSError: that is not damage."""
         folder = self.directory / str(step)
-        try:
-            manifest = json.loads((folder / MANIFEST).read_text())
-        except FileNotFoundError:
-            return f"it has no {MANIFEST} (its save never finished)"
-        except ValueError:  # JSONDecodeError, UnicodeDecodeError
-            return f"{MANIFEST} is not valid JSON"
-        for rel, (size, digest) in manifest["files"].items():
-            path = folder / rel
-            if not path.is_file():
-                return f"{rel} is missing"
-            if path.stat().st_size != size:
-                return f"{rel} has {path.stat().st_size} bytes, expected {size}"
-            if _sha256(path) != digest:
-                return f"{rel} does not match its checksum"
+        problem = manifest_problem(folder)
+        if problem is not None:
+            return problem
         try:
             json.loads((folder / "meta" / "metadata").read_text())
         except FileNotFoundError:
@@ -167,11 +155,11 @@ class Checkpointer:
             except OSError:
                 raise
             except Exception as exc:  # orbax raises many types for a bad _METADATA
-                return f"its array metadata cannot be read ({_one_line(exc)})"
+                return f"its array metadata cannot be read ({one_line(exc)})"
             self._intact[step] = _shapes(getattr(tree, "tree", tree))
             return None
 
-        return _retrying(f"checking checkpoint {folder}", check)
+        return retrying(f"checking checkpoint {folder}", check)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -244,7 +232,7 @@ class Checkpointer:
                 if not folder.is_dir():
                     continue  # not renamed into place yet
                 if self.is_writer:
-                    _write_manifest(folder, step)
+                    write_manifest(folder, step)
                 self._unsealed.remove(step)
 
     def _save_failed(self, step: int | None, exc: Exception) -> None:
@@ -255,17 +243,17 @@ class Checkpointer:
             self._unsealed = [s for s in self._unsealed if s != step]
         self._in_flight = None
         self._cleaned = False
-        if not _is_io_error(exc):
+        if not is_io_error(exc):
             raise exc
         run_dir = self.directory.parent
         intact = f"the checkpoints before it are intact ({self.steps() or 'none'})"
-        if _is_disk_full(exc):
+        if is_disk_full(exc):
             raise CheckpointError(
                 f"the disk is full: checkpoint {step} could not be saved in {run_dir}; "
                 f"{intact}: free some space and rerun to resume"
             ) from exc
         raise CheckpointError(
-            f"checkpoint {step} could not be saved in {run_dir} ({_one_line(exc)}); {intact}"
+            f"checkpoint {step} could not be saved in {run_dir} ({one_line(exc)}); {intact}"
         ) from exc
 
     def _prune(self, protect: set[int] | frozenset[int]) -> None:
@@ -334,14 +322,14 @@ class Checkpointer:
         folder = self.directory / str(step)
         self._check_fits(step, abstract_state)
         try:
-            return _retrying(
+            return retrying(
                 f"reading checkpoint {folder}",
                 lambda: self._restore_step(step, abstract_state, state_sh),
             )
         except CheckpointError:
             raise
         except Exception as exc:  # intact and fitting, yet orbax fails: name the checkpoint
-            raise CheckpointError(f"cannot restore checkpoint {folder}: {_one_line(exc)}") from exc
+            raise CheckpointError(f"cannot restore checkpoint {folder}: {one_line(exc)}") from exc
 
     def _check_fits(self, step: int, abstract_state: TrainState) -> None:
         """Raises CheckpointError naming the first parameter (then optimizer entry) whose
@@ -386,7 +374,7 @@ class Checkpointer:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         path = self.directory / str(step) / "meta" / "metadata"
         try:
-            return json.loads(_retrying(f"reading {path}", path.read_text))
+            return json.loads(retrying(f"reading {path}", path.read_text))
         except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} has no readable metadata: "
@@ -425,84 +413,7 @@ def _sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def _retrying(what: str, read: Callable[[], T]) -> T:
-    """``read()``, tried IO_ATTEMPTS times while it raises OSError (a flaky disk or network
-    file system), then a one-line CheckpointError: an I/O error is not damage. A missing
-    file is no I/O error: it is raised at once."""
-    for attempt in range(IO_ATTEMPTS):
-        try:
-            return read()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if attempt + 1 == IO_ATTEMPTS:
-                raise CheckpointError(
-                    f"I/O error {what} ({_one_line(exc)}), {IO_ATTEMPTS} tries; nothing was deleted"
-                ) from exc
-            time.sleep(IO_BACKOFF_S * 2**attempt)
-    raise AssertionError("unreachable")
-
-
 def _shapes(tree: Any) -> dict[str, tuple]:
     """'params/blocks_0/attn/query/kernel' -> shape, for every array of a serialized tree."""
     flat = ocp.tree.to_flat_dict(tree, sep="/")
     return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}
-
-
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-def _chain(exc: BaseException | None):
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        yield exc
-        exc = exc.__cause__ or exc.__context__
-
-
-# Tensorstore reports OS errors as ValueError text ("... [os_error_code='28']").
-_DISK_FULL_TEXT = ("No space left on device", "Disk quota exceeded")
-
-
-def _is_io_error(exc: BaseException) -> bool:
-    return any(isinstance(e, OSError) or "os_error_code=" in str(e) for e in _chain(exc))
-
-
-def _is_disk_full(exc: BaseException) -> bool:
-    return any(
-        (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT))
-        or any(text in str(e) for text in _DISK_FULL_TEXT)
-        for e in _chain(exc)
-    )
-
-
-class _QuietDiskFull(logging.Filter):
-    """Orbax logs a full disk with three tracebacks from its threads; the save raises it as
-    one line (``Checkpointer._save_failed``), so those log records are dropped."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        return exc is None or not _is_disk_full(exc)
-
-
-logging.getLogger("absl").addFilter(_QuietDiskFull())
-
-
-def _write_manifest(folder: Path, step: int) -> None:
-    files = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[str(path.relative_to(folder))] = [path.stat().st_size, _sha256(path)]
-    tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "files": files}))
-    os.replace(tmp, folder / MANIFEST)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

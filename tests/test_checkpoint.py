@@ -19,7 +19,7 @@ from conftest import REPO
 from flax.training.train_state import TrainState
 from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
-from flaxlm import checkpoint
+from flaxlm import checkpoint_files
 from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import load_config, to_dict
 from flaxlm.families import build_model
@@ -253,7 +253,7 @@ def test_io_errors_are_retried_then_one_line_and_nothing_is_walked_past(
     _, state, shardings, abstract = setup
     save_one(tmp_path, state, step=3)
     save_one(tmp_path, state, step=6)
-    monkeypatch.setattr(checkpoint, "IO_BACKOFF_S", 0.0)
+    monkeypatch.setattr(checkpoint_files, "IO_BACKOFF_S", 0.0)
     real_restore = Checkpointer._restore_step
     failures = {"left": 2}
 
@@ -269,7 +269,7 @@ def test_io_errors_are_retried_then_one_line_and_nothing_is_walked_past(
     assert int(restored.step) == 6 and failures["left"] == 0
 
     # A disk that keeps failing, while reading the arrays or while checking the checksums.
-    failures["left"] = checkpoint.IO_ATTEMPTS
+    failures["left"] = checkpoint_files.IO_ATTEMPTS
     with pytest.raises(CheckpointError, match="I/O error reading checkpoint") as err:
         ckpt.restore(abstract, shardings)
     assert "Input/output error" in str(err.value) and "\n" not in str(err.value)
@@ -277,7 +277,7 @@ def test_io_errors_are_retried_then_one_line_and_nothing_is_walked_past(
     def broken_disk(path):
         raise OSError(errno.EIO, "Input/output error", str(path))
 
-    monkeypatch.setattr(checkpoint, "_sha256", broken_disk)
+    monkeypatch.setattr(checkpoint_files, "_sha256", broken_disk)
     fresh = Checkpointer(tmp_path, asynchronous=False)  # nothing verified yet
     with warnings.catch_warnings():
         warnings.simplefilter("error")
