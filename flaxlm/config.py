@@ -45,7 +45,10 @@ class ModelConfig:
     max_seq_len: int = 1024  # size of the learned / sinusoidal position table
     positions: str = "learned"  # a learned or sinusoidal table (max_seq_len), or rope
     rope_theta: float = 10000.0
-    activation: str = "gelu"  # gelu: tanh approximation, as GPT-2; gelu_exact: erf
+    # gelu: tanh approximation, as GPT-2; gelu_exact: erf; relu; swiglu: a gated MLP,
+    # silu(x W_gate) * (x W_up) W_down (Llama), three d_model x d_ff matrices
+    activation: str = "gelu"
+    norm: str = "layernorm"  # or rmsnorm (Llama: scale only, no mean, no bias)
     tie_embeddings: bool = True
     use_bias: bool = True
     dropout: float = 0.0
@@ -260,7 +263,8 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm_placement": ("pre", "post"),
     "model.positions": ("learned", "sinusoidal", "rope"),
-    "model.activation": ("gelu", "gelu_exact", "relu"),
+    "model.activation": ("gelu", "gelu_exact", "relu", "swiglu"),
+    "model.norm": ("layernorm", "rmsnorm"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),

@@ -14,12 +14,16 @@ from flaxlm.config import ModelConfig
 def flops_per_token(cfg: ModelConfig, seq_len: int, include_head: bool = True) -> float:
     """Training FLOPs per token: ``6 * N + 12 * L * d * S`` (Kaplan et al. / PaLM appendix B).
 
-    ``N`` counts the non-embedding matmul parameters of the blocks (attention 4·d², MLP 2·d·f
-    per layer); ``12·L·d·S`` is the attention score and value matmuls (forward + backward).
-    ``include_head`` adds the LM-head matmul, ``6 * d * V``, which dominates small models.
+    ``N`` counts the non-embedding matmul parameters of the blocks: attention ``2·d² + 2·d·d_kv``
+    (queries and output, keys and values; ``d_kv = d · n_kv_heads / n_heads``, so 4·d² without
+    GQA), MLP ``2·d·f`` (``3·d·f`` gated, swiglu) per layer; ``12·L·d·S`` is the attention score
+    and value matmuls (forward + backward). ``include_head`` adds the LM-head matmul,
+    ``6 * d * V``, which dominates small models.
     """
     d, f, n_layers = cfg.d_model, cfg.d_ff, cfg.n_layers
-    n_block = n_layers * (4 * d * d + 2 * d * f)
+    d_kv = d * (cfg.n_kv_heads or cfg.n_heads) // cfg.n_heads
+    mlp_mats = 3 if cfg.activation == "swiglu" else 2
+    n_block = n_layers * (2 * d * d + 2 * d * d_kv + mlp_mats * d * f)
     flops = 6.0 * n_block + 12.0 * n_layers * d * seq_len
     if include_head:
         flops += 6.0 * d * cfg.vocab_size

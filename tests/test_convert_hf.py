@@ -97,7 +97,7 @@ def test_unsupported_options_are_refused_with_the_option_named(tmp_path):
     for key, value in [
         ("scale_attn_by_inverse_layer_idx", True),
         ("activation_function", "swish"),
-        ("model_type", "llama"),
+        ("model_type", "mistral"),
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**config, key: value}))
         with pytest.raises(ConversionError, match=key):

@@ -92,7 +92,7 @@ def register_running_mean() -> None:
             train_batches=lambda data, cfg, b: Windows(data.train, cfg.data.seq_len, b, 0),
             eval_batches=lambda split, cfg, tok, b: Windows(split, cfg.data.seq_len, b, 0),
             loss=loss,
-            converter=None,
+            converters=(),
             generates=False,
         ),
         replace=True,

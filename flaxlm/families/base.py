@@ -79,7 +79,8 @@ class Family:
     - ``synthetic_batch(cfg, rng)``: one global batch of random tokens, for ``plan``/``bench``.
     - ``predicted_positions(cfg)``: positions per row the LM head runs on (FLOP counts).
     - ``inspect_sample(cfg, prepared, step, rows)``: decoded rows for ``flaxlm data inspect``.
-    - ``converter``: the HF converter (``flaxlm convert``), or None.
+    - ``converters``: the HF converters (``flaxlm convert``), the first whose ``accepts(cfg)``
+      exports a config; empty for none.
     - ``generates``: a decoder ``flaxlm generate`` can sample from; ``classifies``: has a
       ``[CLS]`` pooler that ``flaxlm finetune`` puts a classifier on.
     - ``check_config(cfg)``: the family's own config checks (raise ConfigError).
@@ -102,7 +103,7 @@ class Family:
     report_fields: tuple[ReportField, ...] = ()
     headline: tuple[str, ...] = ()
     predicted_positions: Callable[[Config], int] = lambda cfg: cfg.data.seq_len
-    converter: Any = None
+    converters: tuple[Any, ...] = ()
     generates: bool = False
     classifies: bool = False
     check_config: Callable[[Config], None] = lambda cfg: None

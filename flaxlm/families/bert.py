@@ -306,7 +306,7 @@ BERT_FAMILY = Family(
     ),
     headline=("mlm_accuracy", "nsp_accuracy", "causal_loss", "prefix_lm_loss"),
     predicted_positions=predicted_positions,
-    converter=BERT_CONVERTER,
+    converters=(BERT_CONVERTER,),
     classifies=True,
     check_config=check_config,
 )

@@ -1,8 +1,9 @@
 """What every HuggingFace converter shares: the error, the converter record, activation names,
 and the helpers both directions of each family use.
 
-The per-architecture modules (``flaxlm.hf.gpt2``, ``flaxlm.hf.bert``) import this; each model
-family's entry in the family table (flaxlm/families/) names its converter, and
+The per-architecture modules (``flaxlm.hf.gpt2``, ``flaxlm.hf.llama``, ``flaxlm.hf.bert``)
+import this; each model family's entry in the family table (flaxlm/families/) names its
+converters, and
 ``flaxlm.tools.convert`` reads and writes the files, so imports point one way.
 """
 
@@ -44,6 +45,21 @@ class Converter:
     from_tensors: Callable[[dict[str, np.ndarray], ModelConfig], dict[str, Any]]
     # Adjusts the run config of an imported model (e.g. no NSP without two token types).
     fit_run_config: Callable[[Any], None] = lambda cfg: None
+    # Whether this converter exports ``cfg`` (a family may have several, e.g. GPT-2 and
+    # Llama for GPT); the family's last converter takes the rest, refusing what it cannot do.
+    accepts: Callable[[ModelConfig], bool] = lambda cfg: True
+
+
+def refuse_options(cfg: ModelConfig, model: str, supported: dict[str, tuple[Any, ...]]) -> None:
+    """ConversionError naming the first ``model.<option>`` whose value ``model`` cannot
+    express (``supported``: option -> the values it can)."""
+    for option, values in supported.items():
+        value = getattr(cfg, option)
+        if value not in values:
+            raise ConversionError(
+                f"model.{option}={value!r} cannot be expressed by {model} "
+                f"(it has {' or '.join(map(repr, values))})"
+            )
 
 
 def hf_activation(hf: dict[str, Any], key: str, default: str) -> str:

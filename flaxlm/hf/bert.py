@@ -28,6 +28,7 @@ from flaxlm.hf.base import (
     bias_or_zeros,
     float32_numpy,
     hf_activation,
+    refuse_options,
     refuse_unsupported,
     restore_saved_config,
     sinusoidal_table,
@@ -56,6 +57,7 @@ def bert_config(cfg: ModelConfig) -> dict[str, Any]:
             f"model.n_kv_heads={cfg.n_kv_heads} (grouped-query attention) cannot be expressed "
             f"by BERT, whose key/value heads equal its n_heads={cfg.n_heads}"
         )
+    refuse_options(cfg, "BERT", {"norm": ("layernorm",), "activation": tuple(TO_HF_ACTIVATIONS)})
     if cfg.norm_placement != "post":
         raise ConversionError(
             f"model.norm_placement={cfg.norm_placement!r} cannot be expressed by HF BERT "

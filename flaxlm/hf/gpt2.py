@@ -24,6 +24,7 @@ from flaxlm.hf.base import (
     bias_or_zeros,
     float32_numpy,
     hf_activation,
+    refuse_options,
     refuse_unsupported,
     restore_saved_config,
     sinusoidal_table,
@@ -43,6 +44,7 @@ def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
             f"model.n_kv_heads={cfg.n_kv_heads} (grouped-query attention) cannot be expressed "
             f"by GPT-2, whose key/value heads equal its n_heads={cfg.n_heads}"
         )
+    refuse_options(cfg, "GPT-2", {"norm": ("layernorm",), "activation": tuple(GPT2_ACTIVATIONS)})
     if cfg.positions == "rope":
         raise ConversionError(
             "model.positions='rope' cannot be expressed by GPT-2 (learned absolute positions)"

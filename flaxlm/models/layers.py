@@ -27,7 +27,7 @@ from flaxlm.models.attention import attention
 from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.masks import Mask
 from flaxlm.models.matmul import matmul
-from flaxlm.models.norm_act import LayerNorm, activation_fn
+from flaxlm.models.norm_act import LayerNorm, RMSNorm, activation_fn
 
 Array = jax.Array
 
@@ -96,8 +96,16 @@ class Dense(nn.Module):
         return y
 
 
-def layer_norm(cfg: ModelConfig, name: str | None = None) -> LayerNorm:
-    """LayerNorm computed in float32 (its variance is what bf16 gets wrong first)."""
+def layer_norm(cfg: ModelConfig, name: str | None = None) -> LayerNorm | RMSNorm:
+    """The configured norm (``model.norm``: LayerNorm or RMSNorm), computed in float32 (its
+    variance is what bf16 gets wrong first)."""
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(
+            epsilon=cfg.norm_eps,
+            param_dtype=dtype_of(cfg.param_dtype),
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            name=name,
+        )
     return LayerNorm(
         epsilon=cfg.norm_eps,
         use_bias=cfg.use_bias,
@@ -279,7 +287,8 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Position-wise feed-forward: D -> F -> activation -> D."""
+    """Position-wise feed-forward: D -> F -> activation -> D. With ``swiglu`` the MLP is
+    gated (Llama): ``silu(x W_gate) * (x W_up)``, then ``W_down``."""
 
     cfg: ModelConfig
 
@@ -288,7 +297,13 @@ class MLP(nn.Module):
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         h_BxLxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), ("mlp",), name="up")(x_BxLxD)
-        h_BxLxF = activation_fn(cfg.activation, use_custom_backward(cfg))(h_BxLxF).astype(dtype)
+        if cfg.activation == "swiglu":
+            gate = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), ("mlp",), name="gate")(x_BxLxD)
+            h_BxLxF = jax.nn.silu(gate.astype(jnp.float32)) * h_BxLxF.astype(jnp.float32)
+            h_BxLxF = h_BxLxF.astype(dtype)
+        else:
+            act = activation_fn(cfg.activation, use_custom_backward(cfg))
+            h_BxLxF = act(h_BxLxF).astype(dtype)
         h_BxLxF = constrain(h_BxLxF, "act_batch", "act_length", "act_mlp")
         down = Dense(
             cfg, (cfg.d_model,), ("mlp", "embed"), ("embed",), std=residual_std(cfg), name="down"

@@ -107,6 +107,23 @@ class LayerNorm(nn.Module):
         return layer_norm(x, scale, bias, self.epsilon, self.custom_backward)
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm (Zhang & Sennrich; Llama): ``x / sqrt(mean(x^2) + eps) * scale`` over the last
+    axis, in float32; no mean subtraction, no bias. Its one parameter is ``scale``, as
+    LayerNorm's. Plain autodiff (no hand-written backward)."""
+
+    epsilon: float = 1e-5
+    param_dtype: jnp.dtype = jnp.float32
+    scale_init: nn.initializers.Initializer = nn.initializers.ones_init()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        scale = self.param("scale", self.scale_init, (x.shape[-1],), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        inv_rms = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return x32 * inv_rms * scale.astype(jnp.float32)
+
+
 # --- activations ----------------------------------------------------------------------------
 
 

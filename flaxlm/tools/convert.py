@@ -4,8 +4,9 @@
     flaxlm convert to-hf runs/bert_demo hf/bert_demo     # the same for a BERT run
     flaxlm convert from-hf hf/gpt_demo runs/imported     # a run dir with checkpoint 0
 
-One ``Converter`` per model family, named by its entry in the family table
-(flaxlm/families/): GPT <-> ``GPT2LMHeadModel`` (flaxlm/hf/gpt2.py), BERT <->
+The converters of each model family are named by its entry in the family table
+(flaxlm/families/): GPT <-> ``GPT2LMHeadModel`` (flaxlm/hf/gpt2.py) or, for a Llama-style
+GPT (RMSNorm, SwiGLU, RoPE, GQA), ``LlamaForCausalLM`` (flaxlm/hf/llama.py); BERT <->
 ``BertForPreTraining`` (flaxlm/hf/bert.py). Each writes what the HF
 model can express exactly, writes the rest another way where it can (sinusoidal positions as a
 fixed table, no biases as zero biases) and refuses the rest with the option named.
@@ -68,15 +69,28 @@ WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.model"
 
 
-def converters() -> dict[str, Converter]:
-    """Family name -> its HF converter, from the family table (families without one left out)."""
+def converters() -> dict[str, tuple[str, Converter]]:
+    """config.json ``model_type`` -> (the family, its converter), from the family table."""
     families = (get_family(name) for name in registered_families())
-    return {f.name: f.converter for f in families if f.converter is not None}
+    return {conv.hf_model_type: (f.name, conv) for f in families for conv in f.converters}
 
 
 def hf_model_types() -> dict[str, str]:
     """config.json ``model_type`` -> the family that reads it."""
-    return {conv.hf_model_type: name for name, conv in converters().items()}
+    return {model_type: family for model_type, (family, _) in converters().items()}
+
+
+def converter_for(cfg: ModelConfig) -> Converter:
+    """The converter that exports ``cfg``: the first of its family's that accepts it, else
+    the last (which refuses, naming the option it cannot express)."""
+    convs = get_family(cfg.family).converters
+    if not convs:
+        families = sorted({family for family, _ in converters().values()})
+        raise ConversionError(
+            f"model.family={cfg.family!r} has no HF converter (families with one: "
+            f"{', '.join(families)})"
+        )
+    return next((c for c in convs if c.accepts(cfg)), convs[-1])
 
 
 def _safetensors():
@@ -94,12 +108,7 @@ def export_hf(
 ) -> Path:
     """Writes ``config.json`` + ``model.safetensors`` (+ the sentencepiece ``tokenizer.model``)
     that ``transformers`` loads offline. Returns ``out_dir``."""
-    conv = get_family(cfg.family).converter
-    if conv is None:
-        raise ConversionError(
-            f"model.family={cfg.family!r} has no HF converter (families with one: "
-            f"{', '.join(converters())})"
-        )
+    conv = converter_for(cfg)
     hf_config = conv.to_config(cfg)  # its flaxlm_model keeps scan_layers, for the way back
     tensors = conv.to_tensors(
         unscan_blocks(params, cfg), dataclasses.replace(cfg, scan_layers=False)
@@ -126,13 +135,11 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
             "save_pretrained(..., safe_serialization=True))"
         )
     hf_config = json.loads(config_path.read_text())
-    family = hf_model_types().get(hf_config.get("model_type"))
-    if family is None:
+    if hf_config.get("model_type") not in converters():
         raise ConversionError(
-            f"model_type={hf_config.get('model_type')!r} is not one of "
-            f"{', '.join(hf_model_types())}"
+            f"model_type={hf_config.get('model_type')!r} is not one of {', '.join(converters())}"
         )
-    conv = converters()[family]
+    _, conv = converters()[hf_config["model_type"]]
     cfg = conv.from_config(hf_config)
     unscanned = dataclasses.replace(cfg, scan_layers=False)
     params = conv.from_tensors(_safetensors().load_file(str(weights_path)), unscanned)
@@ -215,5 +222,5 @@ def from_hf(
             f"seq_len={cfg.data.seq_len} exceeds the position table of "
             f"{model_cfg.max_seq_len} positions"
         )
-    get_family(model_cfg.family).converter.fit_run_config(cfg)
+    converter_for(model_cfg).fit_run_config(cfg)
     return save_params_checkpoint(run_dir, cfg, params, Tokenizer.load(tok_path))
