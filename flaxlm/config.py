@@ -198,6 +198,12 @@ class MeshConfig:
     data: int = -1  # one axis may be -1: it takes the devices the others leave
     fsdp: int = 1
     tensor: int = 1
+    # Multi-slice TPU (or multi-node GPU) jobs: how many slices the data / fsdp axis spans.
+    # Each is the outer factor of its axis (it must divide it): devices that differ only in
+    # it sit in different slices, so only that axis's collectives cross the data-center
+    # network (DCN); the inner factor and tensor stay on a slice's fast links (ICI).
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
 
 
 @dataclass

@@ -105,6 +105,14 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
     for axis, v in sizes.items():
         if v == 0 or v < -1:
             raise ConfigError(f"mesh.{axis}={v} must be a positive size or -1")
+    for axis in ("data", "fsdp"):
+        dcn, size = getattr(cfg.mesh, f"dcn_{axis}"), sizes[axis]
+        if dcn < 1:
+            raise ConfigError(f"mesh.dcn_{axis}={dcn} must be >= 1 (slices along mesh.{axis})")
+        if size != -1 and size % dcn:
+            raise ConfigError(
+                f"mesh.dcn_{axis}={dcn} must divide mesh.{axis}={size} (slices along that axis)"
+            )
     g = cfg.guard
     for key, value in {
         "guard.window": g.window,

@@ -6,6 +6,12 @@ Models annotate parameters and activations with logical names only (``embed``, `
 - ``data``: pure data parallelism (parameters replicated);
 - ``fsdp``: batch split *and* parameters / optimizer state split along ``embed`` (ZeRO-3 style);
 - ``tensor``: Megatron-style split of attention heads, MLP hidden units and the vocabulary.
+
+Which device sits where follows the hardware: on TPUs and GPUs ``jax.experimental.mesh_utils``
+lays each slice out along its physical torus, and a multi-slice job (``mesh.dcn_data`` /
+``mesh.dcn_fsdp`` > 1) puts the slices on the outer part of the data / fsdp axis, so only
+that axis's collectives cross the data-center network. The axis names, and so the rules
+table, are the same for one slice or many.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import linen as nn
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxlm.config import ConfigError, MeshConfig
@@ -51,7 +58,8 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 
 
 def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Fills the one ``-1`` axis and checks that the product equals ``n_devices``."""
+    """Fills the one ``-1`` axis and checks that the product equals ``n_devices`` and that the
+    DCN (slice) factors divide their axes."""
     sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
@@ -67,20 +75,81 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, 
             f"{math.prod(sizes)} devices but {n_devices} are available; make the product "
             f"{n_devices} or set one axis to -1"
         )
+    for axis, size in zip(("data", "fsdp"), sizes, strict=False):
+        dcn = getattr(mesh_cfg, f"dcn_{axis}")
+        if size % dcn:
+            raise ConfigError(
+                f"mesh.dcn_{axis}={dcn} must divide the {axis} axis, of size {size} on "
+                f"{n_devices} devices"
+            )
     return sizes[0], sizes[1], sizes[2]
 
 
 def build_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all hosts)."""
+    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all hosts),
+    laid out by :func:`device_grid`."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
+    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1)
     # Explicit Auto axis types: under jax.make_mesh's default (explicit) ones, flax.linen's
     # logical constraints fail ("with_sharding_constraint acts as an assert").
     return Mesh(
-        np.asarray(devices).reshape(shape),
+        device_grid(shape, dcn, devices),
         MESH_AXES,
         axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
     )
+
+
+def device_grid(
+    shape: tuple[int, ...], dcn: tuple[int, ...], devices: Sequence[jax.Device]
+) -> np.ndarray:
+    """``devices`` as an array of ``shape`` whose axis ``i`` is ``dcn[i]`` slices of
+    ``shape[i] // dcn[i]`` devices each (outer factor: the slice; inner: within it).
+
+    One slice: ``mesh_utils.create_device_mesh`` (the physical torus of TPUs; GPUs by id).
+    Several: ``mesh_utils.create_hybrid_device_mesh`` over the devices' ``slice_index``.
+    Devices without a physical layout (CPU, simulated devices, a TPU topology of one device
+    per core) keep their order: a plain reshape per slice, consecutive runs of devices
+    standing for the slices when the devices name none.
+    """
+    ici = tuple(s // d for s, d in zip(shape, dcn, strict=True))
+    n_slices = math.prod(dcn)
+    named = {getattr(d, "slice_index", None) for d in devices} - {None}
+    if named and len(named) != n_slices:
+        raise ConfigError(
+            f"the {len(devices)} devices are in {len(named)} slice(s) but mesh.dcn_data x "
+            f"mesh.dcn_fsdp = {n_slices}; make the product {len(named)}"
+        )
+    if n_slices == 1:
+        return _slice_grid(ici, devices)
+    if named and devices[0].platform == "tpu":
+        try:
+            return mesh_utils.create_hybrid_device_mesh(
+                ici, dcn, devices, allow_split_physical_axes=True
+            )
+        except (AssertionError, ValueError, NotImplementedError):
+            pass  # no physical layout within a slice: the same blocks, below
+    if named:
+        slices = [[d for d in devices if d.slice_index == i] for i in sorted(named)]
+    else:
+        per = len(devices) // n_slices
+        slices = [devices[i * per : (i + 1) * per] for i in range(n_slices)]
+    grid = np.empty(shape, dtype=object)
+    for devs, index in zip(slices, np.ndindex(*dcn), strict=True):
+        grid[tuple(slice(i * n, (i + 1) * n) for i, n in zip(index, ici, strict=True))] = (
+            _slice_grid(ici, devs)
+        )
+    return grid
+
+
+def _slice_grid(ici: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:
+    """One slice's devices as an array of shape ``ici``, along its physical links if any."""
+    if devices[0].platform in ("tpu", "gpu"):
+        try:
+            return mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+        except (AssertionError, ValueError, NotImplementedError):
+            pass  # e.g. a TPU topology of one device per core, or a subset with holes
+    return np.asarray(devices, dtype=object).reshape(ici)
 
 
 def logical_to_sharding(tree, mesh: Mesh):
