@@ -1,5 +1,5 @@
 """Whether a process of this host is alive: how stale locks and build folders left by a killed
-process are told from live ones (flaxlm/train/run_lock.py, flaxlm/data/cache.py)."""
+process are told from live ones (flaxlm/train/run_lock.py, flaxlm/data/build_folders.py)."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ from flaxlm.data import (
     DataError,
     TokenSplit,
     assign_splits,
-    cache,
+    build_folders,
     iter_documents,
     prepare_data,
     tokenize_documents,
@@ -134,14 +134,14 @@ def test_build_folders_of_killed_builds_are_removed_on_the_next_start(tmp_path, 
     root = tmp_path / "cache"
     root.mkdir()
     dead = _finished_pid()
-    killed = root / f".build-{'a' * 20}-{cache._HOST}-{dead}-x1y2z3"
-    live = root / f".build-{'b' * 20}-{cache._HOST}-{os.getpid()}-abc_12"
+    killed = root / f".build-{'a' * 20}-{build_folders.HOST}-{dead}-x1y2z3"
+    live = root / f".build-{'b' * 20}-{build_folders.HOST}-{os.getpid()}-abc_12"
     other_host = root / f".build-{'c' * 20}-otherhost-{dead}-q9"
     old_unnamed = root / ".build-dddd-abcdef"  # named before pids were: by age
     for folder in (killed, live, other_host, old_unnamed):
         folder.mkdir()
         (folder / "train.tokens.raw").write_bytes(b"x")
-    a_day_ago = time.time() - cache.STALE_BUILD_S - 60
+    a_day_ago = time.time() - build_folders.STALE_BUILD_S - 60
     for path in (old_unnamed, old_unnamed / "train.tokens.raw"):
         os.utime(path, (a_day_ago, a_day_ago))
     prepare_data(config(tmp_path), progress=False)

@@ -7,18 +7,11 @@ batch = train.batch(step)  # a pure function of (seed, step)
 train = make_train_batches(prepared, cfg.data.seq_len, cfg.train.batch_size, cfg.train.seed)
 """
 
-from flaxlm.data.cache import (
-    PreparedData,
-    SourceData,
-    TokenSplit,
-    assign_splits,
-    cache_key,
-    prepare_data,
-    tokenize_documents,
-)
+from flaxlm.data.cache import PreparedData, SourceData, assign_splits, prepare_data
 from flaxlm.data.causal import BATCH_KEYS, CausalBatches, n_causal_examples, pack_examples
 from flaxlm.data.demo import markdown_to_text, unigram_cross_entropy, write_shakespeare
 from flaxlm.data.encode import encode_documents, train_tokenizer_on_documents
+from flaxlm.data.fingerprints import cache_key
 from flaxlm.data.mixture import MIXTURE_BATCH_KEYS, MixtureBatches, make_train_batches
 from flaxlm.data.sources import (
     DataError,
@@ -29,6 +22,7 @@ from flaxlm.data.sources import (
     list_source_files,
     resolve_sources,
 )
+from flaxlm.data.token_split import TokenSplit, tokenize_documents
 
 __all__ = [
     "BATCH_KEYS",

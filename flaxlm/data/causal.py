@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from flaxlm.data.cache import TokenSplit
+from flaxlm.data.token_split import TokenSplit
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
 

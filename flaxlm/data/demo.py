@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flaxlm.data.cache import TokenSplit
+from flaxlm.data.token_split import TokenSplit
 
 _HEADING = re.compile(r"^#+\s*")
 _ESCAPE = re.compile(r"\\([\\`*_{}\[\]()#+\-.!])")

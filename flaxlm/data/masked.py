@@ -25,10 +25,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from flaxlm.config import Config
-from flaxlm.data.cache import TokenSplit
 from flaxlm.data.causal import EpochOrder, _process_rows, n_causal_examples, pack_examples
 from flaxlm.data.masking import MaskingSpec, mask_batch
 from flaxlm.data.pairs import PairChunks, build_pairs
+from flaxlm.data.token_split import TokenSplit
 from flaxlm.tokenizer import Tokenizer
 
 OBJECTIVES = ("mlm", "causal", "prefix_lm")  # objective ids 0, 1, 2 of unified batches

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from flaxlm.data.cache import TokenSplit
+from flaxlm.data.token_split import TokenSplit
 
 PAIR_STREAM = 0x70616972  # "pair"
 RANDOM_NEXT_PROB = 0.5

@@ -13,7 +13,7 @@ is an event in metrics.jsonl. The keys in :data:`SAFE_KEYS` are accepted silentl
 The comparison is against the resolved config in the newest checkpoint's metadata (the run's
 ``config.yaml`` is rewritten only after the checks pass), and the data content against
 ``RUN_DIR/data_fingerprints.json``: per source, a SHA-256 of its files' doc ids, sizes and
-contents (flaxlm/data/cache.py), so moving the corpus is a change of ``data.paths`` alone.
+contents (flaxlm/data/fingerprints.py), so moving the corpus is a change of ``data.paths`` alone.
 """
 
 from __future__ import annotations
