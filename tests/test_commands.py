@@ -19,18 +19,21 @@ from conftest import REPO
 
 from flaxlm.cli import main
 
-CONFIGS = ("gpt_tiny", "bert_tiny", "unified_tiny")
+CONFIGS = ("gpt_tiny", "bert_tiny", "unified_tiny", "llama_tiny")
+DECODERS = ("gpt_tiny", "llama_tiny")
 STEPS = 6
 # What each family's train lines and eval report hold besides loss / val_loss.
 TRAIN_FIELDS = {
     "gpt_tiny": ("accuracy",),
     "bert_tiny": ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy"),
     "unified_tiny": ("accuracy",),
+    "llama_tiny": ("accuracy",),
 }
 EVAL_FIELDS = {
     "gpt_tiny": ("perplexity", "accuracy", "unigram_loss", "gain_over_unigram"),
     "bert_tiny": ("mlm_loss", "mlm_accuracy", "nsp_accuracy", "mlm_frequency_accuracy"),
     "unified_tiny": ("accuracy",),
+    "llama_tiny": ("perplexity", "accuracy", "unigram_loss", "gain_over_unigram"),
 }
 
 
@@ -143,6 +146,8 @@ def test_convert_round_trip_keeps_the_model(trained, small_corpus, tmp_path):
         assert code == 2 and "norm_placement" in err and len(err.strip().splitlines()) == 1
         return
     assert cli("convert", "to-hf", run_dir, tmp_path / "hf")[0] == 0
+    hf_type = json.loads((tmp_path / "hf" / "config.json").read_text())["model_type"]
+    assert hf_type == {"gpt_tiny": "gpt2", "bert_tiny": "bert", "llama_tiny": "llama"}[name]
     assert cli("convert", "from-hf", tmp_path / "hf", tmp_path / "back", "--seq-len", 32)[0] == 0
     text = sorted(small_corpus.iterdir())[0]
     losses = []
@@ -161,7 +166,7 @@ def test_generate_where_the_family_decodes(trained):
         "generate", run_dir, "--prompt", "HAMLET.", "--max-new-tokens", 8, "--no-stop-at-eos",
         "--json",
     )  # fmt: skip
-    if name == "gpt_tiny":
+    if name in DECODERS:  # llama_tiny: the KV cache holds its 2 key/value heads (GQA)
         assert code == 0, err
         row = json.loads(out)
         assert row["prompt"] == "HAMLET." and row["completion"]  # 8 tokens of 6-step text
