@@ -67,12 +67,12 @@ def attention(
         raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
     if impl == "auto":
         impl = auto_attention()
-    if impl == "splash" and not mask.is_training_shape:
-        impl = "xla"  # a decode step: see the docstring
     if impl == "splash":
-        from flaxlm.models.splash import splash_attention
+        from flaxlm.models.splash import block_size, splash_attention
 
-        return splash_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask)
+        if mask.is_training_shape and block_size(q_BxLxHxK.shape[1]):
+            return splash_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask)
+        impl = "xla"  # a decode step, or a length the kernel cannot tile
     if mask.prefix_len_B is not None and impl != "flaxlm" and mask.is_training_shape:
         causal, within_prefix, use_prefix_BxL = mask.split_prefix()
         both = [

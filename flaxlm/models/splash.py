@@ -14,9 +14,9 @@ TPU kernel from ``jax.experimental.pallas.ops.tpu.splash_attention``, fed flaxlm
   inside ``shard_map``: rows split as the batch is (data, fsdp), heads as the rules put them
   (tensor); each device runs the kernel on its own rows and heads, whole sequences.
 - **Scale.** The kernel does not scale the scores: queries are multiplied by 1/sqrt(K) first.
-- **Block sizes.** The largest of 512, 256, 128 that divides the sequence length. A length no
-  multiple of 128 (tiny test configs) runs ``jax.nn.dot_product_attention`` instead, since
-  the TPU's lanes are 128 wide.
+- **Block sizes.** The largest of 512, 256, 128 that divides the sequence length. For a length
+  no multiple of 128 (tiny test configs) :func:`flaxlm.models.attention.attention` runs
+  ``jax.nn.dot_product_attention`` instead, since the TPU's lanes are 128 wide.
 
 On a CPU the kernel runs in Pallas interpret mode (tests/test_splash.py checks forward and
 gradients against the dense reference for every mask kind); on TPU the tests compile it.
@@ -47,9 +47,7 @@ def splash_attention(q_BxLxHxK: Array, k_BxLxNxK: Array, v_BxLxNxK: Array, mask:
     """``softmax(q k^T / sqrt(K) masked) v`` through the splash kernel; ``out_BxLxHxK``."""
     length = q_BxLxHxK.shape[1]
     if block_size(length) is None:
-        from flaxlm.models.attention import attention
-
-        return attention(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, mask, "xla")
+        raise ValueError(f"splash attention tiles lengths that are multiples of 128, not {length}")
     if mask.prefix_len_B is not None:
         causal, within_prefix, use_prefix_BxL = mask.split_prefix()
         both = [
