@@ -28,6 +28,18 @@ from flaxlm.config_checks import (  # noqa: F401
 )
 
 
+@dataclass(unsafe_hash=True)  # hashable, as ModelConfig which holds it
+class MoEConfig:
+    """Mixture-of-Experts FFN (flaxlm/models/moe.py); ``num_experts: 0`` = dense MLPs."""
+
+    num_experts: int = 0
+    top_k: int = 2  # experts per token
+    capacity_factor: float = 0.0  # 0 = dropless (grouped matmuls); c > 0: c * T * k / E each
+    every: int = 1  # MoE in every n-th block (the others dense); 1 = all
+    router_z_loss: float = 1.0e-3  # weight of mean(logsumexp(router logits)^2)
+    load_balance_loss: float = 1.0e-2  # weight of E * sum_e f_e * P_e
+
+
 @dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
 class ModelConfig:
     # An entry of the family table (flaxlm/families/): gpt (causal decoder), bert (encoder:
@@ -76,6 +88,7 @@ class ModelConfig:
     # BERT only (GPT is always pre-LN): post = original BERT, pre = LN inside the residual branch
     norm_placement: str = "pre"
     type_vocab_size: int = 2  # BERT segment (token type) embeddings: A / B
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
 
 @dataclass

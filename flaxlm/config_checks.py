@@ -75,6 +75,7 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
             f"model.n_kv_heads={m.n_kv_heads} must divide model.n_heads={m.n_heads} "
             "(0 = as many as n_heads)"
         )
+    _validate_moe(m)
     if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
         raise ConfigError(
             f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"
@@ -139,6 +140,29 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
             raise ConfigError(f"data.sources[{i}].path {s.path!r} does not exist")
     if d.tokenizer and not Path(d.tokenizer).is_file():
         raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
+
+
+def _validate_moe(m: Any) -> None:
+    moe = m.moe
+    if moe.num_experts < 0:
+        raise ConfigError(f"model.moe.num_experts={moe.num_experts} must be >= 0 (0 = dense)")
+    if not moe.num_experts:
+        return
+    if not 1 <= moe.top_k <= moe.num_experts:
+        raise ConfigError(
+            f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts="
+            f"{moe.num_experts}"
+        )
+    for key in ("capacity_factor", "router_z_loss", "load_balance_loss"):
+        if getattr(moe, key) < 0:
+            raise ConfigError(f"model.moe.{key}={getattr(moe, key)} must be >= 0")
+    if moe.every < 1:
+        raise ConfigError(f"model.moe.every={moe.every} must be >= 1 (1 = every block)")
+    if moe.every > 1 and m.scan_layers:
+        raise ConfigError(
+            f"model.moe.every={moe.every} needs model.scan_layers=false (a scan repeats one "
+            "block: all MoE or all dense)"
+        )
 
 
 def _validate_objective(cfg: Any) -> None:

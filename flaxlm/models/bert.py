@@ -34,6 +34,7 @@ from flaxlm.models import layers
 from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.layers import Array, constrain
 from flaxlm.models.masks import Mask
+from flaxlm.models.moe import is_moe_layer
 
 POSITIONS = ("learned", "sinusoidal")
 
@@ -60,7 +61,8 @@ class BERT(nn.Module):
         )
         self.ln_embed = layers.layer_norm(cfg)
         self.blocks = [
-            layers.Block(cfg, norm_placement=cfg.norm_placement) for _ in range(cfg.n_layers)
+            layers.Block(cfg, norm_placement=cfg.norm_placement, moe=is_moe_layer(cfg, i))
+            for i in range(cfg.n_layers)
         ]
         if cfg.norm_placement == "pre":
             self.ln_final = layers.layer_norm(cfg)

@@ -36,7 +36,8 @@ class _ScanStep(nn.Module):
 
     @nn.compact
     def __call__(self, x_BxLxD, mask, positions_BxL, cache_index):
-        block = Block(self.cfg, self.norm_placement, self.causal, name="block")
+        moe = self.cfg.moe.num_experts > 0  # every block (moe.every > 1 cannot scan)
+        block = Block(self.cfg, self.norm_placement, self.causal, moe, name="block")
         return block(x_BxLxD, mask, positions_BxL, self.deterministic, cache_index), None
 
 
@@ -56,7 +57,7 @@ class ScannedBlocks(nn.Module):
             step = nn.remat(_ScanStep, policy=remat_policy(self.cfg), prevent_cse=False)
         scan = nn.scan(
             step,
-            variable_axes={"params": 0, "cache": 0},
+            variable_axes={"params": 0, "cache": 0, "moe": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, nn.broadcast),
             length=self.cfg.n_layers,

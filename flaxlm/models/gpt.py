@@ -27,6 +27,7 @@ from flaxlm.config import ModelConfig
 from flaxlm.models import depth, layers
 from flaxlm.models.layers import Array, constrain
 from flaxlm.models.masks import Mask
+from flaxlm.models.moe import is_moe_layer
 
 POSITIONS = ("learned", "sinusoidal", "rope")
 
@@ -87,7 +88,9 @@ class GPT(nn.Module):
         else:
             block_cls = depth.remat_block(cfg)
             for i in range(cfg.n_layers):
-                block = block_cls(cfg, norm_placement="pre", causal=True, name=f"blocks_{i}")
+                block = block_cls(
+                    cfg, "pre", causal=True, moe=is_moe_layer(cfg, i), name=f"blocks_{i}"
+                )
                 x_BxLxD = block(x_BxLxD, mask, positions_BxL, deterministic, cache_index)
 
         x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)

@@ -27,6 +27,7 @@ from flaxlm.models.attention import attention
 from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.masks import Mask
 from flaxlm.models.matmul import matmul
+from flaxlm.models.moe import MoEMLP
 from flaxlm.models.norm_act import LayerNorm, RMSNorm, activation_fn
 
 Array = jax.Array
@@ -323,6 +324,7 @@ class Block(nn.Module):
     cfg: ModelConfig
     norm_placement: str = "pre"
     causal: bool = False  # GPT: its masks are causal (lets attention skip masked blocks)
+    moe: bool = False  # the MLP is a Mixture-of-Experts (flaxlm/models/moe.py)
 
     @nn.compact
     def __call__(
@@ -340,7 +342,8 @@ class Block(nn.Module):
             )
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
-        attn, mlp = Attention(cfg, self.causal, name="attn"), MLP(cfg, name="mlp")
+        attn = Attention(cfg, self.causal, name="attn")
+        mlp = MoEMLP(cfg, name="mlp") if self.moe else MLP(cfg, name="mlp")
         ln_attn, ln_mlp = layer_norm(cfg, name="ln_attn"), layer_norm(cfg, name="ln_mlp")
         drop = nn.Dropout(rate=cfg.dropout, deterministic=deterministic)
 

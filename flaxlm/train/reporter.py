@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from flaxlm.config import Config
 from flaxlm.families import Family, summary_line
 from flaxlm.perf import flops_per_token, measure_matmul_peak
+from flaxlm.train import moe_terms
 from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.throughput import Throughput
 
@@ -46,6 +47,7 @@ class StepReporter:
         record = {"step": step, **{k: float(metrics[k]) for k in STEP_FIELDS}}
         record.update(self.meter.rate())
         record.update(self.family.log_fields(self.cfg, metrics))
+        record.update(moe_terms.log_fields(metrics))
         self.log.write(record)
         self.history.append(record)
         self._rate = {k: record[k] for k in ("tokens_per_s", "mfu") if k in record}

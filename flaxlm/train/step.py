@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from flaxlm.config import Config
 from flaxlm.families import Family
 from flaxlm.sharding import LOGICAL_RULES, batch_sharding, micro_batch_sharding, replicated
+from flaxlm.train import moe_terms
 
 
 def effective_lr(schedule: optax.Schedule, step: jax.Array, controls: dict) -> jax.Array:
@@ -40,11 +41,12 @@ def make_train_step(
     ``inject_nan`` (bool, chaos: poison loss and gradients)."""
     base_rng = jax.random.key(cfg.train.seed)
     deterministic = cfg.model.dropout == 0.0
-    grad_fn = jax.value_and_grad(family.loss, has_aux=True)
 
     def train_step(state: TrainState, batch: dict[str, jax.Array], controls: dict[str, jax.Array]):
         step_rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)
         scales = family.loss_scales(cfg, batch)
+        n_micro = batch["inputs"].shape[0]
+        grad_fn = jax.value_and_grad(moe_terms.with_moe(family.loss, cfg, n_micro), has_aux=True)
 
         def micro(carry, xs):
             grads_acc, metrics_acc = carry
@@ -55,8 +57,8 @@ def make_train_step(
             metrics_acc = jax.tree.map(jnp.add, metrics_acc, metrics)
             return (grads_acc, metrics_acc), None
 
-        zeros = (jax.tree.map(jnp.zeros_like, state.params), family.zero_metrics(cfg, batch))
-        n_micro = batch["inputs"].shape[0]
+        zero_metrics = family.zero_metrics(cfg, batch) | moe_terms.zero_metrics(cfg)
+        zeros = (jax.tree.map(jnp.zeros_like, state.params), zero_metrics)
         if n_micro == 1:  # no scan: XLA fuses better without the loop
             (grads, metrics), _ = micro(zeros, (0, jax.tree.map(lambda x: x[0], batch)))
         else:
@@ -64,7 +66,7 @@ def make_train_step(
         poison = jnp.where(controls["inject_nan"], jnp.nan, 0.0)
         grads = jax.tree.map(lambda g: g + poison, grads)
         new_state, grad_norm = apply_update(state, grads, controls)
-        out = family.summarize(cfg, metrics, jnp)
+        out = family.summarize(cfg, metrics, jnp) | moe_terms.summarize(metrics)
         out["loss"] = out["loss"] + poison
         out["grad_norm"] = grad_norm
         out["lr"] = effective_lr(schedule, state.step, controls)
@@ -99,7 +101,8 @@ def make_eval_step(
 
     def eval_step(params, batch: dict[str, jax.Array]):
         scales = family.loss_scales(cfg, batch)
-        _, metrics = family.loss(params, batch, model, cfg, scales, jax.random.key(0), True)
+        loss = moe_terms.with_moe(family.loss, cfg)
+        _, metrics = loss(params, batch, model, cfg, scales, jax.random.key(0), True)
         return metrics
 
     return eval_step
