@@ -100,7 +100,7 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
         raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1]")
     if o.lr <= 0:
         raise ConfigError(f"optim.lr={o.lr} must be > 0")
-    sizes = {"data": cfg.mesh.data, "fsdp": cfg.mesh.fsdp, "tensor": cfg.mesh.tensor}
+    sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "expert", "tensor")}
     if sum(v == -1 for v in sizes.values()) > 1:
         raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
     for axis, v in sizes.items():

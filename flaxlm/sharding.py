@@ -1,10 +1,13 @@
 """The device mesh and the ONE table that maps logical axis names onto it.
 
 Models annotate parameters and activations with logical names only (``embed``, ``vocab``,
-``heads``, ...). This module decides where each name lives on the ``(data, fsdp, tensor)`` mesh:
+``heads``, ...). This module decides where each name lives on the ``(data, fsdp, expert,
+tensor)`` mesh:
 
 - ``data``: pure data parallelism (parameters replicated);
 - ``fsdp``: batch split *and* parameters / optimizer state split along ``embed`` (ZeRO-3 style);
+- ``expert``: expert parallelism: the experts of an MoE layer (flaxlm/models/moe.py) are
+  split over it, and so is the batch (for a dense model it is one more data axis);
 - ``tensor``: Megatron-style split of attention heads, MLP hidden units and the vocabulary.
 
 Which device sits where follows the hardware: on TPUs and GPUs ``jax.experimental.mesh_utils``
@@ -27,8 +30,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxlm.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical name -> mesh axis (or axes, or None = replicated). Parameters and activations use
 # different names because one array cannot be split twice over the same mesh axis: the batch of
@@ -43,6 +46,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("position", None),
     ("norm", None),
     ("layers", None),
+    ("expert", "expert"),  # the leading axis of MoE expert weights
     ("embed_out", None),  # the output side of a d_model x d_model head (BERT pooler, MLM transform)
     ("types", None),  # BERT token-type (segment A/B) embedding rows
     ("classes", None),  # NSP / classifier outputs
@@ -57,23 +61,26 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
-    """Fills the one ``-1`` axis and checks that the product equals ``n_devices`` and that the
-    DCN (slice) factors divide their axes."""
-    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
+    """``(data, fsdp, expert, tensor)``: fills the one ``-1`` axis and checks that the product
+    equals ``n_devices`` and that the DCN (slice) factors divide their axes."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.expert, mesh_cfg.tensor]
+
+    def described(values) -> str:
+        return ", ".join(f"{a}={v}" for a, v in zip(MESH_AXES, values, strict=True))
+
     if -1 in sizes:
         known = math.prod(s for s in sizes if s != -1)
         if n_devices % known:
             raise ConfigError(
-                f"mesh (data={mesh_cfg.data}, fsdp={mesh_cfg.fsdp}, tensor={mesh_cfg.tensor}) "
-                f"cannot fill {n_devices} devices: {n_devices} is not divisible by {known}"
+                f"mesh ({described(sizes)}) cannot fill {n_devices} devices: {n_devices} is "
+                f"not divisible by {known}"
             )
         sizes[sizes.index(-1)] = n_devices // known
     if math.prod(sizes) != n_devices:
         raise ConfigError(
-            f"mesh (data={sizes[0]}, fsdp={sizes[1]}, tensor={sizes[2]}) has "
-            f"{math.prod(sizes)} devices but {n_devices} are available; make the product "
-            f"{n_devices} or set one axis to -1"
+            f"mesh ({described(sizes)}) has {math.prod(sizes)} devices but {n_devices} are "
+            f"available; make the product {n_devices} or set one axis to -1"
         )
     for axis, size in zip(("data", "fsdp"), sizes, strict=False):
         dcn = getattr(mesh_cfg, f"dcn_{axis}")
@@ -82,15 +89,15 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, 
                 f"mesh.dcn_{axis}={dcn} must divide the {axis} axis, of size {size} on "
                 f"{n_devices} devices"
             )
-    return sizes[0], sizes[1], sizes[2]
+    return sizes[0], sizes[1], sizes[2], sizes[3]
 
 
 def build_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, tensor)`` mesh over ``devices`` (default: all devices of all hosts),
+    """A ``(data, fsdp, expert, tensor)`` mesh over ``devices`` (default: all devices of all hosts),
     laid out by :func:`device_grid`."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1)
+    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1, 1)
     # Explicit Auto axis types: under jax.make_mesh's default (explicit) ones, flax.linen's
     # logical constraints fail ("with_sharding_constraint acts as an assert").
     return Mesh(

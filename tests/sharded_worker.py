@@ -79,7 +79,7 @@ def main() -> None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     results = {}
     for mesh in meshes:
-        data, fsdp, tensor = mesh.split(",")
+        data, fsdp, tensor, *expert = mesh.split(",")  # "d,f,t" or "d,f,t,e"
         cfg = CONFIGS[family](
             Path(corpus),
             Path(cache),
@@ -88,6 +88,7 @@ def main() -> None:
             f"mesh.data={data}",
             f"mesh.fsdp={fsdp}",
             f"mesh.tensor={tensor}",
+            f"mesh.expert={expert[0] if expert else 1}",
         )
         n_sharded = check_param_shardings(cfg)
         result = train(cfg)
