@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import noisy_params
 
-from flaxlm.config import ModelConfig
+from flaxlm.config import ModelConfig, MoEConfig
 from flaxlm.models import GPT
 from flaxlm.tools.convert import ConversionError, export_hf, import_hf
 
@@ -99,3 +99,47 @@ def test_what_llama_cannot_express_is_refused_with_the_option_named(overrides, n
     with pytest.raises(ConversionError, match=named):
         export_hf(cfg, noisy_params(cfg), tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_an_moe_llama_exports_as_mixtral_with_the_same_logits_and_back(tmp_path):
+    cfg = tiny(n_kv_heads=2, moe=MoEConfig(num_experts=4, top_k=2))
+    params = noisy_params(cfg)
+    export_hf(cfg, params, tmp_path)
+    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
+    diff = np.abs(torch_logits(hf, tokens()) - flax_logits(cfg, params, tokens())).max()
+    assert diff <= 1e-4, f"max abs diff {diff}"
+    back_cfg, back = import_hf(tmp_path)
+    assert back_cfg == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_random_transformers_mixtral_imports_with_the_same_logits(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64,
+    )  # fmt: skip
+    hf = transformers.MixtralForCausalLM(config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    cfg, params = import_hf(tmp_path)
+    assert (cfg.moe.num_experts, cfg.moe.top_k, cfg.moe.capacity_factor) == (4, 2, 0.0)
+    diff = np.abs(torch_logits(hf, tokens(1)) - flax_logits(cfg, params, tokens(1))).max()
+    assert diff <= 1e-4, f"max abs diff {diff}"
+
+
+@pytest.mark.parametrize(
+    "moe,named",
+    [
+        (MoEConfig(num_experts=4, capacity_factor=1.0), "model.moe.capacity_factor=1.0"),
+        (MoEConfig(num_experts=4, every=2), "model.moe.every=2"),
+    ],
+)
+def test_what_mixtral_cannot_express_is_refused(moe, named, tmp_path):
+    cfg = tiny(moe=moe)
+    with pytest.raises(ConversionError, match=f"{named} cannot be expressed by Mixtral"):
+        export_hf(cfg, noisy_params(cfg), tmp_path / "refused")

@@ -26,7 +26,7 @@ from flaxlm.data.inspection import causal_sample
 from flaxlm.families.base import Baseline, Family, ReportField
 from flaxlm.head_loss import fused_lm_loss
 from flaxlm.hf.gpt2 import GPT2
-from flaxlm.hf.llama import LLAMA
+from flaxlm.hf.llama import LLAMA, MIXTRAL
 from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.gpt import GPT
 from flaxlm.objectives import causal_lm_loss, lm_metrics
@@ -178,7 +178,7 @@ GPT_FAMILY = Family(
         ReportField("gain_over_unigram", "gain over unigram"),
     ),
     headline=("perplexity",),
-    converters=(LLAMA, GPT2),
+    converters=(MIXTRAL, LLAMA, GPT2),
     generates=True,
     check_config=check_config,
 )

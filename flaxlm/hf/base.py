@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.config import ModelConfig
+from flaxlm.config import ModelConfig, MoEConfig
 from flaxlm.models import layers
 
 # Ours -> transformers' ACT2FN names (GPT-2 and BERT share them): gelu_new and
@@ -91,7 +91,9 @@ def restore_saved_config(
         return cfg
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     try:
-        mine = ModelConfig(**{k: v for k, v in saved.items() if k in known})
+        kwargs = {k: v for k, v in saved.items() if k in known}
+        kwargs["moe"] = MoEConfig(**kwargs.get("moe", {}))
+        mine = ModelConfig(**kwargs)
         expected = to_config(mine)
     except (ConversionError, TypeError, ValueError):
         return cfg
