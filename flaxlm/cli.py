@@ -13,6 +13,7 @@ flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
 flaxlm data inspect configs/gpt_demo.yaml     # sources, counts, cache, a decoded sample batch
 flaxlm data build-tfds corpus/ --name my_corpus --data-dir /shared/tfds
 flaxlm bench configs/bench/gpt_small_cpu.yaml --what all --json   # MFU vs the same-run peak
+flaxlm plan configs/gpt_7b.yaml --target v5e:8x8   # the TPU compiler's memory plan (libtpu)
 """
 
 from __future__ import annotations
@@ -134,6 +135,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--devices", type=int, default=0, help="simulate this many CPU devices (0 = real ones)"
     )
+    p.add_argument(
+        "--target",
+        default="",
+        help="compile with the TPU compiler for this topology, e.g. v5e:8x8, v5p:4x4x4 (libtpu)",
+    )
+    p.add_argument("--slices", type=int, default=1, help="--target: slices of it (DCN)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=commands.plan_command)
 

@@ -163,16 +163,18 @@ def report_command(args: argparse.Namespace) -> int:
 def plan_command(args: argparse.Namespace) -> int:
     import jax
 
-    from flaxlm.config import load_config
+    from flaxlm.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides, check_paths=False)  # plans read no data
+    if args.devices and args.target:
+        raise ConfigError("plan: give --devices (simulated CPU devices) or --target, not both")
     if args.devices:
         # Before any backend starts: plan a pod's layout on this machine's CPU.
         jax.config.update("jax_platforms", "cpu")
         jax.config.update("jax_num_cpu_devices", args.devices)
     from flaxlm.tools.plan import format_plan, plan
 
-    report = plan(cfg)
+    report = plan(cfg, args.target or None, args.slices)
     print(json.dumps(report) if args.json else format_plan(report))
     return 0
 

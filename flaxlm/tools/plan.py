@@ -3,11 +3,17 @@ renting the hardware.
 
 The train step is lowered and compiled ahead of time on *abstract* inputs (shapes and
 shardings only: nothing is allocated; the batch has the model family's keys and shapes) over
-the configured mesh; simulated CPU devices stand in for the real ones. Parameters and
-optimizer state are counted from their shardings; activations and temporaries come from XLA's
-memory analysis of the compiled program.
+the configured mesh. Without ``--target``, simulated CPU devices stand in for the real ones
+and XLA:CPU compiles; parameters and optimizer state are counted from their shardings,
+activations and temporaries come from XLA's memory analysis of the compiled program.
+
+With ``--target TOPOLOGY`` (libtpu installed), the mesh is laid over the abstract devices of
+that TPU topology (flaxlm/tools/targets.py; ``--slices N`` for a multi-slice job) and the
+real TPU compiler compiles the step, Mosaic kernels included: its memory analysis, its
+step-time estimate and the chip's HBM are reported (:func:`plan`).
 
     flaxlm plan configs/gpt_7b.yaml --devices 64 --json
+    flaxlm plan configs/gpt_7b.yaml --target v5e:8x8 --json
 """
 
 from __future__ import annotations
@@ -19,10 +25,17 @@ from typing import Any
 import jax
 import numpy as np
 
-from flaxlm.config import Config
+from flaxlm.config import Config, ConfigError
 from flaxlm.families import family_of
 from flaxlm.models import count_params
-from flaxlm.sharding import micro_batch_sharding, replicated
+from flaxlm.models.platform import auto_attention
+from flaxlm.sharding import build_mesh, micro_batch_sharding, replicated
+from flaxlm.tools.targets import (
+    ESTIMATE_LEAVES_OUT,
+    chip_hbm_bytes,
+    devices_per_chip,
+    tpu_devices,
+)
 from flaxlm.train.model_state import ModelState
 from flaxlm.train.step import step_controls
 
@@ -40,15 +53,34 @@ def _bytes_per_device(abstract_tree, sharding_tree) -> int:
     return total
 
 
-def plan(cfg: Config) -> dict[str, Any]:
+def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, Any]:
     """Compiles the train step for ``cfg`` on abstract inputs; returns per-device bytes.
 
     Keys: ``bytes_per_device`` (the total), ``params_bytes``, ``opt_state_bytes``,
     ``activations_bytes`` (XLA temporaries: activations, gradients, workspace),
-    ``compile_s``, ``n_params``, ``mesh``, ``devices``.
+    ``batch_bytes``, ``compile_s``, ``n_params``, ``mesh``, ``devices``. Without ``target``:
+    ``bytes_per_device`` = max(arguments, parameters + optimizer state) + temporaries.
+
+    With ``target`` (a TPU topology such as ``v5e:8x8``, ``slices`` copies of it), also
+    ``compiler: "tpu"``, ``target``, ``slices``, ``device_kind``, ``hbm_bytes`` (one chip's
+    HBM; None for a chip not in the table), ``devices_per_chip`` (2 where the topology has a
+    device per TensorCore, as v4's does: each then has half the chip), ``fits``,
+    ``step_time_estimate_s`` (XLA's ``optimal_seconds``; None if it gives none),
+    ``estimate_leaves_out``, ``attention_impl`` (the configured kernel, ``auto`` resolved for
+    TPU: splash, which itself falls back to xla for lengths that are not a multiple of 128),
+    ``arguments_bytes``, ``outputs_bytes``, ``aliased_bytes``, ``generated_code_bytes``.
+    There ``bytes_per_device`` is the TPU compiler's peak for the program: arguments +
+    outputs - aliased + temporaries (the donated state's outputs reuse its input buffers, so
+    they count once; the temporaries are one block into which the compiler packs every
+    intermediate value, reusing space between values that are not live at the same time, so
+    its size is already the high-water mark, not a sum). The program code itself is left out
+    (``generated_code_bytes``, tens of MB at most).
     """
+    if target is None and slices != 1:
+        raise ConfigError(f"--slices {slices} needs --target (a TPU topology)")
     family = family_of(cfg)
-    ms = ModelState.build(cfg, family)
+    mesh = None if target is None else build_mesh(cfg.mesh, tpu_devices(target, slices))
+    ms = ModelState.build(cfg, family, mesh)
     abstract, state_sh = ms.abstract, ms.shardings
     state_in = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
@@ -73,10 +105,13 @@ def plan(cfg: Config) -> dict[str, Any]:
     params_bytes = _bytes_per_device(abstract.params, state_sh.params)
     opt_bytes = _bytes_per_device(abstract.opt_state, state_sh.opt_state)
     memory = compiled.memory_analysis()
-    temp = int(getattr(memory, "temp_size_in_bytes", 0)) if memory is not None else 0
-    arguments = int(getattr(memory, "argument_size_in_bytes", 0)) if memory is not None else 0
+    sizes = {
+        name: int(getattr(memory, f"{name}_size_in_bytes", 0)) if memory is not None else 0
+        for name in ("temp", "argument", "output", "alias", "generated_code")
+    }
+    temp, arguments = sizes["temp"], sizes["argument"]
     state_and_batch = max(arguments, params_bytes + opt_bytes)
-    return {
+    report = {
         "bytes_per_device": state_and_batch + temp,
         "params_bytes": params_bytes,
         "opt_state_bytes": opt_bytes,
@@ -86,6 +121,40 @@ def plan(cfg: Config) -> dict[str, Any]:
         "n_params": count_params(abstract.params),
         "mesh": dict(ms.mesh.shape),
         "devices": ms.mesh.devices.size,
+    }
+    if target is None:
+        return report
+    report["bytes_per_device"] = arguments + sizes["output"] - sizes["alias"] + temp
+    return {**_tpu_fields(cfg, compiled, ms.mesh, sizes, target, slices), **report}
+
+
+def _tpu_fields(cfg: Config, compiled, mesh, sizes: dict[str, int], target: str, slices: int):
+    """The TPU compile's own fields of the report (see :func:`plan`)."""
+    devices = list(mesh.devices.flat)
+    kind = devices[0].device_kind
+    hbm = chip_hbm_bytes(kind)
+    per_chip = devices_per_chip(devices)
+    peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]  # see plan()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) and cost else cost
+    seconds = float((cost or {}).get("optimal_seconds", -1.0))
+    impl = cfg.model.attention_impl
+    return {
+        "compiler": "tpu",
+        "target": target,
+        "slices": slices,
+        "device_kind": kind,
+        "devices": len(devices),
+        "devices_per_chip": per_chip,
+        "hbm_bytes": hbm,
+        "fits": None if hbm is None else peak <= hbm // per_chip,
+        "step_time_estimate_s": seconds if seconds > 0 else None,
+        "estimate_leaves_out": ESTIMATE_LEAVES_OUT,
+        "attention_impl": auto_attention("tpu") if impl == "auto" else impl,
+        "arguments_bytes": sizes["argument"],
+        "outputs_bytes": sizes["output"],
+        "aliased_bytes": sizes["alias"],
+        "generated_code_bytes": sizes["generated_code"],
     }
 
 
@@ -102,4 +171,18 @@ def format_plan(report: dict[str, Any]) -> str:
         f"  total               {gib(report['bytes_per_device'])} per device",
         f"  compile             {report['compile_s']:.1f} s",
     ]
+    if report.get("compiler") == "tpu":
+        slices = f" x {report['slices']} slices" if report["slices"] > 1 else ""
+        lines.insert(0, f"TPU {report['target']}{slices} ({report['device_kind']}), "
+                        f"attention {report['attention_impl']}")  # fmt: skip
+        if report["hbm_bytes"] is not None:
+            share = report["hbm_bytes"] // report["devices_per_chip"]
+            verdict = "fits" if report["fits"] else "does NOT fit"
+            lines.append(f"  HBM                 {gib(share)} per device: {verdict}")
+        estimate = report["step_time_estimate_s"]
+        lines.append(
+            f"  XLA step estimate   {estimate:9.3g} s (leaves out custom kernels; loops once)"
+            if estimate is not None
+            else "  XLA step estimate        none (XLA gave none for this program)"
+        )
     return "\n".join(lines)
