@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.config import ModelConfig
+from flaxlm.models.moe import is_moe_layer
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, include_head: bool = True) -> float:
@@ -19,11 +20,18 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, include_head: bool = True) -
     GQA), MLP ``2·d·f`` (``3·d·f`` gated, swiglu) per layer; ``12·L·d·S`` is the attention score
     and value matmuls (forward + backward). ``include_head`` adds the LM-head matmul,
     ``6 * d * V``, which dominates small models.
+
+    Mixture-of-Experts blocks count their *active* parameters: each token runs ``top_k`` of
+    the ``E`` expert MLPs (``top_k * M·d·f``) plus the router (``d·E``); tokens a capacity
+    limit drops are still counted (an upper bound when ``capacity_factor`` > 0).
     """
     d, f, n_layers = cfg.d_model, cfg.d_ff, cfg.n_layers
     d_kv = d * (cfg.n_kv_heads or cfg.n_heads) // cfg.n_heads
-    mlp_mats = 3 if cfg.activation == "swiglu" else 2
-    n_block = n_layers * (2 * d * d + 2 * d * d_kv + mlp_mats * d * f)
+    mlp = (3 if cfg.activation == "swiglu" else 2) * d * f
+    moe_layers = sum(is_moe_layer(cfg, i) for i in range(n_layers))
+    active_mlp = (n_layers - moe_layers) * mlp
+    active_mlp += moe_layers * (cfg.moe.top_k * mlp + d * cfg.moe.num_experts)
+    n_block = n_layers * (2 * d * d + 2 * d * d_kv) + active_mlp
     flops = 6.0 * n_block + 12.0 * n_layers * d * seq_len
     if include_head:
         flops += 6.0 * d * cfg.vocab_size

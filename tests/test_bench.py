@@ -121,3 +121,23 @@ def test_bench_decode_compares_cache_and_recompute(capsys):
 def test_bench_rejects_a_bad_step_count(capsys):
     assert main(["bench", str(REPO / "configs/gpt_tiny.yaml"), *TINY, "--steps", "0"]) == 2
     assert "--steps 0" in capsys.readouterr().err
+
+
+def test_moe_gqa_and_gated_mlp_flops_count_active_parameters():
+    """Per layer: q and o (2 d^2), k and v at the key/value width (2 d d_kv), the gated MLP's
+    three matrices, and for MoE only the top-k experts plus the router."""
+    from flaxlm.config import ModelConfig, MoEConfig
+    from flaxlm.perf import flops_per_token
+
+    d, f, n_layers, seq = 64, 96, 2, 32
+    llama = ModelConfig(d_model=d, d_ff=f, n_layers=n_layers, n_heads=4, n_kv_heads=2,
+                        activation="swiglu")  # fmt: skip
+    attn = 2 * d * d + 2 * d * (d // 2)
+    assert (
+        flops_per_token(llama, seq, False)
+        == 6 * n_layers * (attn + 3 * d * f) + 12 * n_layers * d * seq
+    )
+    moe = ModelConfig(**{**llama.__dict__, "moe": MoEConfig(num_experts=8, top_k=2, every=2)})
+    active = attn * n_layers + 3 * d * f + (2 * 3 * d * f + d * 8)  # block 0 dense, block 1 MoE
+    assert flops_per_token(moe, seq, False) == 6 * active + 12 * n_layers * d * seq
+    assert "MoE layers*(k*M*d*F + d*E)" in model_flops(moe, seq)["flops_formula"]

@@ -47,6 +47,11 @@ def model_flops(model: ModelConfig, seq_len: int, predicted: int | None = None) 
     formula = "6*N + 12*L*d*S, N = L*(4*d^2 + 2*d*F)"  # the plain case's N; see perf.py
     if model.activation == "swiglu" or model.n_kv_heads not in (0, model.n_heads):
         formula = "6*N + 12*L*d*S, N = L*(2*d^2 + 2*d*d_kv + M*d*F), M = 3 gated else 2"
+    if model.moe.num_experts:
+        formula = (
+            "6*N + 12*L*d*S, N = L*(2*d^2 + 2*d*d_kv) + dense layers*M*d*F "
+            "+ MoE layers*(k*M*d*F + d*E) (active parameters: top-k experts + router)"
+        )
     head_formula = "+ 6*d*V" if predicted == seq_len else f"+ 6*d*V * P/S (P={predicted})"
     return {
         "flops_per_token": body,
