@@ -1,11 +1,13 @@
 """``flaxlm report RUN_DIR``: plots and a short Markdown summary from ``metrics.jsonl``.
 
 Writes ``RUN_DIR/report/`` (or ``--out``): ``loss.png`` (train and validation), ``lr.png``,
-``grad_norm.png``, ``throughput.png`` (tokens/s), ``overview.png`` (all four) and
-``report.md``. Rollback events (``{"event": "rollback", "step", "restored_step", "skipped",
-"reason"}`` lines) are drawn on every plot: a red line at the step where the spike was seen
-and a shaded span back to the step restored. Steps trained again after a rollback replace the
-abandoned ones; the abandoned values are drawn faint, so the damage stays visible.
+``grad_norm.png``, ``throughput.png`` (tokens/s), for MoE runs ``moe_load.png`` (each
+expert's share of the routed tokens) and ``moe_aux.png`` (the router's auxiliary loss),
+``overview.png`` (all of them) and ``report.md``. Rollback events (``{"event": "rollback",
+"step", "restored_step", "skipped", "reason"}`` lines) are drawn on every plot: a red line at
+the step where the spike was seen and a shaded span back to the step restored. Steps trained
+again after a rollback replace the abandoned ones; the abandoned values are drawn faint, so
+the damage stays visible.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ PANELS = {  # file stem -> (title, [(metric key, label)], y label, log scale)
     "lr": ("learning rate", [("lr", "lr")], "lr", False),
     "grad_norm": ("gradient norm", [("grad_norm", "grad norm")], "global L2 norm", True),
     "throughput": ("throughput", [("tokens_per_s", "tokens/s")], "tokens / s", False),
+    # MoE runs; moe_load's per-expert keys (moe_load/0, ...) are added by plot_run
+    "moe_load": ("MoE: share of routed tokens per expert", [], "share", False),
+    "moe_aux": ("MoE: router auxiliary loss", [("moe_aux_loss", "aux loss")], "loss", False),
 }
 
 
@@ -58,12 +63,16 @@ def read_run_metrics(path: str | Path) -> RunMetrics:
         for key, value in record.items():
             if key in ("step", "val_step"):
                 continue
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            seen = latest.setdefault(key, {})
-            if step in seen:
-                out.abandoned.setdefault(key, []).append((step, seen[step]))
-            seen[step] = float(value)
+            values = {key: value}
+            if isinstance(value, list):  # per-expert shares: moe_load/0, moe_load/1, ...
+                values = {f"{key}/{i}": v for i, v in enumerate(value)}
+            for name, v in values.items():
+                if not isinstance(v, int | float) or isinstance(v, bool):
+                    continue
+                seen = latest.setdefault(name, {})
+                if step in seen:
+                    out.abandoned.setdefault(name, []).append((step, seen[step]))
+                seen[step] = float(v)
     out.series = {k: sorted(v.items()) for k, v in latest.items()}
     return out
 
@@ -90,13 +99,20 @@ def plot_run(metrics: RunMetrics, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    present = {k: v for k, v in PANELS.items() if any(metrics.series.get(m) for m, _ in v[1])}
+    experts = sorted(
+        (k for k in metrics.series if k.startswith("moe_load/")), key=lambda k: int(k[9:])
+    )
+    panels = dict(PANELS)
+    title, _, ylabel, log = panels["moe_load"]
+    panels["moe_load"] = (title, [(k, f"expert {k[9:]}") for k in experts], ylabel, log)
+    present = {k: v for k, v in panels.items() if any(metrics.series.get(m) for m, _ in v[1])}
     for stem, panel in present.items():
         fig, ax = plt.subplots(figsize=(7, 3.6))
         _draw(ax, metrics, *panel)
         written.append(_save(fig, out / f"{stem}.png", plt))
     if present:
-        fig, axes = plt.subplots(2, 2, figsize=(12, 7), squeeze=False)
+        rows = math.ceil(len(present) / 2)
+        fig, axes = plt.subplots(rows, 2, figsize=(12, 3.5 * rows), squeeze=False)
         for ax in axes.flat[len(present) :]:
             ax.axis("off")
         for ax, panel in zip(axes.flat, present.values(), strict=False):
