@@ -91,3 +91,19 @@ def test_report_writes_plots_and_a_summary(tmp_path, capsys):
 
     assert write_report(run, tmp_path / "elsewhere").parent == tmp_path / "elsewhere"
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_an_moe_run_gets_per_expert_load_and_aux_loss_plots(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    lines = [
+        {"step": s, "loss": 5.0 - s / 10, "lr": 1e-3, "grad_norm": 1.0, "moe_aux_loss": 0.02,
+         "moe_load_max": 0.4, "moe_load_min": 0.1, "moe_load": [0.4, 0.3, 0.2, 0.1]}
+        for s in range(1, 11)
+    ]  # fmt: skip
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    metrics = read_run_metrics(run / "metrics.jsonl")
+    assert [v for _, v in metrics.series["moe_load/2"]] == [0.2] * 10
+    write_report(run)
+    for name in ("moe_load", "moe_aux", "overview"):
+        assert (run / "report" / f"{name}.png").read_bytes().startswith(b"\x89PNG")
