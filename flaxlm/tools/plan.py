@@ -68,6 +68,8 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
     ``step_time_estimate_s`` (XLA's ``optimal_seconds``; None if it gives none),
     ``estimate_leaves_out``, ``attention_impl`` (the configured kernel, ``auto`` resolved for
     TPU: splash, which itself falls back to xla for lengths that are not a multiple of 128),
+    ``mosaic_kernels`` (Pallas / Mosaic custom calls in the compiled program: 0 means no
+    splash kernel was compiled, whatever ``attention_impl`` says),
     ``arguments_bytes``, ``outputs_bytes``, ``aliased_bytes``, ``generated_code_bytes``.
     There ``bytes_per_device`` is the TPU compiler's peak for the program: arguments +
     outputs - aliased + temporaries (the donated state's outputs reuse its input buffers, so
@@ -151,6 +153,7 @@ def _tpu_fields(cfg: Config, compiled, mesh, sizes: dict[str, int], target: str,
         "step_time_estimate_s": seconds if seconds > 0 else None,
         "estimate_leaves_out": ESTIMATE_LEAVES_OUT,
         "attention_impl": auto_attention("tpu") if impl == "auto" else impl,
+        "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
         "arguments_bytes": sizes["argument"],
         "outputs_bytes": sizes["output"],
         "aliased_bytes": sizes["alias"],
@@ -173,8 +176,10 @@ def format_plan(report: dict[str, Any]) -> str:
     ]
     if report.get("compiler") == "tpu":
         slices = f" x {report['slices']} slices" if report["slices"] > 1 else ""
-        lines.insert(0, f"TPU {report['target']}{slices} ({report['device_kind']}), "
-                        f"attention {report['attention_impl']}")  # fmt: skip
+        kernels = f"{report['attention_impl']} ({report['mosaic_kernels']} Mosaic kernel calls)"
+        lines.insert(
+            0, f"TPU {report['target']}{slices} ({report['device_kind']}), attention {kernels}"
+        )
         if report["hbm_bytes"] is not None:
             share = report["hbm_bytes"] // report["devices_per_chip"]
             verdict = "fits" if report["fits"] else "does NOT fit"
