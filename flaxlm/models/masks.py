@@ -32,6 +32,9 @@ class Mask:
     prefix_len_B: Array | None = None
     query_offset: Array | int = 0  # decode: the cache slot of the first new query
     causal: bool = struct.field(pytree_node=False, default=False)
+    # Static (not a traced leaf), so that it survives nn.remat / nn.scan, which trace every
+    # leaf, query_offset included: queries at an offset over a KV cache.
+    decoding: bool = struct.field(pytree_node=False, default=False)
 
     @classmethod
     def causal_segments(cls, segment_ids_BxL: Array) -> Mask:
@@ -55,16 +58,14 @@ class Mask:
         """L new tokens at cache slots ``start..start+L-1`` over S slots: slot j is visible to
         new token t iff j <= start + t and both carry the same segment id (empty slots and
         padding have segment 0, so real tokens never see them)."""
-        return cls(segment_ids_BxL, cache_segment_ids_BxS, query_offset=start, causal=True)
+        return cls(
+            segment_ids_BxL, cache_segment_ids_BxS, query_offset=start, causal=True, decoding=True
+        )
 
     @property
     def is_training_shape(self) -> bool:
         """Queries and keys are the same positions (no cache): what the kernels handle."""
-        return (
-            isinstance(self.query_offset, int)
-            and self.query_offset == 0
-            and self.q_segment_ids_BxL.shape == self.kv_segment_ids_BxS.shape
-        )
+        return not self.decoding and self.q_segment_ids_BxL.shape == self.kv_segment_ids_BxS.shape
 
     def dense(self) -> Array:
         """The ``B x 1 x L x S`` boolean mask (for the CPU path and the reference)."""
