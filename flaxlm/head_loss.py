@@ -27,6 +27,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import linen as nn
 
 from flaxlm.models import backward
 from flaxlm.objectives import token_losses
@@ -92,12 +93,16 @@ def _run(hidden_BxLxD, head, targets_BxL, weights_BxL, options, with_grads: bool
     autodiff recompute each chunk's logits instead of storing them."""
     head_is_embedding, chunk, eps, z = options
     dtype = hidden_BxLxD.dtype
-    head_c = head.astype(dtype)
     vocab = head.shape[0] if head_is_embedding else head.shape[1]
     head_spec = "vd" if head_is_embedding else "dv"
+    names = ("vocab", "embed") if head_is_embedding else ("embed", "vocab")
 
     def body(d_head, xs):
         h_BxCxD, t_BxC, w_BxC = xs
+        # Sharded as the parameter inside each chunk (under a mesh): the table is gathered in
+        # the compute dtype per chunk, and autodiff's gradient accumulator stays sharded too,
+        # instead of a whole fp32 V x D table per device (gpt_7b on v5e:8x8: 4.003 -> 3.980 GiB).
+        head_c = nn.with_logical_constraint(head, names).astype(dtype)
         logits = jnp.einsum(f"bcd,{head_spec}->bcv", h_BxCxD, head_c,
                             preferred_element_type=jnp.float32)  # fmt: skip
         ce_BxC, objective_BxC, correct_BxC = token_losses(logits, t_BxC, eps, z)
