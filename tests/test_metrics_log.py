@@ -148,3 +148,15 @@ def test_plot_returns_none_when_there_is_nothing_to_plot(tmp_path):
     # Validation points alone are enough.
     metrics.write_text('{"step": 5, "val_loss": 3.0}\n{"step": 10, "val_loss": 2.0}\n')
     assert plot_loss(metrics, tmp_path / "loss.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_a_list_metric_is_one_tensorboard_scalar_per_entry(tmp_path):
+    log = MetricsLog(tmp_path / "run")
+    log.write({"step": 3, "moe_load": [0.5, 0.25, 0.25], "moe_load_max": 0.5})
+    log.close()
+    tags = {
+        v.tag: v.simple_value
+        for e in _tensorboard_events(tmp_path / "run" / "tensorboard")
+        for v in e.summary.value
+    }
+    assert tags == {"moe_load/0": 0.5, "moe_load/1": 0.25, "moe_load/2": 0.25, "moe_load_max": 0.5}

@@ -64,8 +64,11 @@ class MetricsLog:
             writer.add_text(f"events/{clean['event']}", json.dumps(clean), step)
             return
         for key, value in clean.items():
-            if key != "step" and isinstance(value, int | float) and math.isfinite(value):
-                writer.add_scalar(key, value, step)
+            # a list (MoE: each expert's share of the tokens) is one scalar per entry
+            values = enumerate(value) if isinstance(value, list) else [(None, value)]
+            for i, v in values:
+                if key != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    writer.add_scalar(key if i is None else f"{key}/{i}", v, step)
 
     def _tensorboard(self):
         if self._tb is None:
