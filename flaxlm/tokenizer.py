@@ -40,6 +40,10 @@ NORMALIZATIONS = CHOICES["data.tokenizer_normalization"]
 
 # sentencepiece samples this many lines at most; more only costs memory and time.
 MAX_TRAINING_SENTENCES = 2_000_000
+# sentencepiece skips training sentences longer than this many bytes (its max_sentence_length
+# default); a corpus of long lines (JSONL paragraphs, minified text) would leave it nothing,
+# so longer lines are cut into pieces of at most this size, at spaces where there are any.
+MAX_SENTENCE_BYTES = 4192
 # Both fixed so that every host that trains on the same text gets the same model bytes
 # (the thread count is recorded in the model, though it does not change the pieces).
 TRAINING_SEED = 1234
@@ -109,7 +113,13 @@ def train_tokenizer(
         )
     except RuntimeError as e:
         # sentencepiece's messages are long C++ asserts; keep the useful last part.
-        detail = str(e).splitlines()[0].split("] ")[-1]
+        lines = str(e).strip().splitlines()
+        detail = lines[0].split("] ")[-1].strip() if lines else ""
+        if not detail:
+            detail = (
+                f"sentencepiece gave no reason ({type(e).__name__}); check that "
+                f"{', '.join(str(p) for p in input_files[:3])} hold UTF-8 text lines"
+            )
         raise ValueError(
             f"sentencepiece training with vocab_size={vocab_size} failed: {detail}"
         ) from e
@@ -128,7 +138,20 @@ def _lines(files: list[Path]) -> Iterator[str]:
     for path in files:
         with open(path, encoding="utf-8") as f:
             for line in f:
-                yield line.rstrip("\n")
+                yield from split_long_line(line.rstrip("\n"))
+
+
+def split_long_line(line: str, limit: int = MAX_SENTENCE_BYTES) -> Iterator[str]:
+    """``line`` in pieces of at most ``limit`` UTF-8 bytes, cut after a space where one is
+    near (a word longer than the limit is cut inside); a short line is yielded whole."""
+    while len(line.encode("utf-8")) > limit:
+        head = line.encode("utf-8")[:limit].decode("utf-8", errors="ignore")
+        cut = head.rfind(" ") + 1
+        if cut < len(head) // 2:  # no space in the second half: cut inside the word
+            cut = len(head)
+        yield line[:cut]
+        line = line[cut:]
+    yield line
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -127,3 +127,21 @@ def test_check_vocab_names_both_sizes(tok):
     message = str(err.value)
     assert "model.vocab_size=100" in message and str(tok.vocab_size) in message
     assert "\n" not in message
+
+
+def test_long_lines_are_split_for_training_and_the_error_is_never_empty(tmp_path):
+    """A corpus whose every line is longer than sentencepiece's sentence limit (JSONL
+    paragraphs) once failed with an empty message; now its lines are cut for training."""
+    from flaxlm.tokenizer import MAX_SENTENCE_BYTES, split_long_line, train_tokenizer
+
+    words = [f"word{i % 97} thé{i % 13}" for i in range(3000)]
+    line = " ".join(words)
+    assert len(line.encode()) > 4 * MAX_SENTENCE_BYTES
+    pieces = list(split_long_line(line))
+    assert "".join(pieces) == line
+    assert all(len(p.encode()) <= MAX_SENTENCE_BYTES for p in pieces) and len(pieces) >= 4
+    assert list(split_long_line("é" * 5000, 4001)) == ["é" * 2000, "é" * 2000, "é" * 1000]
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("\n".join([line] * 5) + "\n", encoding="utf-8")
+    tok = Tokenizer.load(train_tokenizer([corpus], tmp_path / "tok", vocab_size=300))
+    assert tok.decode(tok.encode(words[5])) == words[5]
