@@ -87,7 +87,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="one JSON object per prompt")
     p.set_defaults(func=commands.generate_command)
 
-    p = sub.add_parser("convert", help="HuggingFace transformers interop (GPT-2, BERT)")
+    p = sub.add_parser("config", help="config tools")
+    cfg_sub = p.add_subparsers(dest="config_command", required=True)
+    c = cfg_sub.add_parser("show", help="the resolved config: every key, defaults included")
+    c.add_argument("config", help="YAML config, e.g. configs/gpt_demo.yaml")
+    c.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    c.add_argument("--json", action="store_true", help="print one JSON object")
+    c.set_defaults(func=commands.config_show_command)
+
+    p = sub.add_parser("convert", help="HuggingFace transformers interop (GPT, Llama, BERT)")
     conv = p.add_subparsers(dest="convert_command", required=True)
     c = conv.add_parser(
         "to-hf", help="checkpoint -> GPT2LMHeadModel / BertForPreTraining directory"

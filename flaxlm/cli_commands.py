@@ -37,6 +37,21 @@ def train_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def config_show_command(args: argparse.Namespace) -> int:
+    """``flaxlm config show CONFIG [overrides]``: the config as training would use it, YAML
+    (or ``--json``), with every default written out. Reads no data."""
+    import yaml
+
+    from flaxlm.config import load_config, to_dict
+
+    resolved = to_dict(load_config(args.config, args.overrides, check_paths=False))
+    if args.json:
+        print(json.dumps(resolved))
+    else:
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+    return 0
+
+
 def eval_command(args: argparse.Namespace) -> int:
     from flaxlm.families import family_of, report_lines
     from flaxlm.tools.evaluate import evaluate, save_report

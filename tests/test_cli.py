@@ -158,3 +158,18 @@ def test_installed_script(trained_run):
     report = json.loads(proc.stdout)
     assert report["step"] == TRAINED_RUN_STEPS
     assert report["perplexity"] == pytest.approx(math.exp(report["val_loss"]), rel=1e-12)
+
+
+def test_config_show_prints_every_key_and_reads_back_as_the_same_config(tmp_path, capsys):
+    from flaxlm.config import load_config, to_dict
+
+    config = REPO / "configs" / "llama_tiny.yaml"
+    argv = ["config", "show", str(config), "model.moe.num_experts=4"]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    (tmp_path / "shown.yaml").write_text(shown)
+    want = load_config(config, ["model.moe.num_experts=4"], check_paths=False)
+    assert to_dict(load_config(tmp_path / "shown.yaml", check_paths=False)) == to_dict(want)
+    assert "rope_theta: 10000.0" in shown and "guard:" in shown  # defaults written out
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["moe"]["num_experts"] == 4
