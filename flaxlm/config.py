@@ -133,6 +133,10 @@ class DataConfig:
     )
     seq_len: int = 256
     val_fraction: float = 0.1  # fraction of documents held out, chosen by a hash of the doc
+    # How each document (a text file, a JSONL / dataset row) is cut into documents: none (as
+    # is), blank_lines (paragraphs), lines (one per line), or chars:N (pieces of N characters,
+    # ended at a newline or space where there is one): one big .txt becomes a corpus
+    doc_split: str = "none"
     cache_dir: str = ".cache/flaxlm"
     tokenizer: str = ""  # an existing sentencepiece .model; empty = train one on the train split
     tokenizer_type: str = "bpe"  # only when training one

@@ -76,6 +76,13 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
             "(0 = as many as n_heads)"
         )
     _validate_moe(m)
+    split = cfg.data.doc_split
+    if split not in ("none", "blank_lines", "lines") and not (
+        split.startswith("chars:") and split[6:].isdigit() and int(split[6:]) > 0
+    ):
+        raise ConfigError(
+            f"data.doc_split={split!r} is not one of none, blank_lines, lines, chars:N (N > 0)"
+        )
     if m.positions == "rope" and (m.d_model // m.n_heads) % 2:
         raise ConfigError(
             f"rope needs an even head dim, got d_model/n_heads={m.d_model // m.n_heads}"

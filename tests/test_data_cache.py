@@ -232,3 +232,43 @@ def test_shakespeare_demo_corpus(tmp_path):
     assert data.val.n_docs >= 1 and data.val.n_tokens > 50_000
     baseline = unigram_cross_entropy(data.train, data.val, data.tokenizer.vocab_size)
     assert 3.0 < baseline < math.log(data.tokenizer.vocab_size)
+
+
+@pytest.mark.parametrize("name", ["book.txt", "book.txt.gz"])
+def test_one_big_file_is_a_corpus_with_doc_split(tmp_path, name):
+    """One large .txt (or .txt.gz), the usual way to hold a corpus: refused as one document,
+    naming data.doc_split; cut into paragraphs with it, it gets a validation split."""
+    import gzip
+
+    rng = np.random.default_rng(1)
+    paragraphs = [" ".join(rng.choice(WORDS, size=30)) for _ in range(40)]
+    text = ("\n\n".join(paragraphs) + "\n").encode()
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
+    with pytest.raises(DataError, match="1 non-empty document.*data.doc_split"):
+        prepare_data(config(tmp_path, paths=[str(path)]), progress=False)
+    data = prepare_data(
+        config(tmp_path, paths=[str(path)], doc_split="blank_lines"), progress=False
+    )
+    assert data.train.n_docs + data.val.n_docs == 40 and data.val.n_docs >= 1
+    assert all("#" in d for d in data.val.doc_ids())  # <file id>#<paragraph>
+    # Another split rule is another cache (and another set of documents).
+    lines = prepare_data(config(tmp_path, paths=[str(path)], doc_split="lines"), progress=False)
+    assert lines.train.n_docs + lines.val.n_docs == 40  # the blank lines are empty documents
+
+
+def test_doc_split_rules():
+    from flaxlm.data.documents import Document, split_document
+
+    doc = Document("f", "a b\nc\n\n \nd e f g h")
+    assert [d.text for d in split_document(doc, "blank_lines")] == ["a b\nc", "d e f g h"]
+    assert [d.doc_id for d in split_document(doc, "lines")] == [f"f#{i}" for i in range(5)]
+    pieces = [d.text for d in split_document(Document("f", "aaaa bbbb cccc dd"), "chars:10")]
+    assert pieces == ["aaaa bbbb ", "cccc dd"] and all(len(p) <= 10 for p in pieces)
+    assert [d.text for d in split_document(Document("f", "x" * 25), "chars:10")] == [
+        "x" * 10, "x" * 10, "x" * 5,
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match="data.doc_split='pages' is not one of"):
+        from flaxlm.config import load_config
+
+        load_config(None, ["data.doc_split=pages"], check_paths=False)

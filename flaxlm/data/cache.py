@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from flaxlm.config import ConfigError, DataConfig
 from flaxlm.data.build_folders import build_atomically, remove_stale_builds
+from flaxlm.data.documents import split_document
 from flaxlm.data.encode import encode_documents, token_dtype, train_tokenizer_on_documents
 from flaxlm.data.fingerprints import FORMAT_VERSION, cache_key, content_sha256, sources_files
 from flaxlm.data.sources import (
@@ -172,7 +173,8 @@ def assign_splits(doc_ids: list[str], val_fraction: float) -> np.ndarray:
     """(n_docs,) bool, True = validation. Each split gets at least one document."""
     if len(doc_ids) < 2:
         raise DataError(
-            f"found {len(doc_ids)} non-empty document(s); need >= 2 to hold out a validation split"
+            f"found {len(doc_ids)} non-empty document(s); need >= 2 to hold out a validation "
+            "split (one big file? cut it with data.doc_split=blank_lines, lines or chars:N)"
         )
     frac = np.array([doc_hash_fraction(d) for d in doc_ids])
     is_val = frac < val_fraction
@@ -184,29 +186,38 @@ def assign_splits(doc_ids: list[str], val_fraction: float) -> np.ndarray:
 
 
 def _source_documents(
-    specs: list[SourceSpec], tfds_data_dir: str, stats: list[SourceStats] | None = None
+    specs: list[SourceSpec],
+    tfds_data_dir: str,
+    stats: list[SourceStats] | None = None,
+    doc_split: str = "none",
 ) -> Iterator[tuple[int, Document]]:
-    """(source index, document) for every non-empty document, source after source."""
+    """(source index, document) for every non-empty document, source after source, each cut
+    by ``data.doc_split`` (flaxlm/data/documents.py)."""
     for s, spec in enumerate(specs):
         source_stats = stats[s] if stats is not None else None
         docs = iter_documents(
             spec.paths, spec.field, source_stats, split=spec.split, tfds_data_dir=tfds_data_dir
         )
         for doc in docs:
-            yield s, doc
+            for piece in split_document(doc, doc_split):
+                if piece.text.strip():
+                    yield s, piece
+                elif source_stats is not None:
+                    source_stats.n_empty += 1
 
 
 def _build(data_cfg: DataConfig, given: Tokenizer | None, out: Path, progress: bool) -> None:
     specs = resolve_sources(data_cfg)
     stats = [SourceStats() for _ in specs]
     sources_of_docs, doc_ids = [], []
-    for s, doc in _source_documents(specs, data_cfg.tfds_data_dir, stats):
+    for s, doc in _source_documents(specs, data_cfg.tfds_data_dir, stats, data_cfg.doc_split):
         sources_of_docs.append(s)
         doc_ids.append(doc.doc_id)
     is_val = assign_splits(doc_ids, data_cfg.val_fraction)
 
     def all_docs() -> Iterator[Document]:
-        return (doc for _, doc in _source_documents(specs, data_cfg.tfds_data_dir))
+        split = data_cfg.doc_split
+        return (doc for _, doc in _source_documents(specs, data_cfg.tfds_data_dir, None, split))
 
     if given is None:
         train_docs = (d for i, d in enumerate(all_docs()) if not is_val[i])

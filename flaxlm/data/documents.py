@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +60,36 @@ def file_documents(source: SourceFile, field: str) -> Iterator[Document]:
         yield from _jsonl_documents(source, _decompressed_lines(source.path), field)
     else:
         yield Document(source.doc_id, read_text(source.path))
+
+
+def split_document(doc: Document, how: str) -> Iterator[Document]:
+    """``doc`` cut by ``data.doc_split``: ``none`` (whole), ``blank_lines`` (paragraphs: runs
+    of lines between empty lines), ``lines`` (each line), ``chars:N`` (pieces of at most N
+    characters, each ended at the last newline, else space, in its second half if there is
+    one). The pieces' ids are ``<doc id>#<i>``; empty pieces are kept (the caller counts and
+    skips them), and joining the pieces gives back the text (minus the separators)."""
+    if how == "none":
+        yield doc
+        return
+    if how == "lines":
+        parts = doc.text.split("\n")
+    elif how == "blank_lines":
+        parts = [p.strip("\n") for p in re.split(r"\n(?:[ \t]*\n)+", doc.text)]
+    else:
+        parts = list(_chunks(doc.text, int(how.split(":", 1)[1])))
+    for i, part in enumerate(parts):
+        yield Document(f"{doc.doc_id}#{i}", part)
+
+
+def _chunks(text: str, size: int) -> Iterator[str]:
+    while len(text) > size:
+        head = text[:size]
+        cut = max(head.rfind("\n"), head.rfind(" ")) + 1
+        if cut <= size // 2:
+            cut = size
+        yield text[:cut]
+        text = text[cut:]
+    yield text
 
 
 def _decompressed_lines(path: Path) -> Iterator[str]:
@@ -122,8 +153,9 @@ def text_rows(values: list, where: str, id_prefix: str, first_row: int) -> Itera
 
 
 def read_text(path: Path) -> str:
-    """The file decoded as UTF-8; DataError names the offset of the first bad byte."""
-    data = path.read_bytes()
+    """The file (``.gz``: decompressed) decoded as UTF-8; DataError names the offset of the
+    first bad byte."""
+    data = gzip.decompress(path.read_bytes()) if path.name.endswith(".gz") else path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -50,6 +50,8 @@ def cache_key(
         "val_fraction": data_cfg.val_fraction,
         "tokenizer": tok,
     }
+    if data_cfg.doc_split != "none":  # only when set, so that older caches keep their keys
+        blob["doc_split"] = data_cfg.doc_split
     if data_cfg.sources:
         blob["sources"] = [
             {"name": spec.name, "field": spec.field, "split": spec.split, "files": source_files}
