@@ -169,13 +169,13 @@ def test_an_moe_run_rolls_back_and_resumes_exactly(
     from flaxlm.train import train
     from flaxlm.train.reporter import StepReporter
 
-    run = ("model.moe.num_experts=4", "train.steps=14", "train.eval_every=7",
-           "checkpoint.every=4", "checkpoint.asynchronous=false", "guard.warmup=4",
-           "guard.known_good_after=3", "chaos.spike_at_steps=[9]")  # fmt: skip
+    run = ("model.moe.num_experts=4", "train.steps=10", "train.eval_every=10",
+           "checkpoint.every=3", "checkpoint.asynchronous=false", "guard.warmup=3",
+           "guard.known_good_after=2", "chaos.spike_at_steps=[6]")  # fmt: skip
     straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "straight", *run))
     assert len(straight.rollbacks) == 1
     cfg = tiny_config(small_corpus, tiny_cache_dir, tmp_path / "killed", *run)
-    kill_once(monkeypatch, StepReporter, "step_done", lambda step, *rest: step == 12)
+    kill_once(monkeypatch, StepReporter, "step_done", lambda step, *rest: step == 8)
     with pytest.raises(Killed):
         train(cfg)
     train(cfg)
