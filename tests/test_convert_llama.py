@@ -43,6 +43,20 @@ def flax_logits(cfg, params, t: np.ndarray) -> np.ndarray:
     return np.asarray(jax.jit(GPT(cfg).apply)({"params": params}, jnp.asarray(t)))
 
 
+def check_export_and_back(cfg: ModelConfig, hf_class, tmp_path) -> None:
+    """Export noisy params: ``hf_class`` gives the same logits (fp32, 1e-4), and importing the
+    directory gives back the same config and bit-identical params."""
+    params = noisy_params(cfg)
+    export_hf(cfg, params, tmp_path)
+    hf = hf_class.from_pretrained(tmp_path).eval()
+    diff = np.abs(torch_logits(hf, tokens()) - flax_logits(cfg, params, tokens())).max()
+    assert diff <= 1e-4, f"max abs diff {diff}"
+    back_cfg, back = import_hf(tmp_path)
+    assert back_cfg == cfg
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 EXPORTABLE = {
     "gqa": {"n_kv_heads": 2},
     "mqa-tied": {"n_kv_heads": 1, "tie_embeddings": True},
@@ -54,15 +68,7 @@ EXPORTABLE = {
 @pytest.mark.parametrize("name", EXPORTABLE)
 def test_export_gives_transformers_llama_the_same_logits_and_imports_back(name, tmp_path):
     cfg = tiny(**EXPORTABLE[name])
-    params = noisy_params(cfg)
-    export_hf(cfg, params, tmp_path)
-    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
-    diff = np.abs(torch_logits(hf, tokens()) - flax_logits(cfg, params, tokens())).max()
-    assert diff <= 1e-4, f"max abs diff {diff}"
-    back_cfg, back = import_hf(tmp_path)
-    assert back_cfg == cfg
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    check_export_and_back(cfg, transformers.LlamaForCausalLM, tmp_path)
 
 
 def test_a_random_transformers_llama_imports_with_the_same_logits(tmp_path):
@@ -103,15 +109,7 @@ def test_what_llama_cannot_express_is_refused_with_the_option_named(overrides, n
 
 def test_an_moe_llama_exports_as_mixtral_with_the_same_logits_and_back(tmp_path):
     cfg = tiny(n_kv_heads=2, moe=MoEConfig(num_experts=4, top_k=2))
-    params = noisy_params(cfg)
-    export_hf(cfg, params, tmp_path)
-    hf = transformers.MixtralForCausalLM.from_pretrained(tmp_path).eval()
-    diff = np.abs(torch_logits(hf, tokens()) - flax_logits(cfg, params, tokens())).max()
-    assert diff <= 1e-4, f"max abs diff {diff}"
-    back_cfg, back = import_hf(tmp_path)
-    assert back_cfg == cfg
-    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(back), strict=True):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    check_export_and_back(cfg, transformers.MixtralForCausalLM, tmp_path)
 
 
 def test_a_random_transformers_mixtral_imports_with_the_same_logits(tmp_path):

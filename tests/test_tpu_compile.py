@@ -5,8 +5,6 @@ Skipped where libtpu is not installed (``pip install -e '.[tpu]'``; ``make test`
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 
 import jax
@@ -15,8 +13,8 @@ import pytest
 from conftest import REPO
 from flax import linen as nn
 from jax.sharding import NamedSharding, PartitionSpec
+from test_commands import cli
 
-from flaxlm.cli import main
 from flaxlm.config import ConfigError, load_config
 from flaxlm.families import build_model
 from flaxlm.sharding import BATCH_AXES, LOGICAL_RULES, build_mesh
@@ -52,15 +50,6 @@ REQUIRED_FIELDS = (
 
 def _config(name: str, *overrides: str):
     return load_config(REPO / "configs" / f"{name}.yaml", [*TPU_TINY, *overrides], False)
-
-
-def cli(*argv: str) -> tuple[int, str, str]:
-    with (
-        contextlib.redirect_stdout(io.StringIO()) as out,
-        contextlib.redirect_stderr(io.StringIO()) as err,
-    ):
-        code = main([str(a) for a in argv])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.mark.parametrize("name", ["gpt_tiny", "bert_tiny", "unified_tiny"])

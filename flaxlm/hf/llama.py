@@ -236,15 +236,6 @@ def _mlp_params(take, names, h: str, cfg: ModelConfig) -> dict[str, Any]:
     }
 
 
-MIXTRAL = Converter(
-    hf_model_type="mixtral",
-    to_config=llama_config,
-    from_config=llama_model_config,
-    to_tensors=llama_tensors,
-    from_tensors=llama_params,
-    accepts=is_mixtral,
-)
-
 LLAMA = Converter(
     hf_model_type="llama",
     to_config=llama_config,
@@ -253,3 +244,5 @@ LLAMA = Converter(
     from_tensors=llama_params,
     accepts=is_llama,
 )
+# The same functions: they tell Llama and Mixtral apart by model.moe / model_type.
+MIXTRAL = dataclasses.replace(LLAMA, hf_model_type="mixtral", accepts=is_mixtral)
