@@ -12,6 +12,8 @@ flaxlm finetune runs/bert_demo --data data/rotten_tomatoes.csv --group-column mo
 flaxlm tokenizer train data/shakespeare --vocab-size 8192 --out tok
 flaxlm data inspect configs/gpt_demo.yaml     # sources, counts, cache, a decoded sample batch
 flaxlm data build-tfds corpus/ --name my_corpus --data-dir /shared/tfds
+flaxlm data prepare configs/gpt_demo.yaml --out /shared/corpus   # then data.prepared=/shared/corpus
+flaxlm data verify /shared/corpus                # re-hash every shard against the manifest
 flaxlm bench configs/bench/gpt_small_cpu.yaml --what all --json   # MFU vs the same-run peak
 flaxlm plan configs/gpt_7b.yaml --target v5e:8x8   # the TPU compiler's memory plan (libtpu)
 """
@@ -106,7 +108,10 @@ def _parser() -> argparse.ArgumentParser:
     c = conv.add_parser("from-hf", help="HF GPT-2 / BERT directory -> run dir with checkpoint 0")
     c.add_argument("hf_dir", help="a directory with config.json + model.safetensors")
     c.add_argument("out", help="the run directory to create")
-    c.add_argument("--tokenizer", help="sentencepiece .model (default HF_DIR/tokenizer.model)")
+    c.add_argument(
+        "--tokenizer",
+        help="a .model, tokenizer.json or HF tokenizer dir (default: HF_DIR's own tokenizer)",
+    )
     c.add_argument(
         "--seq-len", type=int, default=0, help="data.seq_len (default min(positions, 1024))"
     )
@@ -199,6 +204,16 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--rows", type=int, default=2, help="how many rows of it to decode")
     d.add_argument("--json", action="store_true", help="print one JSON object")
     d.set_defaults(func=commands.data_inspect_command)
+    d = data.add_parser("prepare", help="tokenize the sources once into a sharded corpus")
+    d.add_argument("config", help="YAML config whose data section names the sources")
+    d.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    d.add_argument("--out", required=True, help="the corpus folder (train with data.prepared)")
+    d.add_argument("--workers", type=int, default=0, help="processes (0 = one per CPU core)")
+    d.add_argument("--json", action="store_true", help="print the manifest's summary as JSON")
+    d.set_defaults(func=commands.data_prepare_command)
+    d = data.add_parser("verify", help="re-hash a prepared corpus against its manifest")
+    d.add_argument("corpus", help="a folder written by flaxlm data prepare")
+    d.set_defaults(func=commands.data_verify_command)
     d = data.add_parser("build-tfds", help="write local files as a TFDS array_record dataset")
     d.add_argument("paths", nargs="+", help="text/JSONL/Parquet files or folders")
     d.add_argument("--name", required=True, help="snake_case dataset name (read as tfds:NAME)")

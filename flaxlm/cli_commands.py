@@ -249,6 +249,52 @@ def data_inspect_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_prepare_command(args: argparse.Namespace) -> int:
+    from flaxlm.config import load_config
+    from flaxlm.data.prepare import prepare_corpus
+
+    cfg = load_config(args.config, args.overrides)
+    manifest = prepare_corpus(cfg, args.out, args.workers, progress=not args.json)
+    summary = {
+        "out": str(args.out),
+        **{
+            f"{name}_{k}": v for name, split in manifest["splits"].items() for k, v in split.items()
+        },
+        "sources": [s["name"] for s in manifest["sources"]],
+        "units": len(manifest["units"]),
+        "units_prepared": manifest["units_prepared"],
+        "vocab_size": manifest["tokenizer"]["vocab_size"],
+        "seconds": manifest["seconds"],
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        s = summary
+        print(
+            f"prepared {args.out}: train {s['train_n_docs']:,} docs / {s['train_n_tokens']:,} "
+            f"tokens, val {s['val_n_docs']:,} docs / {s['val_n_tokens']:,} tokens, "
+            f"{s['units']} units ({s['units_prepared']} tokenized now) in {s['seconds']:.1f}s; "
+            f"train on it with data.prepared={args.out}"
+        )
+    return 0
+
+
+def data_verify_command(args: argparse.Namespace) -> int:
+    from flaxlm.data.prepared import verify_prepared
+
+    problems = verify_prepared(args.corpus)
+    for line in problems:
+        print(line)
+    if problems:
+        print(
+            f"{args.corpus}: {len(problems)} problem(s); delete the unit folders named above "
+            "and rerun flaxlm data prepare with the same config: it redoes just those"
+        )
+        return 1
+    print(f"{args.corpus}: every shard matches its manifest")
+    return 0
+
+
 def data_build_tfds_command(args: argparse.Namespace) -> int:
     from flaxlm.data.tfds_build import build_tfds
 

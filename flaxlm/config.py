@@ -138,6 +138,10 @@ class DataConfig:
     # ended at a newline or space where there is one): one big .txt becomes a corpus
     doc_split: str = "none"
     cache_dir: str = ".cache/flaxlm"
+    # A corpus written by `flaxlm data prepare` (sharded, memory-mapped, with a manifest):
+    # training reads it instead of the raw sources (paths are then not read; the names and
+    # weights of data.sources still apply). Empty = the tokenize-once cache of the sources.
+    prepared: str = ""
     tokenizer: str = ""  # an existing sentencepiece .model; empty = train one on the train split
     tokenizer_type: str = "bpe"  # only when training one
     tokenizer_vocab_size: int = 8192

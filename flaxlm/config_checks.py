@@ -139,6 +139,13 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
     _validate_sources(d)
     if not check_paths:
         return
+    if d.prepared:  # the raw sources may not exist where training runs
+        if not (Path(d.prepared) / "manifest.json").is_file():
+            raise ConfigError(
+                f"data.prepared={d.prepared!r} holds no manifest.json; expected a folder "
+                "written by `flaxlm data prepare CONFIG --out DIR` (a finished one)"
+            )
+        return
     for p in d.paths:
         if not _source_exists(p):
             raise ConfigError(f"data.paths entry {p!r} does not exist")

@@ -99,6 +99,10 @@ def prepare_data(
     ConfigError when ``model_vocab_size`` cannot hold the tokenizer's ids, DataError for
     unusable sources.
     """
+    if data_cfg.prepared:  # a corpus written by `flaxlm data prepare` (flaxlm/data/prepared.py)
+        from flaxlm.data.prepared import load_prepared
+
+        return load_prepared(data_cfg, model_vocab_size, tokenizer)
     start = time.perf_counter()
     if not data_cfg.paths and not data_cfg.sources:
         raise DataError(

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from flaxlm.data.feistel import FeistelPermutation
 from flaxlm.data.token_split import TokenSplit
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "loss_mask")
@@ -77,6 +78,9 @@ class EpochOrder:
     seed: int
     shuffle: bool
     _perms: dict[int, np.ndarray]
+    # "table": a stored permutation per epoch (O(N) memory); "feistel": computed per example
+    # in O(1) memory (flaxlm/data/feistel.py), what prepared corpora (data.prepared) use.
+    order: str = "table"
 
     def permutation(self, epoch: int) -> np.ndarray:
         """(n_examples,) the example order of ``epoch``; the last two epochs are cached."""
@@ -97,7 +101,10 @@ class EpochOrder:
         out = np.empty_like(global_ids)
         for e in np.unique(epoch):
             sel = epoch == e
-            out[sel] = self.permutation(int(e))[within[sel]]
+            if self.order == "feistel":
+                out[sel] = FeistelPermutation(self.n_examples, (self.seed, int(e)))(within[sel])
+            else:
+                out[sel] = self.permutation(int(e))[within[sel]]
         return out
 
 
@@ -118,6 +125,7 @@ class CausalBatches(EpochOrder):
         self.global_batch = global_batch
         self.seed = seed
         self.shuffle = shuffle
+        self.order = split.order
         self.n_examples = n_causal_examples(split.n_tokens, seq_len)
         if self.n_examples == 0:
             raise ValueError(

@@ -79,30 +79,16 @@ def write_shakespeare(out_dir: Path) -> list[Path]:
     return written
 
 
-def predicted_mask(split: TokenSplit) -> np.ndarray:
-    """(n_tokens,) bool: the tokens a causal model is asked to predict.
-
-    Every token but the first of each document: a document's first token has no context
-    from its own document (loss_mask is 0 there), while its closing ``</s>`` is predicted.
-    """
-    mask = np.ones(split.n_tokens, dtype=bool)
-    mask[split.doc_offsets[:-1]] = False
-    return mask
-
-
 def unigram_cross_entropy(train: TokenSplit, val: TokenSplit, vocab_size: int) -> float:
     """Cross-entropy (nats/token) of the val split under add-one-smoothed train unigrams.
 
-    Counts and scores only the tokens a causal model predicts (see :func:`predicted_mask`:
-    ``</s>`` included, first token of each document excluded), so it compares directly with
+    Counts and scores only the tokens a causal model predicts (``</s>`` included, the first
+    token of each document excluded: it has no context), so it compares directly with
     the validation loss of a model trained with ``loss_mask``.
     """
-    train_tokens = np.asarray(train.tokens)[predicted_mask(train)]
-    val_tokens = np.asarray(val.tokens)[predicted_mask(val)]
-    if val_tokens.size == 0:
+    counts = train.unigram_counts(vocab_size, predicted_only=True).astype(np.float64)
+    val_counts = val.unigram_counts(vocab_size, predicted_only=True).astype(np.float64)
+    if val_counts.sum() == 0:
         raise ValueError(f"val split has no predicted tokens ({val.n_tokens} tokens in all)")
-    counts = np.bincount(train_tokens, minlength=vocab_size).astype(np.float64)
-    if counts.size > vocab_size:
-        raise ValueError(f"train tokens reach id {counts.size - 1}, expected < {vocab_size}")
     log_p = np.log(counts + 1.0) - np.log(counts.sum() + vocab_size)
-    return float(-log_p[val_tokens].mean())
+    return float(-(val_counts * log_p).sum() / val_counts.sum())

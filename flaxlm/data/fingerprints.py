@@ -80,13 +80,13 @@ def _files_fingerprint(paths: Iterable[str], tfds_data_dir: str) -> list[dict]:
             "path": str(f.path.resolve()),
             "doc_id": f.doc_id,
             "size": f.path.stat().st_size,
-            "sha256": _file_sha256(f.path),
+            "sha256": file_sha256(f.path),
         }
         for f in list_source_files(paths, tfds_data_dir)
     ]
 
 
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -77,6 +77,7 @@ class MaskedBatches(EpochOrder):
             raise ValueError(f"tokenizer {tokenizer.source} has no [CLS]/[SEP]; BERT needs both")
         self.split, self.layout, self.seq_len = split, layout, seq_len
         self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
+        self.order = split.order
         self.spec, self.tokenizer = spec, tokenizer
         shares_O = np.asarray(shares, dtype=np.float64)
         self.cum_shares = np.cumsum(shares_O / shares_O.sum())

@@ -110,7 +110,7 @@ def iter_documents(
     """
     paths = list(paths)
     stats = stats if stats is not None else SourceStats()
-    for doc in _raw_documents(paths, jsonl_field, split, tfds_data_dir):
+    for doc in raw_documents(paths, jsonl_field, split, tfds_data_dir):
         if doc.text.strip():
             stats.n_docs += 1
             yield doc
@@ -123,7 +123,7 @@ def iter_documents(
         )
 
 
-def _raw_documents(
+def raw_documents(
     paths: list[str], field: str, split: str, tfds_data_dir: str
 ) -> Iterator[Document]:
     """Every document, empty ones included, entry by entry."""

@@ -30,11 +30,17 @@ class TokenSplit:
     """
 
     name: str
-    tokens: np.ndarray
+    tokens: np.ndarray  # or a ShardedTokens (prepared corpora: flaxlm/data/sharded_tokens.py)
     doc_offsets: np.ndarray
     directory: Path | None = None  # where doc ids are stored; None for in-memory splits
     doc_id_list: list[str] | None = None  # the doc ids of an in-memory split
     first_doc: int = 0  # for a view of documents [first_doc, ...) of the stored split
+    order: str = "table"  # the example order batches use (flaxlm/data/causal.py EpochOrder)
+    doc_id_files: tuple[Path, ...] = ()  # a prepared split's doc ids, one file per shard
+    # Precomputed (vocab,) counts of every token / of each document's first token, so that
+    # baselines need not read a large split (prepared corpora store them).
+    token_counts: np.ndarray | None = None
+    first_token_counts: np.ndarray | None = None
 
     @property
     def n_docs(self) -> int:
@@ -46,7 +52,9 @@ class TokenSplit:
 
     def doc_ids(self) -> list[str]:
         """The ids of this split's documents, in stream order."""
-        if self.directory is None:
+        if self.doc_id_files:
+            ids = [i for f in self.doc_id_files for i in f.read_text("utf-8").split("\n")[:-1]]
+        elif self.directory is None:
             ids = list(self.doc_id_list or [])
         else:
             text = (self.directory / f"{self.name}.doc_ids.txt").read_text(encoding="utf-8")
@@ -65,7 +73,29 @@ class TokenSplit:
             self.directory,
             self.doc_id_list,
             self.first_doc + lo,
+            self.order,
+            self.doc_id_files,
         )
+
+    def unigram_counts(self, vocab_size: int, predicted_only: bool = False) -> np.ndarray:
+        """(vocab_size,) int64 counts of the split's tokens; ``predicted_only``: without each
+        document's first token (a causal model never predicts it). Stored counts are used
+        when the split has them, so a large prepared split is not read."""
+        if self.token_counts is not None and self.first_token_counts is not None:
+            counts = self.token_counts.astype(np.int64)
+            if predicted_only:
+                counts = counts - self.first_token_counts
+        else:
+            tokens = np.asarray(self.tokens)
+            if predicted_only:
+                keep = np.ones(len(tokens), dtype=bool)
+                keep[self.doc_offsets[:-1]] = False
+                tokens = tokens[keep]
+            counts = np.bincount(tokens, minlength=vocab_size).astype(np.int64)
+        if counts.size > vocab_size:
+            top = counts.size - 1
+            raise ValueError(f"{self.name} tokens reach id {top}, expected < {vocab_size}")
+        return counts
 
     @classmethod
     def load(cls, directory: Path, name: str) -> TokenSplit:
@@ -97,12 +127,14 @@ class SplitWriter:
         dst = np.lib.format.open_memmap(
             self.out / f"{self.name}.tokens.npy", mode="w+", dtype=self.dtype, shape=(n,)
         )
-        src = np.memmap(self.raw_path, dtype=self.dtype, mode="r", shape=(n,))
-        chunk = 1 << 24
-        for lo in range(0, n, chunk):
-            dst[lo : lo + chunk] = src[lo : lo + chunk]
+        if n:  # an empty raw file cannot be memory-mapped (a shard with no val documents)
+            src = np.memmap(self.raw_path, dtype=self.dtype, mode="r", shape=(n,))
+            chunk = 1 << 24
+            for lo in range(0, n, chunk):
+                dst[lo : lo + chunk] = src[lo : lo + chunk]
+            del src
         dst.flush()
-        del dst, src
+        del dst
         self.raw_path.unlink()
         np.save(self.out / f"{self.name}.doc_offsets.npy", np.asarray(self.offsets, np.int64))
         return {"n_docs": len(self.offsets) - 1, "n_tokens": n}

@@ -181,8 +181,7 @@ class FrequencyBaseline(Baseline):
     add-one-smoothed unigram distribution, at the masked positions evaluated."""
 
     def __init__(self, tokenizer, train):
-        counts = np.bincount(np.asarray(train.tokens), minlength=tokenizer.vocab_size)
-        self.counts = counts.astype(np.float64)
+        self.counts = train.unigram_counts(tokenizer.vocab_size).astype(np.float64)
         self.tokenizer = tokenizer
         self.targets: list[np.ndarray] = []
 
