@@ -282,3 +282,19 @@ def test_two_processes_each_read_only_their_rows_of_the_one_process_batch(source
         reads = json.loads((tmp_path / f"reads-{i}.json").read_text())
         assert reads["tokens"] == len(steps) * (B // 2) * (S + 1), reads
     shutil.rmtree(corpus)
+
+
+def test_a_run_trains_from_a_prepared_corpus_and_a_resume_may_not_switch_it(sources, tmp_path):
+    from flaxlm.train import train
+    from flaxlm.train.resume_checks import ResumeRefused
+
+    plays = ("data.sources=[]", f"data.paths=[{sources[0]}]", "data.val_fraction=0.34")
+    prepare_corpus(_config(sources, tmp_path, *plays), tmp_path / "corpus", progress=False)
+    run = (f"train.run_dir={tmp_path / 'run'}", "train.steps=4", "train.eval_every=4")
+    cfg = _config(sources, tmp_path, *plays, *run, f"data.prepared={tmp_path / 'corpus'}")
+    result = train(cfg)
+    assert result.step == 4 and np.isfinite(result.history[-1]["loss"])
+    assert np.isfinite(result.evals[-1]["val_loss"])
+    raw = _config(sources, tmp_path, *plays, *run[:1], "train.steps=6")
+    with pytest.raises(ResumeRefused, match="data.prepared"):
+        train(raw)  # the raw cache orders examples differently: another run
