@@ -86,6 +86,13 @@ def test_a_prepared_corpus_holds_the_token_streams_of_the_cache(sources, tmp_pat
             np.testing.assert_array_equal(np.asarray(b.tokens), np.asarray(a.tokens))
             np.testing.assert_array_equal(b.doc_offsets, a.doc_offsets)
 
+    # inspect reports the sources' files from the manifest (the raw text need not be here).
+    from flaxlm.data.inspection import inspect_data
+
+    report = inspect_data(pcfg, family_of(pcfg).inspect_sample)
+    assert [(r["name"], r["files"]) for r in report["sources"]] == [("plays", 6), ("notes", 1)]
+    assert report["sources"][1]["bytes"] == sources[1].stat().st_size
+
     # data.sources may re-weight a prepared corpus, not rename its sources.
     heavier = _config(
         sources, tmp_path, f"data.prepared={tmp_path / 'corpus'}",

@@ -24,6 +24,7 @@ from flaxlm.data.cache import PreparedData, prepare_data
 from flaxlm.data.causal import CausalBatches
 from flaxlm.data.masked import OBJECTIVES, layout_of, make_masked_batches
 from flaxlm.data.mixture import MixtureBatches, make_train_batches
+from flaxlm.data.prepared import read_manifest
 from flaxlm.data.sources import list_source_files, resolve_sources
 
 BOUNDARY = " ‖ "  # shown between documents packed into one row
@@ -42,19 +43,14 @@ def inspect_data(
     d = cfg.data
     prepared = prepare_data(d, cfg.model.vocab_size, progress=progress)
     batches = make_train_batches(prepared, d.seq_len, cfg.train.batch_size, cfg.train.seed)
-    specs = resolve_sources(d)
     sources = []
-    for i, (spec, source) in enumerate(zip(specs, prepared.sources, strict=True)):
-        files = list_source_files(spec.paths, d.tfds_data_dir)
+    for i, (raw, source) in enumerate(zip(_raw_sources(d), prepared.sources, strict=True)):
         n_examples = CausalBatches(source.train, d.seq_len, 1, 0).n_examples
         rows_per_run = cfg.train.steps * cfg.train.batch_size * _share(batches, i)
         sources.append(
             {
                 "name": source.name,
-                "paths": list(spec.paths),
-                "field": spec.field,
-                "files": len(files),
-                "bytes": sum(f.path.stat().st_size for f in files),
+                **raw,
                 "weight": source.weight,
                 "train_docs": source.train.n_docs,
                 "val_docs": source.val.n_docs,
@@ -74,6 +70,25 @@ def inspect_data(
         "sources": sources,
         "sample": sample(cfg, prepared, step, rows),
     }
+
+
+def _raw_sources(d) -> list[dict]:
+    """Per source: its paths, field, and the number and bytes of its files (for a prepared
+    corpus as recorded in its manifest: the raw text need not be here)."""
+    if d.prepared:
+        manifest = read_manifest(d.prepared)
+        out = []
+        for i, info in enumerate(manifest["sources"]):
+            files = [f for u in manifest["units"] if u["source"] == i for f in u["files"]]
+            out.append({"paths": info["paths"], "field": info.get("field", ""),
+                        "files": len(files), "bytes": sum(f["size"] for f in files)})  # fmt: skip
+        return out
+    out = []
+    for spec in resolve_sources(d):
+        files = list_source_files(spec.paths, d.tfds_data_dir)
+        out.append({"paths": list(spec.paths), "field": spec.field, "files": len(files),
+                    "bytes": sum(f.path.stat().st_size for f in files)})  # fmt: skip
+    return out
 
 
 def _share(batches: CausalBatches | MixtureBatches, index: int) -> float:

@@ -355,6 +355,7 @@ def _finalize(
         files = [f for _, m in mine for f in m["files"]]
         sources.append({
             "name": spec.name, "weight": spec.weight, "paths": list(spec.paths),
+            "field": spec.field,
             "units": [mine[0][0].index, mine[-1][0].index + 1],
             **{f"{n}_docs": sum(m[n]["n_docs"] for _, m in mine) for n in SPLITS},
             **{f"{n}_tokens": sum(m[n]["n_tokens"] for _, m in mine) for n in SPLITS},
