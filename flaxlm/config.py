@@ -274,6 +274,22 @@ class ChaosConfig:
 
 
 @dataclass
+class LoggingConfig:
+    """Where metrics go besides metrics.jsonl and TensorBoard (flaxlm/train/wandb_log.py)."""
+
+    # Weights & Biases (pip install 'flaxlm[wandb]'): every metrics.jsonl record also goes to
+    # one W&B run, continued by a resume of the same run dir (its id is in RUN_DIR/wandb.json)
+    wandb: bool = False
+    wandb_project: str = "flaxlm"
+    wandb_entity: str = ""  # "" = your default entity
+    wandb_name: str = ""  # "" = the run dir's name
+    # offline: written under RUN_DIR/wandb, uploaded later with `wandb sync`; training never
+    # waits for the network or a login. online: streamed as it trains. $WANDB_MODE wins if set.
+    wandb_mode: str = "offline"
+    wandb_tags: list[str] = field(default_factory=list)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
@@ -284,6 +300,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # The allowed values of every string key, declared only here: validation, the CLI's choices
@@ -301,6 +318,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.tokenizer_type": ("bpe", "unigram"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
     "optim.schedule": ("cosine", "linear", "constant", "noam"),
+    "logging.wandb_mode": ("offline", "online"),
 }
 
 

@@ -37,6 +37,7 @@ from flaxlm.train.reporter import StepReporter, scalars
 from flaxlm.train.resume_checks import ResumeCheck, write_fingerprints
 from flaxlm.train.run_checkpoints import RunCheckpoints
 from flaxlm.train.run_lock import holds_run_lock
+from flaxlm.train.wandb_log import WandbLog
 from flaxlm.train.watchdog import Watchdog
 
 
@@ -72,6 +73,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     family, run_dir = family_of(cfg), Path(cfg.train.run_dir)
     is_main, proc = jax.process_index() == 0, (jax.process_index(), jax.process_count())
     show = is_main and cfg.train.progress
+    wandb = WandbLog.for_run(cfg, is_main)  # logging.wandb: fails now if wandb is missing
     resume = ResumeCheck(cfg)  # refuses a resume that would change the run (resume_checks.py)
     # Data first: it is the slowest thing to fail on, and the tokenizer must fit the model
     # (a resume's is the checkpoint's own).
@@ -88,7 +90,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     state, step, data_index, healing = start.state, start.step, start.data_index, start.healing
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
     result = TrainResult(run_dir, step, resumed_from=start.resumed_from, process_index=proc[0])
-    log = MetricsLog(run_dir, is_main, resume_from_step=step, keep_lines=start.metrics_lines)
+    log = MetricsLog(
+        run_dir, is_main, resume_from_step=step, keep_lines=start.metrics_lines, wandb=wandb
+    )
     resume.record(log, step)  # accepted changes: an event in metrics.jsonl
     report = StepReporter(cfg, family, log, show, step, last_step)
     controls = StepControls(cfg, healing)
@@ -146,7 +150,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     if result.preempted and is_main:
         print(f"{result.preempted}: checkpoint saved at step {step} in {run_dir}; rerun to resume")
     log.plot()
-    log.close()
+    log.close(summary={"step": step, "preempted": result.preempted or ""})
     result.step, result.history = step, report.history
     return result
 

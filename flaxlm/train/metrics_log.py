@@ -1,14 +1,18 @@
-"""Where metrics go: ``metrics.jsonl`` (one JSON object per line), TensorBoard events and
-``loss.png``. Only process 0 writes; the others get a logger that does nothing."""
+"""Where metrics go: ``metrics.jsonl`` (one JSON object per line), TensorBoard events,
+``loss.png`` and, with ``logging.wandb``, a Weights & Biases run (flaxlm/train/wandb_log.py).
+Only process 0 writes; the others get a logger that does nothing."""
 
 from __future__ import annotations
 
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from flaxlm.train.wandb_log import WandbLog
 
 
 class MetricsLog:
@@ -16,7 +20,8 @@ class MetricsLog:
     rollback) the run resumes from was written; later lines belong to the lost attempt and are
     replayed, so they are dropped and the file reads as if the run had never stopped. Without
     it (an old checkpoint), lines after ``resume_from_step`` are dropped instead. ``lines``
-    counts the lines written so far."""
+    counts the lines written so far. ``wandb``: a W&B logger that every record also goes to
+    (started here, finished by :meth:`close`)."""
 
     def __init__(
         self,
@@ -24,6 +29,7 @@ class MetricsLog:
         enabled: bool = True,
         resume_from_step: int = 0,
         keep_lines: int | None = None,
+        wandb: WandbLog | None = None,
     ):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
@@ -31,11 +37,14 @@ class MetricsLog:
         self.lines = 0
         self._tb = None
         self._file = None
+        self._wandb = wandb if enabled else None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._truncate(resume_from_step, keep_lines)
         self._file = self.path.open("a")
+        if self._wandb is not None:  # the events kept so far seed its events table
+            self._wandb.start(_events(self.path))
 
     def _truncate(self, step: int, keep_lines: int | None) -> None:
         """Rewritten atomically: a kill here leaves the old file or the new one."""
@@ -58,6 +67,8 @@ class MetricsLog:
         self._file.write(json.dumps(clean) + "\n")
         self._file.flush()
         self.lines += 1
+        if self._wandb is not None:
+            self._wandb.write(clean)
         writer = self._tensorboard()
         step = clean.get("step", 0)
         if "event" in clean:  # rollbacks, stops: a text entry TensorBoard shows at that step
@@ -83,7 +94,10 @@ class MetricsLog:
             return None
         return plot_loss(self.path, self.run_dir / "loss.png")
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None = None) -> None:
+        """Closes the file and TensorBoard; ends the W&B run with ``summary`` in its summary."""
+        if self._wandb is not None:
+            self._wandb.finish(summary)
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -129,6 +143,13 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     plt.close(fig)
     tmp.replace(out_path)
     return Path(out_path)
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    """The event records of a metrics.jsonl (only their lines are parsed)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    records = [json.loads(line) for line in lines if '"event"' in line and _parses(line)]
+    return [r for r in records if "event" in r]
 
 
 def _parses(line: str) -> bool:

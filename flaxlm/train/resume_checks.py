@@ -58,6 +58,7 @@ SAFE_KEYS = (
     "checkpoint",
     "guard",
     "chaos",
+    "logging",
 )
 
 
