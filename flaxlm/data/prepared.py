@@ -27,7 +27,7 @@ from flaxlm.config import DataConfig
 from flaxlm.data.cache import SPLITS, PreparedData, SourceData
 from flaxlm.data.documents import DataError
 from flaxlm.data.fingerprints import file_sha256
-from flaxlm.data.sharded_tokens import ReadCount, ShardedTokens
+from flaxlm.data.sharded_tokens import LazyShard, ReadCount, ShardedTokens
 from flaxlm.data.token_split import TokenSplit
 from flaxlm.tokenizer import Tokenizer, check_vocab
 
@@ -129,13 +129,14 @@ def _split(
 ) -> TokenSplit:
     """One split of the corpus, or of one of its sources (``source``)."""
     units = [u for u in manifest["units"] if source is None or u["source"] == source]
+    dtype = np.dtype(manifest["dtype"])
     shards = [
-        np.load(root / u["folder"] / f"{name}.tokens.npy", mmap_mode="r")
+        LazyShard(root / u["folder"] / f"{name}.tokens.npy", u[name]["n_tokens"], dtype)
         for u in units
         if u[name]["n_tokens"] > 0
     ]
     if not shards:  # a small source may have no validation document
-        shards = [np.zeros(0, np.dtype(manifest["dtype"]))]
+        shards = [np.zeros(0, dtype)]
     suffix = "" if source is None else f".s{source}"
     offsets = np.load(root / f"{name}{suffix}.doc_offsets.npy", mmap_mode="r")
     tokens = ShardedTokens(shards, reads=reads)

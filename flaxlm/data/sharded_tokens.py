@@ -14,6 +14,7 @@ memory does not grow with the corpus, and ``reads`` counts the tokens each proce
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -26,6 +27,28 @@ class ReadCount:
     gathers: int = 0
 
 
+class LazyShard:
+    """A shard ``.npy`` memory-mapped on first read, so that opening a corpus of many shards
+    costs no file opens: its length and dtype come from the manifest."""
+
+    def __init__(self, path: Path, n_tokens: int, dtype: np.dtype):
+        self.path, self.n_tokens, self.dtype = path, n_tokens, np.dtype(dtype)
+        self._array: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def __getitem__(self, index):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode="r")
+            if self._array.shape != (self.n_tokens,) or self._array.dtype != self.dtype:
+                raise ValueError(
+                    f"{self.path} holds {self._array.shape} {self._array.dtype}, expected "
+                    f"({self.n_tokens},) {self.dtype}; run flaxlm data verify"
+                )
+        return self._array[index]
+
+
 class ShardedTokens:
     """The concatenation of 1-D token arrays (memory-mapped shards), or a window of it."""
 
@@ -33,7 +56,7 @@ class ShardedTokens:
 
     def __init__(
         self,
-        shards: list[np.ndarray],
+        shards: list[np.ndarray | LazyShard],
         start: int = 0,
         stop: int | None = None,
         reads: ReadCount | None = None,
