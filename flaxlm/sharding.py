@@ -164,6 +164,29 @@ def logical_to_sharding(tree, mesh: Mesh):
     return nn.logical_to_mesh_sharding(tree, mesh, LOGICAL_RULES)
 
 
+def check_divisible(shapes, shardings) -> None:
+    """Raises ConfigError naming the first parameter whose sharding does not divide its shape
+    (e.g. 4 heads over ``mesh.tensor=3``), instead of XLA's error deep inside ``jit``.
+
+    ``shapes``: a pytree of arrays or ``ShapeDtypeStruct``; ``shardings``: NamedShardings,
+    same structure.
+    """
+    paths = jax.tree_util.tree_flatten_with_path(shapes)[0]
+    for (path, leaf), sharding in zip(paths, jax.tree.leaves(shardings), strict=True):
+        for dim, axes in enumerate(sharding.spec):
+            if axes is None:
+                continue
+            names = axes if isinstance(axes, tuple) else (axes,)
+            ways = math.prod(sharding.mesh.shape[a] for a in names)
+            if leaf.shape[dim] % ways:
+                split = " x ".join(f"mesh.{a}={sharding.mesh.shape[a]}" for a in names)
+                raise ConfigError(
+                    f"parameter {jax.tree_util.keystr(path, simple=True, separator='/')} "
+                    f"{tuple(leaf.shape)}: dim {dim} ({leaf.shape[dim]}) cannot be split over "
+                    f"{split}; expected mesh sizes that divide it (heads, d_ff, vocab, d_model)"
+                )
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batches are split over (data, fsdp) along their leading dimension (rows)."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))

@@ -78,3 +78,25 @@ def test_bad_dcn_keys_are_named(override, message):
         load_config(None, [override])
     assert message in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_parameter_the_mesh_cannot_split_is_named_before_compiling():
+    import jax
+    from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+    from flaxlm.sharding import check_divisible
+
+    mesh = AbstractMesh((1, 1, 1, 3), ("data", "fsdp", "expert", "tensor"))
+    shapes = {"attn": {"kernel": jax.ShapeDtypeStruct((64, 6, 16), "float32")},
+              "mlp": {"bias": jax.ShapeDtypeStruct((4, 16), "float32")}}  # fmt: skip
+    shardings = {
+        "attn": {"kernel": NamedSharding(mesh, PartitionSpec(None, "tensor", None))},
+        "mlp": {"bias": NamedSharding(mesh, PartitionSpec(("fsdp", "tensor"), None))},
+    }
+    with pytest.raises(
+        ConfigError,
+        match=r"parameter mlp/bias \(4, 16\): dim 0 \(4\) cannot be split over "
+        r"mesh.fsdp=1 x mesh.tensor=3",
+    ):
+        check_divisible(shapes, shardings)
+    check_divisible({"attn": shapes["attn"]}, {"attn": shardings["attn"]})  # 6 heads / 3: fine

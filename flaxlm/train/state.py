@@ -16,7 +16,7 @@ from flax import linen as nn
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
-from flaxlm.sharding import LOGICAL_RULES, logical_to_sharding, replicated
+from flaxlm.sharding import LOGICAL_RULES, check_divisible, logical_to_sharding, replicated
 
 
 def _init_variables(model: nn.Module, seq_len: int, rng: jax.Array):
@@ -28,7 +28,9 @@ def param_shardings(model: nn.Module, mesh: Mesh, seq_len: int) -> Any:
     """NamedShardings for the (unboxed) params tree, from the logical names on each param."""
     boxed = jax.eval_shape(lambda r: _init_variables(model, seq_len, r), jax.random.key(0))
     specs = nn.get_partition_spec(boxed)["params"]
-    return logical_to_sharding(specs, mesh)
+    shardings = logical_to_sharding(specs, mesh)
+    check_divisible(nn.meta.unbox(boxed)["params"], shardings)
+    return shardings
 
 
 def _opt_state_shardings(opt_state_shape: Any, params_sh: Any, params_shape: Any, mesh: Mesh):
