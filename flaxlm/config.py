@@ -123,11 +123,24 @@ class SourceConfig:
 
 
 @dataclass
+class StageConfig:
+    """A mixture stage (``data.stages``): from data position ``step`` on (after ``step`` steps
+    of a run without rollbacks), the sources are drawn by these weights (by source name;
+    a source left out gets none). flaxlm/data/mixture.py."""
+
+    step: int = 0
+    weights: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # text files, directories, .jsonl files
     jsonl_field: str = "text"
     # A weighted mixture instead of ``paths``: [{path: ..., weight: ..., field: ...}, ...]
     sources: list[SourceConfig] = field(default_factory=list)
+    # Mixture stages, e.g. annealing: [{step: 800, weights: {books: 0.7, web: 0.3}}]; the
+    # sources' own weights hold before the first stage
+    stages: list[StageConfig] = field(default_factory=list)
     tfds_data_dir: str = (
         ""  # where prepared TFDS datasets live; "" = $TFDS_DATA_DIR or ~/tensorflow_datasets
     )
@@ -165,6 +178,9 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float = 1.0  # 0 = no clipping
+    # What warmup_steps / decay_steps count: optimizer steps, or tokens in units of full
+    # batches (train.batch_size x seq_len; differs from steps only under train.batch_ramp)
+    schedule_unit: str = "steps"
 
 
 @dataclass
@@ -190,6 +206,9 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 32  # global sequences per step (all devices, all micro-batches)
     grad_accum: int = 1
+    # Batch-size ramp-up: [[data position, batch size], ...] from position 0, ending at
+    # batch_size, e.g. [[0, 8], [200, 16], [400, 32]] (flaxlm/batch_ramp.py); [] = no ramp
+    batch_ramp: list[list[int]] = field(default_factory=list)
     seed: int = 0
     run_dir: str = "runs/default"
     log_every: int = 10
@@ -318,6 +337,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.tokenizer_type": ("bpe", "unigram"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
     "optim.schedule": ("cosine", "linear", "constant", "noam"),
+    "optim.schedule_unit": ("steps", "tokens"),
     "logging.wandb_mode": ("offline", "online"),
 }
 

@@ -137,6 +137,8 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
         raise ConfigError(f"guard.cooldown_factor={g.cooldown_factor} must be in (0, 1]")
     _validate_objective(cfg)
     _validate_sources(d)
+    _validate_ramp(t)
+    _validate_stages(d)
     if not check_paths:
         return
     if d.prepared:  # the raw sources may not exist where training runs
@@ -226,6 +228,51 @@ def _validate_sources(d: Any) -> None:
                 f"data.sources[{i}] name {name!r} is used twice; set data.sources[{i}].name"
             )
         names.add(name)
+
+
+def _validate_ramp(t: Any) -> None:
+    """``train.batch_ramp``: [position, size] pairs from position 0 up, sizes in
+    [1, batch_size] divisible by grad_accum, the last = batch_size. The mesh's divisibility is
+    checked where the mesh is built (flaxlm/train/batches.py)."""
+    last, ramp = -1, t.batch_ramp
+    for i, entry in enumerate(ramp):
+        where = f"train.batch_ramp[{i}]={entry}"
+        if len(entry) != 2 or entry[0] <= last or (i == 0 and entry[0] != 0):
+            raise ConfigError(
+                f"{where} should be a pair [data position, batch size], positions from 0 up"
+            )
+        if not 0 < entry[1] <= t.batch_size or entry[1] % t.grad_accum:
+            raise ConfigError(
+                f"{where}: the batch size must be in [1, train.batch_size={t.batch_size}] and "
+                f"divisible by train.grad_accum={t.grad_accum}"
+            )
+        last = entry[0]
+    if ramp and ramp[-1][1] != t.batch_size:
+        raise ConfigError(
+            f"train.batch_ramp[{len(ramp) - 1}]={ramp[-1]}: the last batch size must be "
+            f"train.batch_size={t.batch_size} (the full batch)"
+        )
+
+
+def _validate_stages(d: Any) -> None:
+    """``data.stages``: a mixture's weights by source name, from increasing steps > 0."""
+    if d.stages and len(d.sources) < 2:
+        raise ConfigError(
+            f"data.stages needs a mixture (data.sources with 2 or more sources), got "
+            f"{len(d.sources)} source(s)"
+        )
+    names, last = [source_name(s) for s in d.sources], 0
+    for i, stage in enumerate(d.stages):
+        if stage.step <= last:
+            raise ConfigError(f"data.stages[{i}].step={stage.step} must be > {last}")
+        last = stage.step
+        unknown = [n for n in stage.weights if n not in names]
+        if unknown:
+            raise ConfigError(
+                f"data.stages[{i}].weights names {unknown[0]!r}, not one of {', '.join(names)}"
+            )
+        if any(w < 0 for w in stage.weights.values()) or not sum(stage.weights.values()) > 0:
+            raise ConfigError(f"data.stages[{i}].weights={stage.weights} must be >= 0, one > 0")
 
 
 def _source_exists(path: str) -> bool:

@@ -1,4 +1,13 @@
-"""Optax optimizer and learning-rate schedules built from :class:`OptimConfig`."""
+"""Optax optimizer and learning-rate schedules built from :class:`OptimConfig`.
+
+The schedule's clock (``optim.schedule_unit``): ``steps`` counts optimizer steps; ``tokens``
+counts the tokens trained before a step in units of full batches (``train.batch_size`` x
+``seq_len``), so under a batch ramp (``train.batch_ramp``, flaxlm/batch_ramp.py) the warmup and
+the decay follow the tokens, as in large GPT runs. The token count of optimizer step ``k`` is
+the ramp's rows before data position ``k``: exact in a run without rollbacks, and always a pure
+function of ``k`` (a rollback that skips data does not move the schedule), so resume and
+replay stay exact. Without a ramp both clocks agree.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +15,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import OptimConfig
 
 
-def make_schedule(cfg: OptimConfig, total_steps: int, d_model: int) -> optax.Schedule:
+def make_schedule(
+    cfg: OptimConfig, total_steps: int, d_model: int, ramp: BatchRamp | None = None
+) -> optax.Schedule:
     """The learning rate as a function of the (0-based) optimizer step.
+
+    With ``cfg.schedule_unit == "tokens"`` and a ``ramp``, the shapes below read ``step`` as
+    the full batches of tokens before it (``ramp.full_batches(step)``), and the default
+    ``decay_steps`` is the full batches of the whole run (``total_steps`` of it).
 
     - ``cosine`` / ``linear``: linear warmup from 0 to ``lr`` over ``warmup_steps``, then decay
       to ``min_lr_ratio * lr`` at ``decay_steps`` (default: ``total_steps``), flat afterwards.
@@ -18,6 +34,10 @@ def make_schedule(cfg: OptimConfig, total_steps: int, d_model: int) -> optax.Sch
     - ``noam``: ``lr * d_model**-0.5 * min(n**-0.5, n * warmup**-1.5)`` with ``n = step + 1``
       (Vaswani et al.; ``lr`` is the scale factor, 1.0 reproduces the paper).
     """
+    if cfg.schedule_unit == "tokens" and ramp is not None and ramp.ramped:
+        total = float(ramp.full_batches(total_steps))
+        by_tokens = make_schedule(cfg, total, d_model)  # type: ignore[arg-type]
+        return lambda step: by_tokens(ramp.full_batches(step, jnp))
     peak, warmup = cfg.lr, cfg.warmup_steps
     decay_steps = cfg.decay_steps or total_steps
     floor = cfg.min_lr_ratio * peak
@@ -49,10 +69,11 @@ def decay_mask(params):
 
 
 def make_optimizer(
-    cfg: OptimConfig, total_steps: int, d_model: int
+    cfg: OptimConfig, total_steps: int, d_model: int, ramp: BatchRamp | None = None
 ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW with global-norm clipping; returns the transformation and its schedule."""
-    schedule = make_schedule(cfg, total_steps, d_model)
+    """AdamW with global-norm clipping; returns the transformation and its schedule (``ramp``:
+    the run's ``train.batch_ramp``, for ``optim.schedule_unit: tokens``)."""
+    schedule = make_schedule(cfg, total_steps, d_model, ramp)
     parts = []
     if cfg.clip_norm > 0:
         parts.append(optax.clip_by_global_norm(cfg.clip_norm))

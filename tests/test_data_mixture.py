@@ -226,3 +226,91 @@ def test_sources_round_trip_through_the_resolved_config(tmp_path):
     ]
     save_config(cfg, tmp_path / "c.yaml")
     assert to_dict(load_config(tmp_path / "c.yaml")) == to_dict(cfg)
+
+
+# Stages (data.stages): weights that change at given data positions.
+
+STAGES = [(700, [0.2, 0.3, 0.5]), (1500, [1.0, 0.0, 0.0])]  # (data position, weights)
+
+
+def test_without_stages_the_rows_are_those_dealt_before_stages_existed():
+    # The digest of these batches from the implementation before stages and ramps (commit
+    # ad2f678): a run with one stage and no ramp resumes on the very same rows.
+    b = MixtureBatches(three_sources(), 8, 8, seed=9)
+    got = " ".join(digest(b.batch(k, p, 2)) for k in (0, 1, 511, 512, 700, 1500) for p in (0, 1))
+    assert hashlib.sha256(got.encode()).hexdigest() == (
+        "b1974468de855b5965ceedd61098399c47a816ba55bddd483504081596595436"
+    )
+
+
+def counts(batches: MixtureBatches, first: int, end: int) -> list[int]:
+    return np.bincount(batches.row_sources(np.arange(first, end))[0], minlength=3).tolist()
+
+
+@pytest.mark.parametrize("ramp", [None, [[0, 2], [100, 4], [300, 8]]])
+def test_stage_shares_are_exact_per_block_on_both_sides_of_each_boundary(ramp):
+    from flaxlm.batch_ramp import BatchRamp
+    from flaxlm.data.mixture import apportion_some
+
+    r = BatchRamp(ramp or [], 8)
+    batches = MixtureBatches(three_sources(), 8, 8, seed=2, ramp=r, stages=STAGES)
+    start1, start2 = r.offset(700), r.offset(1500)  # the stages' first global rows
+    block0, block1 = batches.stages[0].block_rows, batches.stages[1].block_rows
+    assert block0 == block1 == 4096 and start1 > block0
+    # Stage 0: whole blocks of 4096 rows, then the block the boundary cuts, exact too.
+    w0, w1 = batches.stages[0].weights, batches.stages[1].weights  # normalised
+    assert np.allclose(w0, WEIGHTS) and np.allclose(w1, STAGES[0][1])
+    assert counts(batches, 0, block0) == apportion(w0, block0).tolist()
+    assert counts(batches, block0, start1) == apportion(w0, start1 - block0).tolist()
+    # Stage 1 deals its own blocks from its first row.
+    assert counts(batches, start1, start1 + block1) == apportion(w1, block1).tolist()
+    tail = start2 - start1 - block1
+    want = apportion_some(w1, tail) if tail < block1 else apportion(w1, block1)
+    assert counts(batches, start1 + block1, start1 + block1 + min(tail, block1)) == want.tolist()
+    # Stage 2 leaves books and code out.
+    assert counts(batches, start2, start2 + 3000) == [3000, 0, 0]
+    # The batches of a data position are the rows the ramp gives it.
+    sources = batches.batch(699)["source_ids"][:, 0]
+    assert len(sources) == r.size(699)
+    assert sources.tolist() == batches.row_sources(r.global_rows(699))[0].tolist()
+
+
+def test_each_source_row_counter_continues_across_stages():
+    batches = MixtureBatches(three_sources(), 8, 8, seed=2, stages=STAGES)
+    source, within = batches.row_sources(np.arange(0, 1600 * 8))
+    for s in range(3):
+        # The j-th row a source ever gets is its row j: no gap, no repeat at a boundary.
+        assert sorted(within[source == s].tolist()) == list(range(int((source == s).sum())))
+        # ... and in row order, so its epochs are walked as without stages.
+        assert (np.diff(within[source == s]) > 0).all()
+    # A jump to any step needs nothing before it: a fresh object builds the same batch.
+    for step in (699, 700, 1499, 1500, 1550):
+        fresh = MixtureBatches(three_sources(), 8, 8, seed=2, stages=STAGES)
+        halves = [fresh.batch(step, p, 2)["inputs"] for p in (0, 1)]
+        assert np.array_equal(np.concatenate(halves), batches.batch(step)["inputs"])
+    # The source counts before a boundary are the stages' closed form.
+    assert batches.stages[1].before.tolist() == counts(batches, 0, 700 * 8)
+    assert batches.stages[2].before.tolist() == counts(batches, 0, 1500 * 8)
+
+
+def test_stages_are_named_by_source_in_config_and_checked(tmp_path):
+    from flaxlm.config import StageConfig
+
+    base = "data.sources=[{path: README.md, name: web}, {path: pyproject.toml, name: books}]"
+    cfg = load_config(None, [base, "data.stages=[{step: 800, weights: {books: 0.7, web: 0.3}}]"])
+    assert cfg.data.stages == [StageConfig(step=800, weights={"books": 0.7, "web": 0.3})]
+    bad = {
+        "data.stages=[{step: 8, weights: {book: 1}}]": "data.stages[0].weights names 'book', "
+        "not one of web, books",
+        "data.stages=[{step: 8, weights: {web: 1}}, {step: 8, weights: {books: 1}}]": (
+            "data.stages[1].step=8 must be > 8"
+        ),
+        "data.stages=[{step: 0, weights: {web: 1}}]": "data.stages[0].step=0 must be > 0",
+        "data.stages=[{step: 5, weights: {web: 0}}]": "data.stages[0].weights={'web': 0.0} must",
+    }
+    for override, message in bad.items():
+        with pytest.raises(ConfigError) as err:
+            load_config(None, [base, override])
+        assert message in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(ConfigError, match="data.stages needs a mixture"):
+        load_config(None, ["data.paths=[README.md]", "data.stages=[{step: 5, weights: {a: 1}}]"])

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.data.feistel import FeistelPermutation
 from flaxlm.data.token_split import TokenSplit
 
@@ -116,13 +117,20 @@ class CausalBatches(EpochOrder):
     """
 
     def __init__(
-        self, split: TokenSplit, seq_len: int, global_batch: int, seed: int, shuffle: bool = True
+        self,
+        split: TokenSplit,
+        seq_len: int,
+        global_batch: int,
+        seed: int,
+        shuffle: bool = True,
+        ramp: BatchRamp | None = None,
     ):
         if seq_len <= 0 or global_batch <= 0:
             raise ValueError(f"seq_len={seq_len} and global_batch={global_batch} must be > 0")
         self.split = split
         self.seq_len = seq_len
         self.global_batch = global_batch
+        self.ramp = ramp or BatchRamp.constant(global_batch)  # train.batch_ramp
         self.seed = seed
         self.shuffle = shuffle
         self.order = split.order
@@ -140,12 +148,11 @@ class CausalBatches(EpochOrder):
         """This process's rows of global batch ``step``: each array (B / P, S).
 
         Process p gets rows [p * B/P, (p+1) * B/P) of the global batch, so concatenating the
-        processes' batches in process order gives the global batch.
+        processes' batches in process order gives the global batch. Batch ``step`` holds
+        global rows ``[ramp.offset(step), ... + B)`` with ``B = ramp.size(step)``
+        (flaxlm/batch_ramp.py); without a ramp ``step * global_batch + row``.
         """
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
-        rows = _process_rows(self.global_batch, process_index, process_count)
-        global_ids = step * self.global_batch + rows
+        global_ids = ramp_rows(self.ramp, step, process_index, process_count)
         return pack_examples(
             self.split.tokens, self.split.doc_offsets, self.example_ids(global_ids), self.seq_len
         )
@@ -180,6 +187,13 @@ class CausalBatches(EpochOrder):
                 full[real] = value
                 padded[key] = full
             yield padded
+
+
+def ramp_rows(ramp: BatchRamp, step: int, process_index: int, process_count: int) -> np.ndarray:
+    """This process's global row indices of batch ``step`` (data position) under ``ramp``."""
+    if step < 0:
+        raise ValueError(f"step={step} must be >= 0")
+    return ramp.offset(step) + _process_rows(ramp.size(step), process_index, process_count)
 
 
 def _process_rows(batch: int, process_index: int, process_count: int) -> np.ndarray:

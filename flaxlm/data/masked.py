@@ -24,8 +24,15 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config
-from flaxlm.data.causal import EpochOrder, _process_rows, n_causal_examples, pack_examples
+from flaxlm.data.causal import (
+    EpochOrder,
+    _process_rows,
+    n_causal_examples,
+    pack_examples,
+    ramp_rows,
+)
 from flaxlm.data.masking import MaskingSpec, mask_batch
 from flaxlm.data.pairs import PairChunks, build_pairs
 from flaxlm.data.token_split import TokenSplit
@@ -70,6 +77,7 @@ class MaskedBatches(EpochOrder):
         tokenizer: Tokenizer,
         shares: tuple[float, float, float] = (1.0, 0.0, 0.0),
         shuffle: bool = True,
+        ramp: BatchRamp | None = None,
     ):
         if layout not in ("nsp", "mlm", "unified"):
             raise ValueError(f"layout={layout!r} is not one of nsp, mlm, unified")
@@ -77,6 +85,7 @@ class MaskedBatches(EpochOrder):
             raise ValueError(f"tokenizer {tokenizer.source} has no [CLS]/[SEP]; BERT needs both")
         self.split, self.layout, self.seq_len = split, layout, seq_len
         self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
+        self.ramp = ramp or BatchRamp.constant(global_batch)  # train.batch_ramp
         self.order = split.order
         self.spec, self.tokenizer = spec, tokenizer
         shares_O = np.asarray(shares, dtype=np.float64)
@@ -167,11 +176,9 @@ class MaskedBatches(EpochOrder):
     def batch(
         self, step: int, process_index: int = 0, process_count: int = 1
     ) -> dict[str, np.ndarray]:
-        """This process's rows of global batch ``step``."""
-        if step < 0:
-            raise ValueError(f"step={step} must be >= 0")
-        rows = _process_rows(self.global_batch, process_index, process_count)
-        return self.build(step * self.global_batch + rows)
+        """This process's rows of global batch ``step``: global rows from ``ramp.offset(step)``
+        on, ``ramp.size(step)`` of them (``step * B + row`` without a ramp)."""
+        return self.build(ramp_rows(self.ramp, step, process_index, process_count))
 
     def eval_batches(
         self,
@@ -207,8 +214,10 @@ def make_masked_batches(
     global_batch: int,
     seed: int | None = None,
     shuffle: bool = True,
+    ramp: BatchRamp | None = None,
 ) -> MaskedBatches:
-    """MaskedBatches for ``cfg`` (layout, shares and masking from ``cfg.objective``)."""
+    """MaskedBatches for ``cfg`` (layout, shares and masking from ``cfg.objective``);
+    ``ramp``: the batch size of each data position (``train.batch_ramp``)."""
     ob = cfg.objective
     spec = MaskingSpec.from_tokenizer(tokenizer, ob, cfg.data.seq_len)
     return MaskedBatches(
@@ -221,4 +230,5 @@ def make_masked_batches(
         tokenizer,
         (ob.mlm, ob.causal, ob.prefix_lm),
         shuffle,
+        ramp,
     )

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config, ConfigError
 from flaxlm.data.inspection import masked_sample
 from flaxlm.data.masked import OBJECTIVES, batch_keys, layout_of, make_masked_batches
@@ -41,7 +42,9 @@ def objective_weights(cfg: Config) -> np.ndarray:
 
 
 def train_batches(prepared, cfg: Config, global_batch: int):
-    return make_masked_batches(prepared.train, cfg, prepared.tokenizer, global_batch)
+    """With ``train.batch_ramp`` (its full batch: ``global_batch``)."""
+    ramp = BatchRamp(cfg.train.batch_ramp, global_batch)
+    return make_masked_batches(prepared.train, cfg, prepared.tokenizer, global_batch, ramp=ramp)
 
 
 def eval_batches(split, cfg: Config, tokenizer, batch_size: int):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config, ConfigError, source_name
 from flaxlm.data import (
     BATCH_KEYS,
@@ -43,7 +44,10 @@ def batch_keys(cfg: Config, training: bool) -> tuple[str, ...]:
 
 
 def train_batches(prepared, cfg: Config, global_batch: int):
-    return make_train_batches(prepared, cfg.data.seq_len, global_batch, cfg.train.seed)
+    """With ``train.batch_ramp`` and ``data.stages`` (the ramp's full batch: ``global_batch``)."""
+    ramp = BatchRamp(cfg.train.batch_ramp, global_batch)
+    d = cfg.data
+    return make_train_batches(prepared, d.seq_len, global_batch, cfg.train.seed, ramp, d.stages)
 
 
 def eval_batches(split, cfg: Config, tokenizer, batch_size: int) -> CausalBatches:

@@ -19,18 +19,32 @@ def rows_per_shard(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def check_batch_fits(global_batch: int, grad_accum: int, mesh: Mesh) -> None:
+def check_batch_fits(
+    global_batch: int, grad_accum: int, mesh: Mesh, key: str = "train.batch_size"
+) -> None:
+    """Raises ConfigError unless ``global_batch`` splits into ``grad_accum`` micro-batches
+    that split over the mesh's batch shards, and over the processes; ``key`` names the
+    value in the message (a ``train.batch_ramp`` entry, say)."""
     micro = global_batch // grad_accum
     shards = rows_per_shard(mesh)
     if micro % shards:
         raise ConfigError(
-            f"micro-batch train.batch_size/train.grad_accum={micro} is not divisible by the "
+            f"micro-batch {key}/train.grad_accum={micro} is not divisible by the "
             f"{shards} batch shards of mesh data x fsdp = {dict(mesh.shape)}"
         )
     if global_batch % jax.process_count():
         raise ConfigError(
-            f"train.batch_size={global_batch} is not divisible by {jax.process_count()} processes"
+            f"{key}={global_batch} is not divisible by {jax.process_count()} processes"
         )
+
+
+def check_train_batches_fit(train_cfg: Any, mesh: Mesh) -> None:
+    """:func:`check_batch_fits` for ``train.batch_size`` and each ``train.batch_ramp`` size
+    (one compiled train step each), the error naming the entry."""
+    check_batch_fits(train_cfg.batch_size, train_cfg.grad_accum, mesh)
+    for i, (start, size) in enumerate(train_cfg.batch_ramp):
+        key = f"train.batch_ramp[{i}]=[{start}, {size}]: batch size"
+        check_batch_fits(size, train_cfg.grad_accum, mesh, key)
 
 
 def put_train_batch(local: dict[str, np.ndarray], mesh: Mesh, grad_accum: int) -> dict:

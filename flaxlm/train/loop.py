@@ -169,7 +169,7 @@ def _check(done: _Pending, healing: SelfHealing, report: StepReporter) -> str | 
     metrics = jax.device_get(done.metrics)
     values = scalars(metrics)
     reason = healing.check(done.step, values["loss"], values["grad_norm"])
-    report.step_done(done.step, metrics, force=reason is not None)
+    report.step_done(done.step, metrics, force=reason is not None, data_index=done.data_index)
     return reason
 
 

@@ -16,11 +16,12 @@ from flax import linen as nn
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config
 from flaxlm.families import Family
 from flaxlm.optim import make_optimizer
 from flaxlm.sharding import build_mesh
-from flaxlm.train.batches import check_batch_fits
+from flaxlm.train.batches import check_train_batches_fit
 from flaxlm.train.state import abstract_state, create_state, state_shardings
 from flaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
@@ -41,10 +42,11 @@ class ModelState:
     @classmethod
     def build(cls, cfg: Config, family: Family, mesh: Mesh | None = None) -> ModelState:
         mesh = build_mesh(cfg.mesh) if mesh is None else mesh
-        check_batch_fits(cfg.train.batch_size, cfg.train.grad_accum, mesh)
+        check_train_batches_fit(cfg.train, mesh)  # the full batch and each batch_ramp size
         seq_len = cfg.data.seq_len
         model = family.build_model(cfg.model)
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
+        ramp = BatchRamp.from_config(cfg.train)
+        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model, ramp)
         shardings = state_shardings(model, tx, mesh, seq_len)
         train_step = jit_train_step(
             make_train_step(model, family, cfg, schedule),

@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config
 from flaxlm.families import Family, summary_line
 from flaxlm.perf import flops_per_token, measure_matmul_peak
@@ -30,6 +31,7 @@ class StepReporter:
     ):
         self.cfg, self.family, self.log, self.show = cfg, family, log, show
         self.last_step = last_step
+        self.ramp = BatchRamp.from_config(cfg.train)  # rows of each data position
         tokens = cfg.train.batch_size * cfg.data.seq_len
         flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
         self.meter = Throughput(tokens, flops, measure_matmul_peak() if show else float("nan"))
@@ -38,13 +40,20 @@ class StepReporter:
         self.history: list[dict[str, Any]] = []
         self._rate: dict[str, float] = {}
 
-    def step_done(self, step: int, metrics: dict[str, Any], force: bool = False) -> dict | None:
+    def step_done(
+        self, step: int, metrics: dict[str, Any], force: bool = False, data_index: int = -1
+    ) -> dict | None:
         """Step ``step``'s metrics (host values) were read. Logs them every ``train.log_every``
-        steps, at the last step, and whenever ``force`` (a bad step). Returns the record."""
-        self.meter.step_done(step)
+        steps, at the last step, and whenever ``force`` (a bad step). Returns the record.
+        ``data_index``: the data position the step trained on; under ``train.batch_ramp`` its
+        batch size is logged, and tokens/s and MFU count the rows actually trained."""
+        rows = self.ramp.size(data_index) if data_index >= 0 else self.ramp.full
+        self.meter.step_done(step, rows / self.ramp.full)
         if not (force or step % self.cfg.train.log_every == 0 or step == self.last_step):
             return None
         record = {"step": step, **{k: float(metrics[k]) for k in STEP_FIELDS}}
+        if self.ramp.ramped:
+            record["batch_size"] = rows
         record.update(self.meter.rate())
         record.update(self.family.log_fields(self.cfg, metrics))
         record.update(moe_terms.log_fields(metrics))

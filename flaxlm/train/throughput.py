@@ -10,6 +10,8 @@ step's completion time is read on that clock when its metrics are read (or when 
 for at a pause), and a window's rate is its steps over the clock time between the completion
 of the step before the window and of its last step. The first step after a start or a
 rollback only sets the reference point: its time holds the compilation or the restore.
+Under a batch ramp (``train.batch_ramp``) a step counts as the share of the full batch it
+trained on, so tokens/s and MFU follow the rows actually in each batch.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ class Throughput:
         self.peak_flops, self.clock = peak_flops, clock
         self._active = 0.0  # clock seconds spent stepping before the current stretch
         self._since: float | None = clock()  # start of the current stretch; None = paused
-        self._ref: tuple[int, float] | None = None  # (step, active time) the window starts at
-        self._last: tuple[int, float] | None = None  # newest completed step
+        # (step, active time, full batches so far) the window starts at, and of the newest
+        # completed step
+        self._ref: tuple[int, float, float] | None = None
+        self._last: tuple[int, float, float] | None = None
 
     def _now(self) -> float:
         running = self.clock() - self._since if self._since is not None else 0.0
@@ -48,12 +52,14 @@ class Throughput:
         if self._since is None:
             self._since = self.clock()
 
-    def step_done(self, step: int) -> None:
-        """Step ``step`` has finished (its metrics were read). A step already seen is ignored,
-        so waiting for a step at a pause and reading it later counts it once."""
+    def step_done(self, step: int, batch_share: float = 1.0) -> None:
+        """Step ``step`` has finished (its metrics were read); it trained ``batch_share`` of
+        the full batch (a ramp's smaller batch: < 1). A step already seen is ignored, so
+        waiting for a step at a pause and reading it later counts it once."""
         if self._last is not None and step <= self._last[0]:
             return
-        self._last = (step, self._now())
+        done = (self._last[2] if self._last is not None else 0.0) + batch_share
+        self._last = (step, self._now(), done)
         if self._ref is None:
             self._ref = self._last
 
@@ -62,7 +68,7 @@ class Throughput:
         the previous call; empty when there are none."""
         if self._ref is None or self._last is None or self._last[0] <= self._ref[0]:
             return {}
-        steps = self._last[0] - self._ref[0]
+        steps = self._last[2] - self._ref[2]  # in full batches
         seconds = max(self._last[1] - self._ref[1], 1e-9)
         self._ref = self._last
         out = {"tokens_per_s": steps * self.tokens_per_step / seconds}
