@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from flaxlm.config import DataConfig
-from flaxlm.data.cache import SPLITS, PreparedData, SourceData
+from flaxlm.data.corpus import SPLITS, PreparedData, SourceData
 from flaxlm.data.documents import DataError
 from flaxlm.data.fingerprints import file_sha256
 from flaxlm.data.sharded_tokens import LazyShard, ReadCount, ShardedTokens
