@@ -96,6 +96,23 @@ def test_a_ramp_size_the_mesh_cannot_split_is_refused_naming_it():
     assert "not divisible by the 4 batch shards" in str(err.value)
 
 
+def test_a_resume_with_another_ramp_stages_or_schedule_unit_is_a_change_of_the_run():
+    from flaxlm.config import to_dict
+    from flaxlm.train.resume_checks import config_changes
+
+    run = ["train.batch_size=8", "data.sources=[README.md, pyproject.toml]"]
+    saved = to_dict(load_config(None, run))
+    for override, key in [
+        ("train.batch_ramp=[[0, 4], [10, 8]]", "train.batch_ramp"),
+        ("data.stages=[{step: 5, weights: {README: 1}}]", "data.stages"),
+        ("optim.schedule_unit=tokens", "optim.schedule_unit"),
+    ]:
+        assert list(config_changes(saved, load_config(None, [*run, override]))) == [key]
+    for section, key in (("train", "batch_ramp"), ("data", "stages")):
+        saved[section].pop(key)  # a checkpoint from before ramps and stages: no change
+    assert config_changes(saved, load_config(None, run)) == {}
+
+
 def test_lr_schedule_in_tokens_follows_the_rows_trained():
     cfg = OptimConfig(lr=1.0, schedule="linear", warmup_steps=4, min_lr_ratio=0.0)
     ramp = BatchRamp([[0, 2], [8, 8]], 8)  # 8 quarter batches, then full ones

@@ -291,6 +291,7 @@ def test_each_source_row_counter_continues_across_stages():
     # The source counts before a boundary are the stages' closed form.
     assert batches.stages[1].before.tolist() == counts(batches, 0, 700 * 8)
     assert batches.stages[2].before.tolist() == counts(batches, 0, 1500 * 8)
+    assert batches.rows_before(1500).tolist() == counts(batches, 0, 1500 * 8)  # data inspect
 
 
 def test_stages_are_named_by_source_in_config_and_checked(tmp_path):

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config
 from flaxlm.data.cache import PreparedData, prepare_data
 from flaxlm.data.causal import CausalBatches
@@ -42,11 +43,11 @@ def inspect_data(
     (:func:`causal_sample`, :func:`masked_sample`: the family table's ``inspect_sample``)."""
     d = cfg.data
     prepared = prepare_data(d, cfg.model.vocab_size, progress=progress)
-    batches = make_train_batches(prepared, d.seq_len, cfg.train.batch_size, cfg.train.seed)
+    batches = _train_batches(cfg, prepared)
     sources = []
     for i, (raw, source) in enumerate(zip(_raw_sources(d), prepared.sources, strict=True)):
         n_examples = CausalBatches(source.train, d.seq_len, 1, 0).n_examples
-        rows_per_run = cfg.train.steps * cfg.train.batch_size * _share(batches, i)
+        rows_per_run = _rows_per_run(batches, cfg.train.steps, i)
         sources.append(
             {
                 "name": source.name,
@@ -91,8 +92,18 @@ def _raw_sources(d) -> list[dict]:
     return out
 
 
-def _share(batches: CausalBatches | MixtureBatches, index: int) -> float:
-    return float(batches.shares[index]) if isinstance(batches, MixtureBatches) else 1.0
+def _train_batches(cfg: Config, prepared: PreparedData) -> CausalBatches | MixtureBatches:
+    """The run's training batches: its batch ramp and mixture stages included."""
+    d, t = cfg.data, cfg.train
+    ramp = BatchRamp.from_config(t)
+    return make_train_batches(prepared, d.seq_len, t.batch_size, t.seed, ramp, d.stages)
+
+
+def _rows_per_run(batches: CausalBatches | MixtureBatches, steps: int, index: int) -> float:
+    """Rows source ``index`` gets in the first ``steps`` batches."""
+    if isinstance(batches, MixtureBatches):
+        return float(batches.rows_before(steps)[index])
+    return float(batches.ramp.offset(steps))
 
 
 def _tokenizer_report(prepared: PreparedData) -> dict[str, Any]:
@@ -106,10 +117,7 @@ def _tokenizer_report(prepared: PreparedData) -> dict[str, Any]:
 
 def causal_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> dict[str, Any]:
     """The first ``rows`` rows of a causal run's batch ``step``, documents separated."""
-    d = cfg.data
-    batch = make_train_batches(prepared, d.seq_len, cfg.train.batch_size, cfg.train.seed).batch(
-        step
-    )
+    batch = _train_batches(cfg, prepared).batch(step)
     names = [s.name for s in prepared.sources]
     out = []
     for r in range(min(rows, len(batch["inputs"]))):
@@ -134,7 +142,9 @@ def masked_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> 
     """The first ``rows`` rows of a BERT run's batch ``step``, predicted positions marked."""
     tok = prepared.tokenizer
     layout = layout_of(cfg)
-    batch = make_masked_batches(prepared.train, cfg, tok, cfg.train.batch_size).batch(step)
+    batch = make_masked_batches(
+        prepared.train, cfg, tok, cfg.train.batch_size, ramp=BatchRamp.from_config(cfg.train)
+    ).batch(step)
     out = []
     for r in range(min(rows, len(batch["inputs"]))):
         inputs_S = batch["inputs"][r]
