@@ -155,14 +155,18 @@ class DataConfig:
     # training reads it instead of the raw sources (paths are then not read; the names and
     # weights of data.sources still apply). Empty = the tokenize-once cache of the sources.
     prepared: str = ""
-    tokenizer: str = ""  # an existing sentencepiece .model; empty = train one on the train split
+    # An existing tokenizer: a sentencepiece .model, a HuggingFace tokenizer.json, or an HF
+    # tokenizer directory (tokenizer.json, or vocab.txt / vocab.json + merges.txt); special
+    # roles come from its tokenizer_config.json or usual names. Empty = train one on the train
+    # split. Checkpoints and the cache keep its bytes, so eval/generate/resume reload it exactly.
+    tokenizer: str = ""
     tokenizer_type: str = "bpe"  # only when training one
     tokenizer_vocab_size: int = 8192
     byte_fallback: bool = True
     tokenizer_character_coverage: float = 1.0  # share of characters kept as pieces (CJK: 0.9995)
     tokenizer_normalization: str = "identity"  # identity = exact round trip; the others: lossy
     # Special tokens a given tokenizer lacks: role -> piece, e.g. {pad: "</s>", mask: "[MASK]"};
-    # a piece not in its vocabulary is appended as a new control piece.
+    # a piece not in its vocabulary is appended as a new control piece (HF: special token).
     tokenizer_specials: dict[str, str] = field(default_factory=dict)
 
 

@@ -154,8 +154,11 @@ def validate(cfg: Any, choices: dict[str, tuple[str, ...]], check_paths: bool = 
     for i, s in enumerate(d.sources):
         if not _source_exists(s.path):
             raise ConfigError(f"data.sources[{i}].path {s.path!r} does not exist")
-    if d.tokenizer and not Path(d.tokenizer).is_file():
-        raise ConfigError(f"data.tokenizer {d.tokenizer!r} is not a file")
+    if d.tokenizer and not Path(d.tokenizer).exists():
+        raise ConfigError(
+            f"data.tokenizer {d.tokenizer!r} does not exist; expected a sentencepiece .model, "
+            "a tokenizer.json or an HF tokenizer directory"
+        )
 
 
 def _validate_moe(m: Any) -> None:

@@ -1,7 +1,6 @@
-"""SentencePiece tokenizers with fixed special-token ids.
+"""Tokenizers: sentencepiece models with fixed special-token ids, or HuggingFace ones.
 
-Every tokenizer flaxlm trains has the same special tokens at the same ids, so the GPT and BERT
-code can name them without asking the tokenizer:
+Every tokenizer flaxlm trains has the same special tokens at the same ids:
 
     <pad>=0  <unk>=1  <s>=2  </s>=3  [CLS]=4  [SEP]=5  [MASK]=6
 
@@ -11,6 +10,11 @@ prefix, bytes for unseen characters), so ``decode(encode(text)) == text`` for an
     path = train_tokenizer([Path("corpus.txt")], Path("out/tok"), vocab_size=8192)
     tok = Tokenizer.load(path)
     ids = tok.encode("To be, or not to be")
+
+Code asks the tokenizer for its special ids (``tok.pad_id``, ``tok.mask_id``, ...), never
+assumes them, so a given tokenizer works as well: a sentencepiece ``.model``, or a HuggingFace
+``tokenizer.json`` / tokenizer directory (GPT-2 byte-level BPE, BERT WordPiece; see
+:mod:`flaxlm.tokenizer_hf`). ``Tokenizer.load`` tells them apart by content.
 
 A foreign model (e.g. a 32k Llama/Mistral BPE) that lacks some specials gets them mapped:
 ``Tokenizer.load(path, specials={"pad": "</s>", "mask": "[MASK]"})`` reuses the control piece
@@ -26,17 +30,34 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 
 from flaxlm.config import CHOICES, ConfigError
+from flaxlm.tokenizer_base import (
+    BOS_ID,
+    CLS_ID,
+    EOS_ID,
+    MASK_ID,
+    PAD_ID,
+    SEP_ID,
+    SPECIAL_ROLES,
+    SPECIAL_TOKENS,
+    UNK_ID,
+    Tokenizer,
+    is_json,
+)
+from flaxlm.tokenizer_hf import HFTokenizer
 
-SPECIAL_TOKENS = ("<pad>", "<unk>", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
-PAD_ID, UNK_ID, BOS_ID, EOS_ID, CLS_ID, SEP_ID, MASK_ID = range(len(SPECIAL_TOKENS))
-# The roles a foreign model's pieces can be mapped to, and the piece appended for each.
-SPECIAL_ROLES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "cls": "[CLS]", "sep": "[SEP]",
-                 "mask": "[MASK]"}  # fmt: skip
+__all__ = [
+    "BOS_ID", "CLS_ID", "EOS_ID", "MASK_ID", "PAD_ID", "SEP_ID", "SPECIAL_ROLES",
+    "SPECIAL_TOKENS", "UNK_ID", "HFTokenizer", "SentencePieceTokenizer", "Tokenizer",
+    "check_vocab", "map_special_tokens", "train_tokenizer",
+]  # fmt: skip
+
 MODEL_TYPES = CHOICES["data.tokenizer_type"]
 NORMALIZATIONS = CHOICES["data.tokenizer_normalization"]
+WORD_START = "\u2581"  # sentencepiece's escaped space: a piece that starts a word
 
 # sentencepiece samples this many lines at most; more only costs memory and time.
 MAX_TRAINING_SENTENCES = 2_000_000
@@ -123,10 +144,9 @@ def train_tokenizer(
         raise ValueError(
             f"sentencepiece training with vocab_size={vocab_size} failed: {detail}"
         ) from e
-    tokenizer = Tokenizer.from_bytes(proto.getvalue())
+    tokenizer = SentencePieceTokenizer.from_bytes(proto.getvalue())
     vocab = "".join(
-        f"{tokenizer.id_to_piece(i)}\t{tokenizer._sp.get_score(i):g}\n"
-        for i in range(tokenizer.vocab_size)
+        f"{tokenizer.id_to_piece(i)}\t{tokenizer.score(i):g}\n" for i in range(tokenizer.vocab_size)
     )
     model_path = model_prefix.with_name(model_prefix.name + ".model")
     _write_atomic(model_path, proto.getvalue())
@@ -166,17 +186,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
         raise
 
 
-class Tokenizer:
-    """A loaded sentencepiece model plus the ids of the special tokens.
-
-    ``cls_id``/``sep_id``/``mask_id`` are None for a foreign model that lacks them; pad, unk,
-    bos and eos are required.
-    """
+class SentencePieceTokenizer(Tokenizer):
+    """A loaded sentencepiece model plus the ids of the special tokens (pad, unk, bos and
+    eos are required; map missing ones with :func:`map_special_tokens`)."""
 
     def __init__(self, processor: spm.SentencePieceProcessor, source: str = "<bytes>"):
         self._sp = processor
         self.source = source
-        self.vocab_size: int = processor.get_piece_size()
+        self.vocab_size = processor.get_piece_size()
         ids = {
             "pad": processor.pad_id(),
             "unk": processor.unk_id(),
@@ -191,27 +208,34 @@ class Tokenizer:
                 f"and eos ids: map each to a control piece or append one, e.g. "
                 f"data.tokenizer_specials={{{example}}}"
             )
-        self.pad_id: int = ids["pad"]
-        self.unk_id: int = ids["unk"]
-        self.bos_id: int = ids["bos"]
-        self.eos_id: int = ids["eos"]
-        self.cls_id: int | None = self._piece_id("[CLS]")
-        self.sep_id: int | None = self._piece_id("[SEP]")
-        self.mask_id: int | None = self._piece_id("[MASK]")
+        self.pad_id = ids["pad"]
+        self.unk_id = ids["unk"]
+        self.bos_id = ids["bos"]
+        self.eos_id = ids["eos"]
+        self.cls_id = self._piece_id("[CLS]")
+        self.sep_id = self._piece_id("[SEP]")
+        self.mask_id = self._piece_id("[MASK]")
 
     @classmethod
-    def load(cls, path: str | Path, specials: dict[str, str] | None = None) -> Tokenizer:
-        """Loads a sentencepiece ``.model`` file, mapping missing specials (see the module doc)."""
+    def reads(cls, data: bytes | None) -> bool:
+        """Any file that is not JSON (a sentencepiece model proto, or an error to report)."""
+        return data is not None and not is_json(data)
+
+    @classmethod
+    def load(
+        cls, path: str | Path, specials: dict[str, str] | None = None
+    ) -> SentencePieceTokenizer:
+        """Loads a ``.model`` file, mapping missing specials (see the module doc)."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer model {str(path)!r} does not exist")
-        model_bytes = path.read_bytes()
+        data = path.read_bytes()
         if specials:
-            model_bytes = map_special_tokens(model_bytes, specials, source=str(path))
-        return cls.from_bytes(model_bytes, source=str(path))
+            data = map_special_tokens(data, specials, source=str(path))
+        return cls.from_bytes(data, source=str(path))
 
     @classmethod
-    def from_bytes(cls, model_bytes: bytes, source: str = "<bytes>") -> Tokenizer:
+    def from_bytes(cls, model_bytes: bytes, source: str = "<bytes>") -> SentencePieceTokenizer:
         """Loads a serialized sentencepiece model (as stored in checkpoints)."""
         processor = spm.SentencePieceProcessor()
         try:
@@ -222,7 +246,7 @@ class Tokenizer:
 
     @property
     def model_bytes(self) -> bytes:
-        """The serialized ``.model`` (store it next to the weights to decode later)."""
+        """The serialized ``.model``."""
         return self._sp.serialized_model_proto()
 
     def encode(self, text: str) -> list[int]:
@@ -238,15 +262,22 @@ class Tokenizer:
         return self._sp.decode([int(i) for i in ids])
 
     def id_to_piece(self, i: int) -> str:
+        """The piece of id ``i`` (spaces shown as ``▁``)."""
         return self._sp.id_to_piece(int(i))
+
+    def word_starts(self) -> np.ndarray:
+        """(vocab_size,) bool: pieces that begin with ``▁`` (a space)."""
+        pieces = [self._sp.id_to_piece(i) for i in range(self.vocab_size)]
+        return np.array([p.startswith(WORD_START) for p in pieces], dtype=bool)
+
+    def score(self, i: int) -> float:
+        """The piece's score in the model (BPE: merge priority; unigram: log-probability)."""
+        return self._sp.get_score(int(i))
 
     def _piece_id(self, piece: str) -> int | None:
         i = self._sp.piece_to_id(piece)
         # piece_to_id answers unk for pieces it does not know.
         return i if self._sp.id_to_piece(i) == piece else None
-
-    def __repr__(self) -> str:
-        return f"Tokenizer({self.source}, vocab_size={self.vocab_size})"
 
 
 def map_special_tokens(

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import noisy_params
+from hf_tokenizers import PROBES, bert_tokenizer_dir
 
 from flaxlm.cli import main
 from flaxlm.config import Config, ModelConfig
@@ -222,6 +223,29 @@ def test_from_hf_makes_a_run_of_a_transformers_bert_with_a_given_tokenizer(
     loaded = load_checkpoint(tmp_path / "run")
     assert (loaded.cfg.model.family, loaded.cfg.model.max_seq_len) == ("bert", 64)
     assert loaded.cfg.data.seq_len == 32
+
+
+def test_a_transformers_bert_imports_and_exports_with_its_wordpiece_tokenizer(tmp_path):
+    hf_dir = bert_tokenizer_dir(tmp_path / "hf", vocab_size=V)
+    config = transformers.BertConfig(
+        vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=64,
+    )  # fmt: skip
+    transformers.BertForPreTraining(config).save_pretrained(hf_dir)
+    assert main(["convert", "from-hf", str(hf_dir), str(tmp_path / "run")]) == 0
+    tok = load_checkpoint(tmp_path / "run").tokenizer
+    reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in PROBES:
+        assert tok.encode(text) == reference.encode(text, add_special_tokens=False)
+    assert (tok.cls_id, tok.sep_id, tok.mask_id, tok.pad_id) == (
+        reference.cls_token_id, reference.sep_token_id, reference.mask_token_id,
+        reference.pad_token_id,
+    )  # fmt: skip
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert exported.mask_token_id == tok.mask_id
+    for text in PROBES:
+        assert exported.encode(text, add_special_tokens=False) == tok.encode(text)
 
 
 @pytest.fixture(scope="module")

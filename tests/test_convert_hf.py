@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import noisy_params
+from hf_tokenizers import PROBES, gpt2_tokenizer_dir
 
 from flaxlm.cli import main
 from flaxlm.config import Config, ModelConfig
@@ -88,6 +89,36 @@ def test_a_random_transformers_gpt2_imports_with_the_same_logits(tmp_path):
     assert diff <= 1e-4, f"max abs diff {diff}"
 
 
+def test_a_transformers_gpt2_imports_and_exports_with_its_own_tokenizer(tmp_path):
+    """A GPT-2 directory with a byte-level BPE tokenizer.json: the imported run encodes like
+    AutoTokenizer, generates through it, and to-hf writes the same tokenizer back."""
+    from flaxlm.tools.generate import GenerateOptions, generate_for
+
+    hf_dir = gpt2_tokenizer_dir(tmp_path / "hf", vocab_size=V)
+    config = transformers.GPT2Config(vocab_size=V, n_positions=40, n_embd=32, n_layer=1, n_head=4)
+    transformers.GPT2LMHeadModel(config).save_pretrained(hf_dir)
+    assert main(["convert", "from-hf", str(hf_dir), str(tmp_path / "run")]) == 0
+    loaded = load_checkpoint(tmp_path / "run")
+    reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    for text in PROBES:
+        assert loaded.tokenizer.encode(text) == reference.encode(text, add_special_tokens=False)
+    end = reference.convert_tokens_to_ids("<|endoftext|>")
+    assert (loaded.tokenizer.eos_id, loaded.tokenizer.pad_id) == (end, end)
+    prompt = loaded.tokenizer.encode(" To be, or not")
+    new_ids = generate_for(loaded, [prompt], GenerateOptions(max_new_tokens=3)).ids[0]
+    assert loaded.tokenizer.decode(new_ids) == reference.decode(new_ids, skip_special_tokens=True)
+
+    assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "out")]) == 0
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    for text in PROBES:
+        assert exported.encode(text, add_special_tokens=False) == loaded.tokenizer.encode(text)
+    hf_config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (hf_config["eos_token_id"], hf_config["pad_token_id"]) == (end, end)
+    assert main(["convert", "from-hf", str(tmp_path / "out"), str(tmp_path / "back")]) == 0
+    back = load_checkpoint(tmp_path / "back")
+    assert back.tokenizer.model_bytes == loaded.tokenizer.model_bytes
+
+
 def test_unsupported_options_are_refused_with_the_option_named(tmp_path):
     with pytest.raises(ConversionError, match="model.positions='rope'"):
         export_hf(tiny(positions="rope"), noisy_params(tiny(positions="rope")), tmp_path)
@@ -113,6 +144,15 @@ def test_convert_commands_round_trip_a_checkpoint(tmp_path, tiny_tokenizer, caps
     assert main(["convert", "to-hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "model.safetensors").is_file()
     assert (tmp_path / "hf" / "tokenizer.model").read_bytes() == tiny_tokenizer.model_bytes
+    # transformers reads the sentencepiece run's tokenizer as tokenizer.json, with its ids.
+    exported = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for text in PROBES:
+        assert exported.encode(text, add_special_tokens=False) == tiny_tokenizer.encode(text)
+    assert (
+        exported.pad_token_id
+        == tiny_tokenizer.pad_id
+        == transformers.AutoConfig.from_pretrained(tmp_path / "hf").pad_token_id
+    )
     assert main(["convert", "from-hf", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
     loaded = load_checkpoint(tmp_path / "back")
     assert loaded.cfg.model == cfg.model

@@ -27,7 +27,6 @@ from flaxlm.config import ObjectiveConfig
 from flaxlm.tokenizer import Tokenizer
 
 MASK_STREAM = 0x6D61736B  # separates the masking generators from every other seeded stream
-WORD_START = "\u2581"  # sentencepiece's "▁": the piece begins a new word
 
 
 @dataclass(frozen=True)
@@ -66,8 +65,7 @@ class MaskingSpec:
         ]  # fmt: skip
         is_special = np.zeros(vocab, dtype=bool)
         is_special[special_ids] = True
-        pieces = [tokenizer.id_to_piece(i) for i in range(vocab)]
-        word_start = np.array([p.startswith(WORD_START) for p in pieces], dtype=bool)
+        word_start = tokenizer.word_starts()
         return cls(
             mask_prob=cfg.mask_prob,
             mask_token_prob=cfg.mask_token_prob,

@@ -4,6 +4,11 @@
     flaxlm convert to-hf runs/bert_demo hf/bert_demo     # the same for a BERT run
     flaxlm convert from-hf hf/gpt_demo runs/imported     # a run dir with checkpoint 0
 
+Tokenizers travel both ways (flaxlm/hf/tokenizer.py): ``to-hf`` writes the run's tokenizer as
+``tokenizer.json`` + ``tokenizer_config.json`` (and a sentencepiece run's ``tokenizer.model``),
+so ``AutoTokenizer.from_pretrained(OUT)`` encodes text to the run's ids; ``from-hf`` gives the
+run the directory's own tokenizer (``tokenizer.model``, ``tokenizer.json`` or vocab files).
+
 The converters of each model family are named by its entry in the family table
 (flaxlm/families/): GPT <-> ``GPT2LMHeadModel`` (flaxlm/hf/gpt2.py) or, for a Llama-style
 GPT (RMSNorm, SwiGLU, RoPE, GQA), ``LlamaForCausalLM`` (flaxlm/hf/llama.py); BERT <->
@@ -41,11 +46,12 @@ from flaxlm.hf.gpt2 import (
     gpt2_tensors,
     gpt_params,
 )
+from flaxlm.hf.tokenizer import load_hf_dir_tokenizer, write_tokenizer_files
+from flaxlm.tokenizer import Tokenizer
 
 __all__ = [
     "FROM_GPT2_ACTIVATIONS",
     "GPT2_ACTIVATIONS",
-    "TOKENIZER_FILE",
     "WEIGHTS_FILE",
     "ConversionError",
     "Converter",
@@ -66,7 +72,6 @@ __all__ = [
 ]
 
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILE = "tokenizer.model"
 
 
 def converters() -> dict[str, tuple[str, Converter]]:
@@ -104,12 +109,22 @@ def _safetensors():
 
 
 def export_hf(
-    cfg: ModelConfig, params: Any, out_dir: str | Path, tokenizer_bytes: bytes | None = None
+    cfg: ModelConfig,
+    params: Any,
+    out_dir: str | Path,
+    tokenizer: Tokenizer | None = None,
+    seq_len: int | None = None,
 ) -> Path:
-    """Writes ``config.json`` + ``model.safetensors`` (+ the sentencepiece ``tokenizer.model``)
-    that ``transformers`` loads offline. Returns ``out_dir``."""
+    """Writes ``config.json`` + ``model.safetensors`` (+ the tokenizer's HF files, its special
+    ids in config.json, ``seq_len`` as its ``model_max_length``) that ``transformers`` loads
+    offline. Returns ``out_dir``."""
     conv = converter_for(cfg)
     hf_config = conv.to_config(cfg)  # its flaxlm_model keeps scan_layers, for the way back
+    if tokenizer is not None:
+        ids = tokenizer.special_ids()
+        for role in ("bos", "eos", "pad"):
+            if f"{role}_token_id" in hf_config:
+                hf_config[f"{role}_token_id"] = ids[role]
     tensors = conv.to_tensors(
         unscan_blocks(params, cfg), dataclasses.replace(cfg, scan_layers=False)
     )
@@ -117,8 +132,8 @@ def export_hf(
     out.mkdir(parents=True, exist_ok=True)
     _safetensors().save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    if tokenizer_bytes is not None:
-        (out / TOKENIZER_FILE).write_bytes(tokenizer_bytes)
+    if tokenizer is not None:
+        write_tokenizer_files(tokenizer, out, seq_len)
     return out
 
 
@@ -192,7 +207,9 @@ def to_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     from flaxlm.tools.load import load_checkpoint
 
     loaded = load_checkpoint(checkpoint)
-    return export_hf(loaded.cfg.model, loaded.params, out_dir, loaded.tokenizer.model_bytes)
+    return export_hf(
+        loaded.cfg.model, loaded.params, out_dir, loaded.tokenizer, loaded.cfg.data.seq_len
+    )
 
 
 def from_hf(
@@ -200,20 +217,21 @@ def from_hf(
 ) -> Path:
     """``flaxlm convert from-hf``: an HF directory -> a run dir with checkpoint 0.
 
-    flaxlm runs need a sentencepiece tokenizer: ``tokenizer.model`` in ``hf_dir`` (what
-    ``to-hf`` writes) or ``tokenizer``. ``seq_len`` (default ``min(positions, 1024)``, the
-    position table's size being ``n_positions`` / ``max_position_embeddings``) becomes
-    ``data.seq_len``: the context of generation, or of BERT training examples. Returns the
-    checkpoint folder.
+    The run's tokenizer is ``tokenizer`` (a sentencepiece ``.model``, a ``tokenizer.json`` or an
+    HF tokenizer directory) if given, else ``hf_dir``'s own (:func:`load_hf_dir_tokenizer`:
+    ``tokenizer.model`` as ``to-hf`` writes it, ``tokenizer.json``, vocab files). ``seq_len``
+    (default ``min(positions, 1024)``, the position table's size being ``n_positions`` /
+    ``max_position_embeddings``) becomes ``data.seq_len``: the context of generation, or of
+    BERT training examples. Returns the checkpoint folder.
     """
-    from flaxlm.tokenizer import Tokenizer
     from flaxlm.tools.load import save_params_checkpoint
 
     model_cfg, params = import_hf(hf_dir)
-    tok_path = Path(tokenizer) if tokenizer else Path(hf_dir) / TOKENIZER_FILE
-    if not tok_path.is_file():
+    tok = Tokenizer.load(tokenizer) if tokenizer else load_hf_dir_tokenizer(hf_dir)
+    if tok is None:
         raise FileNotFoundError(
-            f"no sentencepiece tokenizer: {tok_path} does not exist (pass --tokenizer PATH.model)"
+            f"{hf_dir} has no tokenizer (tokenizer.model, tokenizer.json, vocab.txt or "
+            "vocab.json); pass --tokenizer PATH (.model, tokenizer.json or an HF directory)"
         )
     cfg = Config(model=model_cfg)
     cfg.data.seq_len = seq_len or min(model_cfg.max_seq_len, 1024)
@@ -223,4 +241,4 @@ def from_hf(
             f"{model_cfg.max_seq_len} positions"
         )
     converter_for(model_cfg).fit_run_config(cfg)
-    return save_params_checkpoint(run_dir, cfg, params, Tokenizer.load(tok_path))
+    return save_params_checkpoint(run_dir, cfg, params, tok)
