@@ -1,5 +1,6 @@
 """Does a host's memory and start-up stay flat as a prepared corpus grows? (issue: data at
-pod scale). Builds a 1x and a 10x corpus from the demo text, prepares both, then for each:
+pod scale). Builds a 1x corpus (the demo text) and two 10x ones (10x the files; the same
+files, 10x longer), prepares them, then for each:
 
 - start-up: the seconds to open the data a run trains on (``prepare_data``) in a fresh
   process, for the prepared corpus and for the raw sources with a warm tokenize-once cache
@@ -55,12 +56,16 @@ def child(script: str, *args: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def make_corpus(src: Path, out: Path, copies: int) -> Path:
-    """``copies`` copies of every file of ``src`` (other names: other doc ids)."""
+def make_corpus(src: Path, out: Path, copies: int, grow: str) -> Path:
+    """``src`` grown ``copies`` times: more files (``files``: copies under other names, so
+    other doc ids) or longer ones (``content``: each file's text repeated, same files)."""
     out.mkdir(parents=True)
-    for c in range(copies):
-        for path in sorted(src.rglob("*.txt")):
-            shutil.copy(path, out / f"{c:03d}-{path.name}")
+    for path in sorted(src.rglob("*.txt")):
+        if grow == "files":
+            for c in range(copies):
+                shutil.copy(path, out / f"{c:03d}-{path.name}")
+        else:
+            (out / path.name).write_text("\n\n".join([path.read_text()] * copies))
     return out
 
 
@@ -74,10 +79,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="flaxlm-data-scale-") as tmp:
         tmp = Path(tmp)
-        for copies in (1, args.scale):
-            raw = make_corpus(Path(args.corpus), tmp / f"raw{copies}", copies)
+        for copies, grow in ((1, "files"), (args.scale, "content"), (args.scale, "files")):
+            name = f"{copies}x" + (f" ({grow})" if copies > 1 else "")
+            raw = make_corpus(Path(args.corpus), tmp / f"raw{copies}{grow}", copies, grow)
             data = [f"data.paths=[{raw}]", f"data.cache_dir={tmp / 'cache'}"]
-            prepared = tmp / f"prepared{copies}"
+            prepared = tmp / f"prepared{copies}{grow}"
             subprocess.run(
                 [sys.executable, "-m", "flaxlm.cli", "data", "prepare", str(CONFIG), *data,
                  "--out", str(prepared), "--workers", str(args.workers), "--json"],
@@ -87,25 +93,26 @@ def main() -> None:
             cached = child(OPEN_DATA, *data)
             opened = child(OPEN_DATA, f"data.prepared={prepared}")
             run = child(
-                TRAIN, f"data.prepared={prepared}", f"train.run_dir={tmp / f'run{copies}'}",
+                TRAIN, f"data.prepared={prepared}", f"train.run_dir={tmp / f'run{copies}{grow}'}",
                 f"train.steps={args.steps}", f"train.eval_every={args.steps}",
                 f"checkpoint.every={args.steps}", "train.progress=false",
             )  # fmt: skip
             rows.append({
-                "corpus": f"{copies}x", "train_tokens": opened["train_tokens"],
+                "corpus": name, "files": len(list(raw.iterdir())),
+                "train_tokens": opened["train_tokens"],
                 "open_prepared_s": round(opened["seconds"], 3),
                 "open_cache_s": round(cached["seconds"], 3),
                 "train_peak_rss_mib": round(run["maxrss_mib"], 1),
             })  # fmt: skip
     base = rows[0]["train_peak_rss_mib"]
-    print("| corpus | train tokens | open prepared (s) | open raw, warm cache (s) | "
+    print("| corpus | files | train tokens | open prepared (s) | open raw, warm cache (s) | "
           "train peak RSS (MiB) | RSS vs 1x |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(
-            f"| {r['corpus']} | {r['train_tokens']:,} | {r['open_prepared_s']:.3f} | "
-            f"{r['open_cache_s']:.3f} | {r['train_peak_rss_mib']:.0f} | "
-            f"{r['train_peak_rss_mib'] / base:.3f} |"
+            f"| {r['corpus']} | {r['files']} | {r['train_tokens']:,} | "
+            f"{r['open_prepared_s']:.3f} | {r['open_cache_s']:.3f} | "
+            f"{r['train_peak_rss_mib']:.0f} | {r['train_peak_rss_mib'] / base:.3f} |"
         )
     for r in rows:
         print(json.dumps(r))
