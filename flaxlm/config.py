@@ -160,7 +160,7 @@ class DataConfig:
     # roles come from its tokenizer_config.json or usual names. Empty = train one on the train
     # split. Checkpoints and the cache keep its bytes, so eval/generate/resume reload it exactly.
     tokenizer: str = ""
-    tokenizer_type: str = "bpe"  # only when training one
+    tokenizer_type: str = "bpe"  # only when training one: bpe/unigram (sentencepiece), byte_bpe
     tokenizer_vocab_size: int = 8192
     byte_fallback: bool = True
     tokenizer_character_coverage: float = 1.0  # share of characters kept as pieces (CJK: 0.9995)
@@ -338,7 +338,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.remat": ("none", "full", "dots"),
     "model.attention_impl": ("auto", "flaxlm", "xla", "cudnn", "splash"),
     "model.custom_backward": ("auto", "on", "off"),
-    "data.tokenizer_type": ("bpe", "unigram"),
+    "data.tokenizer_type": ("bpe", "unigram", "byte_bpe"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),
     "optim.schedule": ("cosine", "linear", "constant", "noam"),
     "optim.schedule_unit": ("steps", "tokens"),

@@ -25,6 +25,7 @@ is written into the model bytes, so a checkpoint's tokenizer reloads without it.
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -47,7 +48,7 @@ from flaxlm.tokenizer_base import (
     Tokenizer,
     is_json,
 )
-from flaxlm.tokenizer_hf import HFTokenizer
+from flaxlm.tokenizer_hf import HF_MODEL_TYPES, HFTokenizer, train_hf_tokenizer
 
 __all__ = [
     "BOS_ID", "CLS_ID", "EOS_ID", "MASK_ID", "PAD_ID", "SEP_ID", "SPECIAL_ROLES",
@@ -80,7 +81,12 @@ def train_tokenizer(
     character_coverage: float = 1.0,
     normalization: str = "identity",
 ) -> Path:
-    """Trains a sentencepiece model on text files (one sentence per line); returns the .model path.
+    """Trains a tokenizer on text files (one sentence per line); returns the .model path.
+
+    ``model_type`` ``bpe`` / ``unigram`` train sentencepiece; ``byte_bpe`` trains GPT-2's
+    byte-level BPE with ``tokenizers`` (:func:`flaxlm.tokenizer_hf.train_hf_tokenizer`; the
+    sentencepiece options do not apply), whose ``.model`` file holds flaxlm's JSON of it.
+    Either way the specials are at ids 0..6.
 
     ``character_coverage`` is the share of the training text's characters that get their own
     piece (1.0 = all; 0.9995 is sentencepiece's advice for CJK, leaving rare characters to
@@ -99,6 +105,8 @@ def train_tokenizer(
         raise ValueError(
             f"normalization={normalization!r} is not one of {', '.join(NORMALIZATIONS)}"
         )
+    if model_type in HF_MODEL_TYPES:
+        return _train_hf(input_files, Path(model_prefix), vocab_size, model_type, normalization)
     exact = normalization == "identity"
     model_prefix = Path(model_prefix)
     proto = io.BytesIO()
@@ -150,6 +158,25 @@ def train_tokenizer(
     )
     model_path = model_prefix.with_name(model_prefix.name + ".model")
     _write_atomic(model_path, proto.getvalue())
+    _write_atomic(model_prefix.with_name(model_prefix.name + ".vocab"), vocab.encode("utf-8"))
+    return model_path
+
+
+def _train_hf(
+    input_files: list[Path], model_prefix: Path, vocab_size: int, model_type: str, norm: str
+) -> Path:
+    """:func:`train_tokenizer` for the HF types: ``<prefix>.model`` holds the tokenizer's
+    bytes (flaxlm's JSON, what a run stores), ``<prefix>.vocab`` one token per line."""
+    if norm != "identity":
+        raise ValueError(
+            f"normalization={norm!r} applies to sentencepiece types; expected identity for "
+            f"model_type={model_type!r}"
+        )
+    lines = itertools.islice(_lines(input_files), MAX_TRAINING_SENTENCES)
+    tokenizer = train_hf_tokenizer(lines, vocab_size, model_type)
+    vocab = "".join(f"{tokenizer.id_to_piece(i)}\n" for i in range(tokenizer.vocab_size))
+    model_path = model_prefix.with_name(model_prefix.name + ".model")
+    _write_atomic(model_path, tokenizer.model_bytes)
     _write_atomic(model_prefix.with_name(model_prefix.name + ".vocab"), vocab.encode("utf-8"))
     return model_path
 

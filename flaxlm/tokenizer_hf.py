@@ -27,12 +27,13 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from flaxlm.tokenizer_base import SPECIAL_ROLES, Tokenizer, is_json
+from flaxlm.tokenizer_base import SPECIAL_ROLES, SPECIAL_TOKENS, Tokenizer, is_json
 
 FORMAT = "flaxlm-hf-tokenizer/1"
 TOKENIZER_JSON = "tokenizer.json"
@@ -49,6 +50,8 @@ KNOWN_NAMES = {
     "mask": ("[MASK]", "<mask>"),
 }
 FALLBACKS = {"eos": ("sep",), "bos": ("cls", "eos"), "pad": ("eos",)}
+# data.tokenizer_type values that train an HF tokenizer (train_hf_tokenizer).
+HF_MODEL_TYPES = ("byte_bpe",)
 
 
 def _tokenizers():
@@ -244,3 +247,32 @@ def _resolved(
         if role not in roles and other is not None:
             roles[role] = roles[other]
     return HFTokenizer(tokenizer_json, {r: roles[r] for r in ROLES if r in roles}, source)
+
+
+def train_hf_tokenizer(lines: Iterable[str], vocab_size: int, model_type: str) -> HFTokenizer:
+    """Trains an HF tokenizer with flaxlm's special tokens at their fixed ids (0..6).
+
+    ``byte_bpe``: GPT-2's byte-level BPE (its pre-tokenizer regex, no added prefix space):
+    every text round-trips exactly, no unknown tokens, and the same text gives the same bytes
+    on every host. (``tokenizers``' WordPiece trainer is not offered: it breaks ties between
+    equally frequent merges differently from run to run.)
+    """
+    if model_type not in HF_MODEL_TYPES:
+        raise ValueError(f"model_type={model_type!r} is not one of {', '.join(HF_MODEL_TYPES)}")
+    tk = _tokenizers()
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+        initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )  # fmt: skip
+    tok.train_from_iterator(lines, trainer)
+    if tok.get_vocab_size() > vocab_size:
+        raise ValueError(
+            f"{model_type} training with vocab_size={vocab_size} failed: its 256 bytes and "
+            f"{len(SPECIAL_TOKENS)} specials take {tok.get_vocab_size()}; expected vocab_size "
+            "at least that"
+        )
+    roles = dict(zip(ROLES, SPECIAL_TOKENS, strict=True))
+    return HFTokenizer(tok.to_str(), roles, source="trained")

@@ -86,8 +86,8 @@ def test_training_is_deterministic(tmp_path, model_path):
 
 
 def test_bad_model_type_is_rejected(tmp_path):
-    with pytest.raises(ValueError, match="model_type='wordpiece'"):
-        train_tokenizer([tmp_path / "x.txt"], tmp_path / "tok", 300, model_type="wordpiece")
+    with pytest.raises(ValueError, match="model_type='char'"):
+        train_tokenizer([tmp_path / "x.txt"], tmp_path / "tok", 300, model_type="char")
 
 
 def _foreign_model(tmp_path: Path, **kwargs) -> Path:

@@ -167,3 +167,34 @@ def test_sentencepiece_bpe_writes_a_tokenizer_json_with_the_same_ids(small_corpu
     unigram = Tokenizer.load(train_tokenizer(files[:1], tmp_path / "u", 500, "unigram"))
     assert write_tokenizer_files(unigram, tmp_path / "hf_u") == ["tokenizer.model"]
     check_vocab(Tokenizer.load(tmp_path / "hf" / "tokenizer.model"), 600)
+
+
+def test_byte_level_bpe_training_is_exact_deterministic_and_cached(small_corpus, tmp_path):
+    from flaxlm.hf.tokenizer import write_tokenizer_files
+
+    files = sorted(small_corpus.iterdir())[:1]
+    path = train_tokenizer(files, tmp_path / "a" / "tok", 400, model_type="byte_bpe")
+    again = train_tokenizer(files, tmp_path / "b" / "other", 400, model_type="byte_bpe")
+    assert path.read_bytes() == again.read_bytes()  # same text, same bytes on every host
+    tok = Tokenizer.load(path)
+    assert isinstance(tok, HFTokenizer) and tok.vocab_size == 400
+    assert list(tok.special_ids().values()) == list(range(7))  # flaxlm's fixed ids
+    text = "  To be,\n\nor not\tto be é 😀 12345  \nthe end\n"
+    assert tok.decode(tok.encode(text)) == text
+    assert (tmp_path / "a" / "tok.vocab").read_text().splitlines()[:2] == ["<pad>", "<unk>"]
+    with pytest.raises(ValueError, match="vocab_size=100 failed: its 256 bytes and 7 specials"):
+        train_tokenizer(files, tmp_path / "small", 100, model_type="byte_bpe")
+    with pytest.raises(ValueError, match="normalization='nfkc' applies to sentencepiece types"):
+        train_tokenizer(files, tmp_path / "n", 400, model_type="byte_bpe", normalization="nfkc")
+    write_tokenizer_files(tok, tmp_path / "hf")
+    reference = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    for probe in PROBES:
+        assert reference.encode(probe, add_special_tokens=False) == tok.encode(probe)
+
+    overrides = [
+        f"data.paths=[{files[0]}]", f"data.cache_dir={tmp_path / 'cache'}", "data.doc_split=lines",
+        "data.tokenizer_type=byte_bpe", "data.tokenizer_vocab_size=400",
+    ]  # fmt: skip
+    data = prepare_data(load_config(None, overrides).data, 400, progress=False)
+    assert isinstance(data.tokenizer, HFTokenizer) and data.tokenizer.eos_id == 3
+    assert prepare_data(load_config(None, overrides).data, 400, progress=False).cache_hit
