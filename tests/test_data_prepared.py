@@ -112,7 +112,7 @@ def test_an_interrupted_prepare_resumes_with_the_units_it_had_not_finished(
 ):
     cfg = _config(sources, tmp_path)
     out = tmp_path / "corpus"
-    real = prepare_module._prepare_unit
+    real = prepare_module.prepare_unit
     done = []
 
     def dies_on_the_third(cfg, out, unit):
@@ -121,12 +121,12 @@ def test_an_interrupted_prepare_resumes_with_the_units_it_had_not_finished(
         done.append(unit.index)
         return real(cfg, out, unit)
 
-    monkeypatch.setattr(prepare_module, "_prepare_unit", dies_on_the_third)
+    monkeypatch.setattr(prepare_module, "prepare_unit", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
         prepare_corpus(cfg, out, workers=1, progress=False)
     assert not (out / "manifest.json").exists()
     (out / "units" / ".tmp-u000099-12345").mkdir()  # a half-written unit of a killed worker
-    monkeypatch.setattr(prepare_module, "_prepare_unit", real)
+    monkeypatch.setattr(prepare_module, "prepare_unit", real)
 
     resumed = prepare_corpus(cfg, out, workers=1, progress=False)
     assert resumed["units_prepared"] == len(resumed["units"]) - 2

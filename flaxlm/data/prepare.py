@@ -5,7 +5,8 @@
 
 The sources are cut into *units* (one per source file; a TFDS or HF dataset is one unit).
 Worker processes tokenize units independently, each into its own folder, so the work spreads
-over every core and an interrupted prepare redoes only the units it had not finished:
+over every core and an interrupted prepare redoes only the units it had not finished (one
+unit's work: flaxlm/data/prepare_unit.py):
 
     OUT/plan.json                 what is prepared (written first; a rerun must match it)
     OUT/tokenizer.model           the tokenizer (given by data.tokenizer, or trained first)
@@ -36,7 +37,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -44,64 +45,24 @@ from tqdm import tqdm
 
 from flaxlm.config import Config, ConfigError
 from flaxlm.data.cache import SPLITS, doc_hash_fraction
-from flaxlm.data.documents import DataError, Document, SourceFile, file_documents, split_document
-from flaxlm.data.encode import encode_documents, token_dtype, train_tokenizer_on_documents
-from flaxlm.data.fingerprints import content_sha256, file_sha256
+from flaxlm.data.documents import DataError, Document, split_document
+from flaxlm.data.encode import token_dtype, train_tokenizer_on_documents
+from flaxlm.data.fingerprints import content_sha256
+from flaxlm.data.prepare_unit import (
+    Unit,
+    plan_units,
+    prepare_unit,
+    quick_fingerprint,
+    unit_files,
+    write_atomically,
+)
 from flaxlm.data.sources import SourceSpec, list_source_files, raw_documents, resolve_sources
-from flaxlm.data.token_split import SplitWriter
 from flaxlm.tokenizer import Tokenizer, check_vocab
 
 PREPARED_FORMAT = 1
 # At most this much text trains a tokenizer; larger corpora are sampled by a hash of doc ids.
 TOKENIZER_SAMPLE_BYTES = 2 << 30
 UNIT_SPLIT_KEYS = ("n_docs", "n_tokens", "tokens_bytes", "tokens_sha256")  # per unit and split
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One piece of work: a source file, or a whole dataset (``tfds:`` / ``hf:`` / saved)."""
-
-    index: int
-    source: int  # index into the plan's sources
-    kind: str  # "file" or "dataset"
-    path: str  # the file, or the dataset entry as written in the config
-    doc_id: str  # a file's doc id (prefix); "" for datasets
-
-    @property
-    def folder(self) -> str:
-        return f"units/u{self.index:06d}"
-
-
-def plan_units(specs: list[SourceSpec], tfds_data_dir: str) -> list[Unit]:
-    """The units of the sources, in reading order (the order of the cache's documents)."""
-    from flaxlm.data import hf_source
-
-    units: list[Unit] = []
-    for s, spec in enumerate(specs):
-        for raw in spec.paths:
-            is_dataset = raw.startswith(("tfds:", "hf:")) or hf_source.is_saved_dataset(Path(raw))
-            if is_dataset:
-                units.append(Unit(len(units), s, "dataset", raw, ""))
-                continue
-            for f in list_source_files([raw], tfds_data_dir):
-                units.append(Unit(len(units), s, "file", str(f.path.resolve()), f.doc_id))
-    return units
-
-
-def unit_files(unit: Unit, tfds_data_dir: str) -> list[SourceFile]:
-    if unit.kind == "file":
-        return [SourceFile(Path(unit.path), unit.doc_id)]
-    return list_source_files([unit.path], tfds_data_dir)
-
-
-def quick_fingerprint(files: list[SourceFile]) -> list[dict]:
-    """Path, size and mtime of each file: what a rerun compares before trusting a unit."""
-    out = []
-    for f in files:
-        st = f.path.stat()
-        out.append({"path": str(f.path), "doc_id": f.doc_id, "size": st.st_size,
-                    "mtime_ns": st.st_mtime_ns})  # fmt: skip
-    return out
 
 
 def prepare_corpus(cfg: Config, out: str | Path, workers: int = 0, progress: bool = True) -> dict:
@@ -175,7 +136,7 @@ def _claim(out: Path, plan: dict) -> None:
     if out.exists() and any(out.iterdir()):
         raise DataError(f"--out {out} is not empty and holds no plan.json; expected a new folder")
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, json.dumps(plan, indent=2))
+    write_atomically(path, json.dumps(plan, indent=2))
 
 
 def _tokenizer(cfg: Config, specs: list[SourceSpec], out: Path, progress: bool) -> Tokenizer:
@@ -204,7 +165,7 @@ def _tokenizer(cfg: Config, specs: list[SourceSpec], out: Path, progress: bool) 
         tokenizer = Tokenizer.load(model)
         model.unlink()
         model.with_suffix(".vocab").unlink(missing_ok=True)
-    _write_atomically(path, tokenizer.model_bytes)
+    write_atomically(path, tokenizer.model_bytes)
     return Tokenizer.from_bytes(tokenizer.model_bytes, source=str(path))
 
 
@@ -247,12 +208,12 @@ def _run_units(cfg: Config, out: Path, todo: list[Unit], workers: int, progress:
     jobs = sorted(todo, key=lambda u: -sizes[u.index])  # largest first: even finish
     n_tokens, t0 = 0, time.perf_counter()
     if workers <= 1:
-        results = ((u, _prepare_unit(cfg, out, u)) for u in jobs)
+        results = ((u, prepare_unit(cfg, out, u)) for u in jobs)
         pool = None
     else:
         # spawn, not fork: the parent may hold JAX or sentencepiece threads.
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        futures = {pool.submit(_prepare_unit, cfg, out, u): u for u in jobs}
+        futures = {pool.submit(prepare_unit, cfg, out, u): u for u in jobs}
         results = ((futures[f], f.result()) for f in as_completed(futures))
     try:
         for unit, summary in results:
@@ -267,63 +228,6 @@ def _run_units(cfg: Config, out: Path, todo: list[Unit], workers: int, progress:
 
 def _unit_bytes(unit: Unit, tfds_data_dir: str) -> int:
     return sum(f.path.stat().st_size for f in unit_files(unit, tfds_data_dir))
-
-
-def _unit_documents(cfg: Config, unit: Unit) -> Iterator[Document]:
-    d = cfg.data
-    spec = resolve_sources(d)[unit.source]
-    if unit.kind == "file":
-        docs = file_documents(SourceFile(Path(unit.path), unit.doc_id), spec.field)
-    else:
-        docs = raw_documents([unit.path], spec.field, spec.split, d.tfds_data_dir)
-    for doc in docs:
-        yield from split_document(doc, d.doc_split)
-
-
-def _prepare_unit(cfg: Config, out: Path, unit: Unit) -> dict:
-    """Tokenizes one unit into ``out/units/.tmp-*`` and renames it to its folder (in a worker)."""
-    tokenizer = Tokenizer.from_bytes((out / "tokenizer.model").read_bytes())
-    files = unit_files(unit, cfg.data.tfds_data_dir)
-    before = quick_fingerprint(files)
-    tmp = out / "units" / f".tmp-u{unit.index:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    V, dtype = tokenizer.vocab_size, token_dtype(tokenizer.vocab_size)
-    writers = {name: SplitWriter(tmp, name, dtype) for name in SPLITS}
-    counts = {name: np.zeros((2, V), np.int64) for name in SPLITS}
-    n_empty = 0
-
-    def non_empty() -> Iterator[Document]:
-        nonlocal n_empty
-        for doc in _unit_documents(cfg, unit):
-            if doc.text.strip():
-                yield doc
-            else:
-                n_empty += 1
-
-    val_fraction = cfg.data.val_fraction
-    for doc, ids in encode_documents(non_empty(), tokenizer):
-        name = "val" if doc_hash_fraction(doc.doc_id) < val_fraction else "train"
-        writers[name].add(doc.doc_id, ids)
-        counts[name][0] += np.bincount(ids, minlength=V)[:V]
-        counts[name][1, ids[0]] += 1
-    summary: dict = {"unit": asdict(unit), "n_empty_docs": n_empty}
-    for name in SPLITS:
-        summary[name] = writers[name].finish()
-        np.save(tmp / f"{name}.counts.npy", counts[name])
-        summary[name]["tokens_bytes"] = (tmp / f"{name}.tokens.npy").stat().st_size
-        summary[name]["tokens_sha256"] = file_sha256(tmp / f"{name}.tokens.npy")
-    # The files must not have changed while they were read (else their hash lies).
-    summary["files"] = [
-        {**fp, "sha256": file_sha256(f.path)} for fp, f in zip(before, files, strict=True)
-    ]
-    if quick_fingerprint(files) != before:
-        shutil.rmtree(tmp)
-        raise DataError(f"{unit.path} changed while it was being prepared; rerun prepare")
-    _write_atomically(tmp / "unit.json", json.dumps(summary, indent=1))
-    _fsync_folder(tmp)
-    os.rename(tmp, out / unit.folder)
-    return summary
 
 
 def _finalize(
@@ -380,7 +284,7 @@ def _finalize(
             for u, m in zip(units, summaries, strict=True)
         ],
     }  # fmt: skip
-    _write_atomically(out / "manifest.json", json.dumps(manifest, indent=1))
+    write_atomically(out / "manifest.json", json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -397,18 +301,3 @@ def _join_offsets(dst: Path, out: Path, units: list[Unit], name: str) -> None:
     joined.flush()
     del joined
     os.replace(tmp, dst)
-
-
-def _write_atomically(path: Path, content: str | bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(content.encode() if isinstance(content, str) else content)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _fsync_folder(folder: Path) -> None:
-    for path in folder.iterdir():
-        with open(path, "rb") as f:
-            os.fsync(f.fileno())
