@@ -168,12 +168,16 @@ def lines(run_dir):
 
 
 def test_a_ramped_run_rolls_back_and_resumes_mid_ramp_bit_for_bit(
-    small_corpus, tiny_cache_dir, tmp_path
+    small_corpus, tiny_cache_dir, tmp_path, caplog
 ):
     from flaxlm.tools.load import load_checkpoint
     from flaxlm.train import train
 
-    straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "straight", *RUN))
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "straight", *RUN))
+    # One compiled train step per batch size, the rollback's restored state included.
+    compiled = [r for r in caplog.messages if r.startswith("Compiling jit(train_step)")]
+    assert len(compiled) == 2, compiled
     (event,) = straight.rollbacks
     # Step 12 trained data position 11 (a 4-row batch); checkpoint 5 is the newest known
     # good; positions 5..11 are skipped, so step 6 on trains positions 12.. of 8 rows.

@@ -76,7 +76,10 @@ def abstract_state(model: nn.Module, tx: optax.GradientTransformation, seq_len: 
 
 def _create(model: nn.Module, tx: optax.GradientTransformation, seq_len: int, rng: jax.Array):
     params = nn.meta.unbox(_init_variables(model, seq_len, rng)["params"])
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    # A strongly typed int32 step, as a restored one is: a weak-typed 0 made the train step
+    # compile again after every rollback (and once more per batch size under a batch ramp).
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def create_state(
