@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,37 @@ from flaxlm.config import Config, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_PLAYS = ("hamlet", "macbeth", "othello", "the-tempest", "twelfth-night", "king-lear")
+
+
+# Compiling a tiny model's init, train and eval steps takes ~15 CPU-seconds, and the same
+# programs recur in almost every training test: in this process, in the other xdist worker and
+# in the trainers the tests start as subprocesses. One XLA compilation cache for the session
+# turns the repeats into cache hits. The executables are the ones XLA would compile again, so
+# nothing a test asserts changes. The folder is named in the environment, which the xdist
+# workers and the subprocesses inherit; the size bound turns on JAX's file lock, so processes
+# sharing the folder never read a half-written entry. The first process makes and removes it.
+XLA_CACHE = "FLAXLM_TEST_XLA_CACHE"
+_made_xla_cache: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    import jax
+
+    if XLA_CACHE not in os.environ:  # pytest itself, or the xdist controller
+        os.environ[XLA_CACHE] = tempfile.mkdtemp(prefix="flaxlm-xla-cache-")
+        _made_xla_cache.append(os.environ[XLA_CACHE])
+    settings = {
+        "jax_compilation_cache_dir": (os.environ[XLA_CACHE], str),
+        "jax_persistent_cache_min_compile_time_secs": ("0", float),
+        "jax_compilation_cache_max_size": (str(8 * 2**30), int),
+    }
+    for name, (value, kind) in settings.items():  # a JAX_... in the environment wins
+        jax.config.update(name, kind(os.environ.setdefault(name.upper(), value)))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    for folder in _made_xla_cache:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,9 +2,10 @@
 
 python tests/sharded_worker.py gpt|bert CORPUS CACHE RUN_ROOT OUT_JSON MESH... [OVERRIDE...]
 
-Trains the tiny GPT or BERT once per MESH (``data,fsdp,tensor``, e.g. ``2,2,2``) into
-``RUN_ROOT/2x2x2`` with the config overrides given (the arguments holding ``=``), and writes
-each run's history, evals and number of sharded parameter dimensions to OUT_JSON.
+Trains the tiny GPT or BERT once per MESH (``data,fsdp,tensor[,expert]``, e.g. ``2,2,2``) into
+``RUN_ROOT/run_name(MESH)`` with the config overrides given (the other arguments), and writes
+each run's history, evals and number of sharded parameter dimensions to OUT_JSON. A MESH may
+carry overrides of its own after colons: ``1,4,2:train.head_chunk=8``.
 """
 
 from __future__ import annotations
@@ -32,6 +33,16 @@ from flaxlm.train import train  # noqa: E402
 from flaxlm.train.state import create_state  # noqa: E402
 
 CONFIGS = {"gpt": tiny_config, "bert": bert_tiny_config}
+
+
+def is_mesh(arg: str) -> bool:
+    """Whether ``arg`` is a MESH (``2,2,2`` or ``1,4,2:OVERRIDE...``), not an override."""
+    return all(part.isdigit() for part in arg.split(":")[0].split(","))
+
+
+def run_name(mesh: str) -> str:
+    """The run folder of ``mesh`` under RUN_ROOT: ``2x2x2``, ``1x4x2+train.head_chunk=8``."""
+    return mesh.replace(",", "x").replace(":", "+")
 
 
 def check_param_shardings(cfg) -> int:
@@ -71,20 +82,24 @@ def check_param_shardings(cfg) -> int:
 
 def main() -> None:
     family, corpus, cache, run_root, out, *rest = sys.argv[1:]
-    overrides = [a for a in rest if "=" in a]
-    meshes = [a for a in rest if "=" not in a]
+    overrides = [a for a in rest if not is_mesh(a)]
+    meshes = [a for a in rest if is_mesh(a)]
     assert jax.device_count() == 8
-    # check_param_shardings and train compile the same init: the second one becomes a cache hit.
-    jax.config.update("jax_compilation_cache_dir", str(Path(run_root) / "xla_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    # check_param_shardings and train compile the same init: the second one becomes a cache
+    # hit (in the test session's cache, which conftest.py names in the environment).
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", str(Path(run_root) / "xla_cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     results = {}
     for mesh in meshes:
-        data, fsdp, tensor, *expert = mesh.split(",")  # "d,f,t" or "d,f,t,e"
+        shape, *own = mesh.split(":")
+        data, fsdp, tensor, *expert = shape.split(",")  # "d,f,t" or "d,f,t,e"
         cfg = CONFIGS[family](
             Path(corpus),
             Path(cache),
-            Path(run_root) / mesh.replace(",", "x"),
+            Path(run_root) / run_name(mesh),
             *overrides,
+            *own,
             f"mesh.data={data}",
             f"mesh.fsdp={fsdp}",
             f"mesh.tensor={tensor}",
@@ -92,7 +107,8 @@ def main() -> None:
         )
         n_sharded = check_param_shardings(cfg)
         result = train(cfg)
-        results[mesh] = {"history": result.history, "evals": result.evals, "sharded": n_sharded}
+        results[mesh] = {"history": result.history, "evals": result.evals, "sharded": n_sharded,
+                         "run_dir": str(cfg.train.run_dir)}  # fmt: skip
     Path(out).write_text(json.dumps(results))
 
 
