@@ -305,3 +305,40 @@ def test_a_run_trains_from_a_prepared_corpus_and_a_resume_may_not_switch_it(sour
     raw = _config(sources, tmp_path, *plays, *run[:1], "train.steps=6")
     with pytest.raises(ResumeRefused, match="data.prepared"):
         train(raw)  # the raw cache orders examples differently: another run
+
+
+def test_kill_9_mid_prepare_then_rerun_gives_the_fresh_corpus_and_one_prepare_per_folder(
+    sources, tmp_path
+):
+    import fcntl
+    import signal
+    import time
+
+    cfg = _config(sources, tmp_path)
+    out = tmp_path / "corpus"
+    plays, notes = sources
+    cmd = [
+        sys.executable, "-m", "flaxlm.cli", "data", "prepare",
+        str(REPO / "configs" / "gpt_tiny.yaml"),
+        f"data.sources=[{{path: {plays}, weight: 3, name: plays}}, "
+        f"{{path: {notes}, weight: 1, name: notes}}]",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.val_fraction=0.2",
+        "--out", str(out), "--workers", "2",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out.glob("units/u*/unit.json")):
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)  # the parent only: its workers may finish their unit
+    proc.wait()
+    assert not (out / "manifest.json").exists() or proc.returncode == 0
+    resumed = prepare_corpus(cfg, out, workers=1, progress=False)
+    fresh = prepare_corpus(cfg, tmp_path / "fresh", workers=2, progress=False)
+    assert _manifest_without_timing(resumed) == _manifest_without_timing(fresh)
+
+    with open(out / ".prepare.lock", "w") as held:  # another prepare is running
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        held.write("pid 4242 on elsewhere")
+        held.flush()
+        with pytest.raises(DataError, match=r"being prepared by another .* \(pid 4242 on elsewh"):
+            prepare_corpus(cfg, out, workers=1, progress=False)

@@ -29,11 +29,14 @@ flaxlm/data/prepared.py.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -83,6 +86,41 @@ def prepare_corpus(cfg: Config, out: str | Path, workers: int = 0, progress: boo
     specs = resolve_sources(data)
     plan = _plan(cfg, specs)
     _claim(out, plan)
+    with _prepare_lock(out):
+        manifest = _prepare_claimed(cfg, out, specs, workers, progress)
+    manifest["seconds"] = round(time.perf_counter() - start, 2)
+    return manifest
+
+
+@contextlib.contextmanager
+def _prepare_lock(out: Path) -> Iterator[None]:
+    """One prepare per folder: ``out/.prepare.lock`` (an flock, released by the kernel
+    when its holder dies, kill -9 included). Raises DataError naming the holder's pid."""
+    path = out / ".prepare.lock"
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            raise DataError(
+                f"{out} is being prepared by another flaxlm data prepare ({holder}); wait "
+                "for it, or stop it: a rerun continues where it stopped"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _prepare_claimed(
+    cfg: Config, out: Path, specs: list[SourceSpec], workers: int, progress: bool
+) -> dict:
+    data = cfg.data
     tokenizer = _tokenizer(cfg, specs, out, progress)
     check_vocab(tokenizer, cfg.model.vocab_size)
     units = plan_units(specs, data.tfds_data_dir)
@@ -97,7 +135,6 @@ def prepare_corpus(cfg: Config, out: str | Path, workers: int = 0, progress: boo
         (out / "manifest.json").unlink(missing_ok=True)  # incomplete again until rewritten
         _run_units(cfg, out, todo, workers, progress)
     manifest = _finalize(cfg, out, specs, units, tokenizer)
-    manifest["seconds"] = round(time.perf_counter() - start, 2)
     manifest["units_prepared"] = len(todo)
     return manifest
 

@@ -126,7 +126,12 @@ def prepare_unit(cfg: Config, out: Path, unit: Unit) -> dict:
         raise DataError(f"{unit.path} changed while it was being prepared; rerun prepare")
     write_atomically(tmp / "unit.json", json.dumps(summary, indent=1))
     fsync_folder(tmp)
-    os.rename(tmp, out / unit.folder)
+    try:
+        os.rename(tmp, out / unit.folder)
+    except OSError:  # a worker orphaned by a killed prepare finished this unit first
+        if not (out / unit.folder / "unit.json").is_file():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return summary
 
 
