@@ -254,7 +254,12 @@ def data_prepare_command(args: argparse.Namespace) -> int:
     from flaxlm.data.prepare import prepare_corpus
 
     cfg = load_config(args.config, args.overrides)
-    manifest = prepare_corpus(cfg, args.out, args.workers, progress=not args.json)
+    try:
+        manifest = prepare_corpus(cfg, args.out, args.workers, progress=not args.json)
+    except OSError as e:  # e.g. a full disk: what is finished stays, a rerun continues
+        raise RuntimeError(
+            f"preparing {args.out} stopped: {e}; finished units are kept, rerun to continue"
+        ) from e
     summary = {
         "out": str(args.out),
         **{

@@ -173,6 +173,9 @@ def test_damage_is_refused_at_start_and_named_by_verify(sources, tmp_path, capsy
     pcfg = _config(sources, tmp_path, f"data.prepared={out}")
     with pytest.raises(DataError, match=r"train.tokens.npy has \d+ bytes, expected \d+ \(\d+"):
         prepare_data(pcfg.data)
+    (out / "manifest.json").write_text('{"format": 1, "units": [')  # cut short
+    with pytest.raises(DataError, match=r"manifest.json is unreadable \(Expecting value"):
+        prepare_data(pcfg.data)
     (out / "manifest.json").unlink()  # an unfinished prepare
     with pytest.raises(ConfigError, match="holds no manifest.json"):
         _config(sources, tmp_path, f"data.prepared={out}")
@@ -342,3 +345,15 @@ def test_kill_9_mid_prepare_then_rerun_gives_the_fresh_corpus_and_one_prepare_pe
         held.flush()
         with pytest.raises(DataError, match=r"being prepared by another .* \(pid 4242 on elsewh"):
             prepare_corpus(cfg, out, workers=1, progress=False)
+
+
+def test_a_full_disk_stops_prepare_with_one_line(sources, tmp_path, monkeypatch, capsys):
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(prepare_module, "prepare_corpus", no_space)
+    config = str(REPO / "configs" / "gpt_tiny.yaml")
+    rc = main(["data", "prepare", config, f"data.paths=[{sources[1]}]", "--out", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "\n" not in err
+    assert "No space left on device; finished units are kept, rerun to continue" in err
