@@ -18,11 +18,17 @@ from flaxlm.train import train
 
 
 @pytest.fixture(scope="module")
-def bert_run(small_corpus, tiny_cache_dir, tmp_path_factory) -> Path:
+def bert_run(small_corpus, tmp_path_factory) -> Path:
+    """The body every test here fine-tunes: a 2 x 128 BERT with a 2,048-piece vocabulary
+    (whole words, which the sentiment of a snippet needs; its own data cache), trained for 10
+    steps on six plays."""
     run_dir = tmp_path_factory.mktemp("bert") / "run"
     cfg = bert_tiny_config(
-        small_corpus, tiny_cache_dir, run_dir, "train.steps=10", "train.eval_every=0"
-    )
+        small_corpus, tmp_path_factory.mktemp("cache"), run_dir, "train.steps=10",
+        "train.eval_every=0", "model.vocab_size=2048", "data.tokenizer_vocab_size=2048",
+        "data.seq_len=64", "train.batch_size=16", "model.d_model=128", "model.d_ff=256",
+        "optim.lr=1e-3",
+    )  # fmt: skip
     train(cfg)
     return run_dir
 
@@ -105,19 +111,11 @@ def _check_report_by_hand(report: dict, data: Path, max_len: int, n_train: int) 
     assert report["macro_f1"] == pytest.approx(np.mean(f1))
 
 
-def test_finetune_beats_the_majority_class(small_corpus, tmp_path, reviews):
-    # A small BERT, pretrained for 200 steps (seconds), is enough to beat the majority class
-    # on the held-out movies by a clear margin (measured: 64.8 % vs 53.0 %).
-    run_dir = tmp_path / "bert"
-    train(
-        bert_tiny_config(
-            small_corpus, tmp_path / "cache", run_dir, "train.steps=200", "train.eval_every=0",
-            "model.vocab_size=2048", "data.tokenizer_vocab_size=2048", "data.seq_len=64",
-            "train.batch_size=16", "model.d_model=128", "model.d_ff=256", "optim.lr=1e-3",
-        )
-    )  # fmt: skip
+def test_finetune_beats_the_majority_class(bert_run, reviews, tmp_path):
+    # Fine-tuning body and head on 4000 snippets for 3 epochs beats the majority class on the
+    # held-out movies by a clear margin (measured: 63.2 % vs 53.0 %, macro-F1 62.8 %).
     opts = FinetuneOptions(group_column="movie", epochs=3, lr=3e-4, max_train_rows=4000,
                            max_len=48, out=str(tmp_path / "ft"))  # fmt: skip
-    report = finetune(run_dir, reviews, opts, log=lambda line: None)
+    report = finetune(bert_run, reviews, opts, log=lambda line: None)
     assert report["accuracy"] >= report["majority_baseline"] + 0.08, report
     assert report["macro_f1"] > 0.6, report

@@ -104,14 +104,14 @@ def test_moe_every_other_block_and_gradients_reach_every_expert():
     cfg = ModelConfig(**{**cfg.__dict__, "vocab_size": 32, "n_heads": 2, "max_seq_len": 16})
     model = GPT(cfg)
     tokens = jax.random.randint(jax.random.key(2), (2, 16), 0, 32)
-    params = nn.meta.unbox(model.init(jax.random.key(0), tokens))["params"]
+    params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens))["params"]
     assert "router" not in params["blocks_0"]["mlp"] and "router" in params["blocks_1"]["mlp"]
 
     def loss(p):
         out, state = model.apply({"params": p}, tokens, mutable=["moe"])
         return jnp.mean(out**2) + collect(state)["aux_loss"]
 
-    grads = jax.grad(loss)(params)["blocks_1"]["mlp"]
+    grads = jax.jit(jax.grad(loss))(params)["blocks_1"]["mlp"]  # jit: faster than eager here
     assert float(jnp.abs(grads["router"]).sum()) > 0
     per_expert = jnp.abs(grads["up"]).sum(axis=(1, 2))
     assert bool(jnp.all(per_expert > 0)), per_expert  # 32 tokens x 2: every expert is used

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
+import pytest
 import yaml
 from conftest import tiny_config
 
@@ -44,18 +46,25 @@ def test_short_run_learns_and_writes_its_outputs(small_corpus, tiny_cache_dir, t
     assert (run_dir / "tokenizer.model").stat().st_size > 0
 
 
-def test_interrupted_run_resumes_bit_for_bit(small_corpus, tiny_cache_dir, tmp_path):
-    overrides = ("train.steps=16", "checkpoint.every=4", "model.dropout=0.1", "train.eval_every=0")
-    straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "a", *overrides))
+RESUMABLE = ("train.steps=16", "checkpoint.every=4", "model.dropout=0.1", "train.eval_every=0")
 
+
+@pytest.fixture(scope="module")
+def straight(small_corpus, tiny_cache_dir, tmp_path_factory):
+    """The uninterrupted run the resumed ones must equal (dropout on: its RNG must resume)."""
+    run_dir = tmp_path_factory.mktemp("straight")
+    return train(tiny_config(small_corpus, tiny_cache_dir, run_dir, *RESUMABLE))
+
+
+def test_interrupted_run_resumes_bit_for_bit(straight, small_corpus, tiny_cache_dir, tmp_path):
     # Preempted at step 6 (a checkpoint is written on the way out) ...
     resumed_dir = tmp_path / "b"
     first = train(
-        tiny_config(small_corpus, tiny_cache_dir, resumed_dir, *overrides), stop_at_step=6
+        tiny_config(small_corpus, tiny_cache_dir, resumed_dir, *RESUMABLE), stop_at_step=6
     )
     assert first.step == 6
     # ... and started again on the same run dir.
-    second = train(tiny_config(small_corpus, tiny_cache_dir, resumed_dir, *overrides))
+    second = train(tiny_config(small_corpus, tiny_cache_dir, resumed_dir, *RESUMABLE))
     assert second.resumed_from == 6
     losses_straight = np.array([r["loss"] for r in straight.history])
     losses_resumed = np.array([r["loss"] for r in first.history + second.history])
@@ -66,18 +75,14 @@ def test_interrupted_run_resumes_bit_for_bit(small_corpus, tiny_cache_dir, tmp_p
 
 
 def test_resume_from_an_older_checkpoint_replays_the_same_steps(
-    small_corpus, tiny_cache_dir, tmp_path
+    straight, small_corpus, tiny_cache_dir, tmp_path
 ):
     """A crash between checkpoints loses the steps since the last one; they replay exactly."""
-    overrides = ("train.steps=12", "checkpoint.every=4", "train.eval_every=0")
-    straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "a", *overrides))
     crashed = tmp_path / "b"
-    train(tiny_config(small_corpus, tiny_cache_dir, crashed, *overrides), stop_at_step=10)
+    train(tiny_config(small_corpus, tiny_cache_dir, crashed, *RESUMABLE), stop_at_step=10)
     # Simulate losing the step-10 checkpoint in the crash: the newest is then step 8.
-    import shutil
-
     shutil.rmtree(crashed / "checkpoints" / "10")
-    again = train(tiny_config(small_corpus, tiny_cache_dir, crashed, *overrides))
+    again = train(tiny_config(small_corpus, tiny_cache_dir, crashed, *RESUMABLE))
     assert again.resumed_from == 8
     np.testing.assert_array_equal(
         [r["loss"] for r in straight.history[8:]], [r["loss"] for r in again.history]
