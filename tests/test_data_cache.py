@@ -25,7 +25,7 @@ from flaxlm.data import (
     write_shakespeare,
 )
 from flaxlm.data.cache import doc_hash_fraction
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizer import SentencePieceTokenizer, Tokenizer
 
 WORDS = "the king queen ghost sword night crown love death sleep dream speak".split()
 
@@ -101,7 +101,7 @@ def test_second_run_reuses_the_cache_without_tokenizing(tmp_path, corpus, monkey
     def no_encoding(self, texts):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", no_encoding)
+    monkeypatch.setattr(SentencePieceTokenizer, "encode_batch", no_encoding)
     second = prepare_data(cfg, progress=False)
     assert second.cache_hit and second.cache_dir == first.cache_dir
     assert [f.stat().st_mtime_ns for f in files] == mtimes
@@ -122,7 +122,7 @@ def test_interrupted_build_leaves_no_cache(tmp_path, corpus, monkeypatch):
     def crash(self, texts):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(Tokenizer, "encode_batch", crash)
+    monkeypatch.setattr(SentencePieceTokenizer, "encode_batch", crash)
     with pytest.raises(KeyboardInterrupt):
         prepare_data(config(tmp_path), progress=False)
     assert list((tmp_path / "cache").iterdir()) == []
