@@ -47,6 +47,7 @@ from flaxlm.tokenizer_base import (
     UNK_ID,
     Tokenizer,
     is_json,
+    missing_specials_error,
 )
 from flaxlm.tokenizer_hf import HF_MODEL_TYPES, HFTokenizer, train_hf_tokenizer
 
@@ -229,11 +230,8 @@ class SentencePieceTokenizer(Tokenizer):
         }
         missing = [name for name, i in ids.items() if i < 0]
         if missing:
-            example = ", ".join(f"{m}: {SPECIAL_ROLES.get(m, '?')}" for m in missing)
-            raise ValueError(
-                f"tokenizer {source} has no {'/'.join(missing)} token; expected pad, unk, bos "
-                f"and eos ids: map each to a control piece or append one, e.g. "
-                f"data.tokenizer_specials={{{example}}}"
+            raise missing_specials_error(
+                source, missing, "pad, unk, bos and eos ids", "a control piece"
             )
         self.pad_id = ids["pad"]
         self.unk_id = ids["unk"]

@@ -116,3 +116,12 @@ def is_json(data: bytes) -> bool:
     """Whether ``data`` looks like JSON (a tokenizer.json) rather than a model proto."""
     # A sentencepiece model proto starts with field 1 (0x0a); tokenizer.json with "{".
     return data.lstrip()[:1] == b"{"
+
+
+def missing_specials_error(source: str, missing: list[str], expected: str, fix: str) -> ValueError:
+    """The one-line error for a tokenizer lacking special roles, with a mapping to try."""
+    example = ", ".join(f"{m}: {SPECIAL_ROLES.get(m, '?')}" for m in missing)
+    return ValueError(
+        f"tokenizer {source} has no {'/'.join(missing)} token; expected {expected}: map each to "
+        f"{fix} or append one, e.g. data.tokenizer_specials={{{example}}}"
+    )

@@ -33,7 +33,13 @@ from typing import Any
 
 import numpy as np
 
-from flaxlm.tokenizer_base import SPECIAL_ROLES, SPECIAL_TOKENS, Tokenizer, is_json
+from flaxlm.tokenizer_base import (
+    SPECIAL_ROLES,
+    SPECIAL_TOKENS,
+    Tokenizer,
+    is_json,
+    missing_specials_error,
+)
 
 FORMAT = "flaxlm-hf-tokenizer/1"
 TOKENIZER_JSON = "tokenizer.json"
@@ -85,12 +91,7 @@ class HFTokenizer(Tokenizer):
             setattr(self, f"{role}_id", i)
         missing = [r for r in ("pad", "bos", "eos") if getattr(self, f"{r}_id") is None]
         if missing:
-            example = ", ".join(f"{m}: {SPECIAL_ROLES[m]}" for m in missing)
-            raise ValueError(
-                f"tokenizer {source} has no {'/'.join(missing)} token; expected pad, bos and "
-                f"eos: map each to a special token or append one, e.g. "
-                f"data.tokenizer_specials={{{example}}}"
-            )
+            raise missing_specials_error(source, missing, "pad, bos and eos", "a special token")
 
     @classmethod
     def reads(cls, data: bytes | None) -> bool:

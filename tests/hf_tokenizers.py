@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-TEXT = """\
+# The soliloquy test_tokenizer.py trains on, plus characters it never shows.
+HAMLET = """\
 To be, or not to be, that is the question:
 Whether 'tis nobler in the mind to suffer
 The slings and arrows of outrageous fortune,
@@ -16,8 +17,8 @@ No more; and by a sleep to say we end
 The heart-ache and the thousand natural shocks
 That flesh is heir to, 'tis a consummation
 Devoutly to be wish'd. To die, to sleep; 1601
-Café, naïve, façade: déjà vu. Straße, Ærø, Ωmega — “quoted” 雪が降る
 """
+TEXT = HAMLET + "Café, naïve, façade: déjà vu. Straße, Ærø, Ωmega — “quoted” 雪が降る\n"
 # Strings the tests compare ids on: leading and repeated spaces, newlines, tabs, unicode
 # the training text never showed, digits, and the special tokens' own text.
 PROBES = [

@@ -4,21 +4,12 @@ from pathlib import Path
 
 import pytest
 import sentencepiece as spm
+from hf_tokenizers import HAMLET
 
 from flaxlm.config import ConfigError
 from flaxlm.tokenizer import SPECIAL_TOKENS, Tokenizer, check_vocab, train_tokenizer
 
-CORPUS = """\
-To be, or not to be, that is the question:
-Whether 'tis nobler in the mind to suffer
-The slings and arrows of outrageous fortune,
-Or to take arms against a sea of troubles
-And by opposing end them. To die: to sleep;
-No more; and by a sleep to say we end
-The heart-ache and the thousand natural shocks
-That flesh is heir to, 'tis a consummation
-Devoutly to be wish'd. To die, to sleep; 1601
-"""
+CORPUS = HAMLET
 
 
 @pytest.fixture(scope="module")
