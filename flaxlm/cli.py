@@ -23,9 +23,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flaxlm import cli_commands as commands
+from flaxlm.commands import handlers as commands
 from flaxlm.config import CHOICES, ConfigError
-from flaxlm.host_memory import reexec_with_huge_pages
+from flaxlm.runtime.host_memory import reexec_with_huge_pages
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -230,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def run() -> None:
     """The ``flaxlm`` command: first re-executes with huge pages for malloc when jax runs
-    on the CPU (flaxlm/host_memory.py), then :func:`main`."""
+    on the CPU (flaxlm/runtime/host_memory.py), then :func:`main`."""
     reexec_with_huge_pages()
     sys.exit(main())
 

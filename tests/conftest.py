@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flaxlm.accelerators import prefer_cpu_without_accelerators
+from flaxlm.runtime.accelerators import prefer_cpu_without_accelerators
 
 # Before any test imports jax: without an accelerator, run on the CPU and leave an installed
 # libtpu unloaded (no warnings, no lock file; the TPU compile tests load it as a compiler).

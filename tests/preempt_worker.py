@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import tiny_config  # noqa: E402
 
-from flaxlm.distributed import initialize  # noqa: E402
+from flaxlm.runtime.distributed import initialize  # noqa: E402
 from flaxlm.train import train  # noqa: E402
 
 

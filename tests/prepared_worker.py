@@ -27,7 +27,7 @@ def main() -> None:
     from flaxlm.config import load_config
     from flaxlm.data import prepare_data
     from flaxlm.families import family_of
-    from flaxlm.sharding import build_mesh
+    from flaxlm.parallel.sharding import build_mesh
     from flaxlm.train.batches import put_train_batch
 
     cfg = load_config(config, overrides)

@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import bert_tiny_config, tiny_config  # noqa: E402
 
 from flaxlm.families import build_model  # noqa: E402
-from flaxlm.optim import make_optimizer  # noqa: E402
-from flaxlm.sharding import LOGICAL_RULES, build_mesh  # noqa: E402
+from flaxlm.parallel.sharding import LOGICAL_RULES, build_mesh  # noqa: E402
 from flaxlm.train import train  # noqa: E402
+from flaxlm.train.optim import make_optimizer  # noqa: E402
 from flaxlm.train.state import create_state  # noqa: E402
 
 CONFIGS = {"gpt": tiny_config, "bert": bert_tiny_config}

@@ -1,4 +1,4 @@
-"""flaxlm.accelerators: jax is kept on the CPU where no accelerator is attached, so an
+"""flaxlm.runtime.accelerators: jax is kept on the CPU where no accelerator is attached, so an
 installed libtpu stays unloaded (no warnings, no lock file), and libtpu serves as a compiler
 for TPU topologies without one."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from flaxlm.accelerators import (
+from flaxlm.runtime.accelerators import (
     accelerator_attached,
     prefer_cpu_without_accelerators,
     tpu_chips,

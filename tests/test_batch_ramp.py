@@ -14,10 +14,10 @@ import pytest
 from conftest import bert_tiny_config, tiny_config
 from test_data_causal import make_split
 
-from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import ConfigError, OptimConfig, load_config
 from flaxlm.data import BATCH_KEYS, CausalBatches
-from flaxlm.optim import make_schedule
+from flaxlm.data.batch_ramp import BatchRamp
+from flaxlm.train.optim import make_schedule
 
 
 def reference_rows(entries: list[list[int]], full: int, position: int) -> list[int]:
@@ -132,7 +132,7 @@ def test_lr_schedule_in_tokens_follows_the_rows_trained():
 
 def test_bert_batches_follow_the_ramp(small_corpus, tiny_cache_dir, tmp_path):
     from flaxlm.data import prepare_data
-    from flaxlm.data.masked import make_masked_batches
+    from flaxlm.data.masked_batches import make_masked_batches
     from flaxlm.families import family_of
 
     cfg = bert_tiny_config(

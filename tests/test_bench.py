@@ -127,7 +127,7 @@ def test_moe_gqa_and_gated_mlp_flops_count_active_parameters():
     """Per layer: q and o (2 d^2), k and v at the key/value width (2 d d_kv), the gated MLP's
     three matrices, and for MoE only the top-k experts plus the router."""
     from flaxlm.config import ModelConfig, MoEConfig
-    from flaxlm.perf import flops_per_token
+    from flaxlm.train.flops import flops_per_token
 
     d, f, n_layers, seq = 64, 96, 2, 32
     llama = ModelConfig(d_model=d, d_ff=f, n_layers=n_layers, n_heads=4, n_kv_heads=2,

@@ -11,10 +11,10 @@ from flax import linen as nn
 
 from flaxlm.config import ModelConfig
 from flaxlm.families import build_model
+from flaxlm.losses.objectives import causal_lm_loss, mlm_loss
 from flaxlm.models import BERT
 from flaxlm.models.masks import Mask
-from flaxlm.objectives import causal_lm_loss, mlm_loss
-from flaxlm.sharding import LOGICAL_RULES
+from flaxlm.parallel.sharding import LOGICAL_RULES
 
 
 def _cfg(**kw) -> ModelConfig:

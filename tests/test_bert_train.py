@@ -11,7 +11,7 @@ import pytest
 from conftest import bert_tiny_config
 
 from flaxlm.data import prepare_data
-from flaxlm.data.masked import make_masked_batches
+from flaxlm.data.masked_batches import make_masked_batches
 from flaxlm.tools.evaluate import evaluate
 from flaxlm.tools.load import load_checkpoint
 from flaxlm.train import train

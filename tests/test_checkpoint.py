@@ -19,12 +19,12 @@ from conftest import REPO
 from flax.training.train_state import TrainState
 from orbax.checkpoint._src.handlers.json_checkpoint_handler import JsonCheckpointHandler
 
-from flaxlm import checkpoint_files
-from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
+from flaxlm.checkpoint import files as checkpoint_files
+from flaxlm.checkpoint.manager import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import load_config, to_dict
 from flaxlm.families import build_model
-from flaxlm.optim import make_optimizer
-from flaxlm.sharding import build_mesh
+from flaxlm.parallel.sharding import build_mesh
+from flaxlm.train.optim import make_optimizer
 from flaxlm.train.state import abstract_state, create_state, state_shardings
 
 # Every byte value, so base64 handling of non-UTF-8 tokenizer models is exercised.

@@ -14,7 +14,7 @@ import yaml
 from conftest import REPO, TRAINED_RUN_STEPS
 
 from flaxlm.cli import main
-from flaxlm.tokenizer import SPECIAL_TOKENS, Tokenizer
+from flaxlm.tokenizers.sentencepiece import SPECIAL_TOKENS, Tokenizer
 
 TINY = str(REPO / "configs" / "gpt_tiny.yaml")
 

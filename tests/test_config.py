@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from flaxlm.config import ConfigError, load_config, save_config, to_dict
-from flaxlm.sharding import resolve_mesh_shape
+from flaxlm.parallel.sharding import resolve_mesh_shape
 
 
 def test_yaml_then_overrides(tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 
 from flaxlm.config import Config
 from flaxlm.train.controls import StepControls
-from flaxlm.train.healing import SelfHealing
+from flaxlm.train.guard_state import GuardState
 
 
 def controls() -> StepControls:
@@ -14,7 +14,7 @@ def controls() -> StepControls:
     cfg.guard.cooldown_steps, cfg.guard.cooldown_factor = 3, 0.1
     cfg.chaos.spike_at_steps, cfg.chaos.spike_lr_scale = [5], 1000.0
     cfg.chaos.nan_at_steps = [7]
-    return StepControls(cfg, SelfHealing(cfg.guard))
+    return StepControls(cfg, GuardState(cfg.guard))
 
 
 def test_chaos_follows_the_data_position_not_the_step():

@@ -250,7 +250,7 @@ def test_a_transformers_bert_imports_and_exports_with_its_wordpiece_tokenizer(tm
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(small_corpus, tmp_path_factory):
-    from flaxlm.tokenizer import Tokenizer, train_tokenizer
+    from flaxlm.tokenizers.sentencepiece import Tokenizer, train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tok"
     return Tokenizer.load(train_tokenizer(sorted(small_corpus.iterdir())[:2], out, V))

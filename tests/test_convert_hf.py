@@ -168,7 +168,7 @@ def test_convert_commands_round_trip_a_checkpoint(tmp_path, tiny_tokenizer, caps
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(small_corpus, tmp_path_factory):
-    from flaxlm.tokenizer import Tokenizer, train_tokenizer
+    from flaxlm.tokenizers.sentencepiece import Tokenizer, train_tokenizer
 
     out = tmp_path_factory.mktemp("tok") / "tok"
     return Tokenizer.load(train_tokenizer(sorted(small_corpus.iterdir())[:2], out, V))

@@ -25,7 +25,7 @@ from flaxlm.data import (
     write_shakespeare,
 )
 from flaxlm.data.cache import doc_hash_fraction
-from flaxlm.tokenizer import SentencePieceTokenizer, Tokenizer
+from flaxlm.tokenizers.sentencepiece import SentencePieceTokenizer, Tokenizer
 
 WORDS = "the king queen ghost sword night crown love death sleep dream speak".split()
 

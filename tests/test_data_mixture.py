@@ -249,7 +249,7 @@ def counts(batches: MixtureBatches, first: int, end: int) -> list[int]:
 
 @pytest.mark.parametrize("ramp", [None, [[0, 2], [100, 4], [300, 8]]])
 def test_stage_shares_are_exact_per_block_on_both_sides_of_each_boundary(ramp):
-    from flaxlm.batch_ramp import BatchRamp
+    from flaxlm.data.batch_ramp import BatchRamp
     from flaxlm.data.mixture import apportion_some
 
     r = BatchRamp(ramp or [], 8)

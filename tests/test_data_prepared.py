@@ -22,7 +22,7 @@ from flaxlm.data import prepare as prepare_module
 from flaxlm.data.documents import DataError
 from flaxlm.data.feistel import FeistelPermutation
 from flaxlm.data.prepare import prepare_corpus
-from flaxlm.data.prepared import verify_prepared
+from flaxlm.data.prepared_reader import verify_prepared
 from flaxlm.data.sharded_tokens import ShardedTokens
 from flaxlm.families import family_of
 

@@ -10,7 +10,7 @@ import sentencepiece as spm
 from flaxlm.config import ConfigError, DataConfig, load_config
 from flaxlm.data import iter_documents, prepare_data, train_tokenizer_on_documents
 from flaxlm.data.sources import Document
-from flaxlm.tokenizer import Tokenizer, map_special_tokens, train_tokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer, map_special_tokens, train_tokenizer
 
 
 def cjk_corpus(n_chars: int = 2500, seed: int = 0) -> list[str]:

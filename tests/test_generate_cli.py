@@ -20,7 +20,7 @@ from flaxlm.tools.load import load_checkpoint, save_params_checkpoint
 
 @pytest.fixture(scope="module")
 def random_run(small_corpus, tiny_cache_dir, tmp_path_factory):
-    from flaxlm.tokenizer import Tokenizer, train_tokenizer
+    from flaxlm.tokenizers.sentencepiece import Tokenizer, train_tokenizer
 
     tmp = tmp_path_factory.mktemp("random_run")
     tok = Tokenizer.load(train_tokenizer(sorted(small_corpus.iterdir())[:2], tmp / "tok", 384))

@@ -21,7 +21,7 @@ from conftest import REPO
 from flaxlm.config import load_config
 from flaxlm.families import build_model, family_of
 from flaxlm.train.batches import put_train_batch
-from flaxlm.train.model_state import ModelState
+from flaxlm.train.program import TrainProgram
 from flaxlm.train.step import step_controls
 
 
@@ -109,7 +109,7 @@ def train_losses(dtype: str, steps: int = 3, *overrides: str) -> tuple[list[floa
         check_paths=False,
     )  # fmt: skip
     family = family_of(cfg)
-    ms = ModelState.build(cfg, family)
+    ms = TrainProgram.build(cfg, family)
     state = ms.fresh()
     rng = np.random.default_rng(0)
     losses, norms = [], []

@@ -1,4 +1,5 @@
-"""Tests for flaxlm.head_loss: the chunked head + loss equals the plain logits path, in value,
+"""Tests for flaxlm.losses.head_loss: the chunked head + loss equals the plain logits path, in
+value,
 metrics and gradients (tied and untied head, label smoothing, z-loss, masked positions)."""
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import pytest
 from flax import linen as nn
 
 from flaxlm.config import Config, ModelConfig
-from flaxlm.head_loss import chunk_size, fused_lm_loss
-from flaxlm.objectives import token_losses
+from flaxlm.losses.head_loss import chunk_size, fused_lm_loss
+from flaxlm.losses.objectives import token_losses
 
 B, L, D, V = 2, 12, 16, 40
 

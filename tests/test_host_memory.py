@@ -1,4 +1,4 @@
-"""Tests for flaxlm.host_memory: the re-executed process maps big malloc blocks with huge
+"""Tests for flaxlm.runtime.host_memory: the re-executed process maps big malloc blocks with huge
 pages, and the environment it is given."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from flaxlm.host_memory import (
+from flaxlm.runtime.host_memory import (
     TUNABLE,
     glibc_has_hugetlb,
     runs_on_cpu,
@@ -22,7 +22,7 @@ from flaxlm.host_memory import (
 # kernel for huge pages itself, which would hide the difference.)
 FAULTS = """
 import ctypes, os, resource
-from flaxlm.host_memory import reexec_with_huge_pages
+from flaxlm.runtime.host_memory import reexec_with_huge_pages
 reexec_with_huge_pages()
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p

@@ -1,5 +1,6 @@
-"""Imports point one way, down the layers (cli -> tools -> train -> data -> models -> config):
-the flaxlm import graph has no circles.
+"""Imports point one way, down the layers of ../shared/DESIGN.md: each subpackage of flaxlm
+imports only subpackages on a lower floor of :data:`LAYERS` (and its own modules), so the
+import graph has no circles and a newcomer knows where a change may reach.
 
 The graph is read from the source with ``ast``, so it holds every ``import`` of a flaxlm
 module anywhere in a file: at the top, inside functions, under ``if TYPE_CHECKING``. A lazy
@@ -115,3 +116,79 @@ def test_no_import_cycles():
     assert not cycles, "import cycles (make the imports point down the layers):\n" + "\n".join(
         " -> ".join(c) for c in cycles
     )
+
+
+# The floors, from the bottom. A package may import packages on lower floors only: never one
+# on its own floor, never one above. flaxlm/__init__.py (the root) may import the runtime.
+LAYERS: list[set[str]] = [
+    {"config"},
+    {"runtime", "tokenizers", "models", "parallel"},
+    {"losses", "data", "checkpoint", "hf"},
+    {"families"},
+    {"train"},
+    {"tools"},
+    {"commands"},
+    {"cli"},
+]
+ROOT_MAY_IMPORT = {"runtime"}
+
+
+def package_of(module: str) -> str:
+    """flaxlm.data.cache -> data; flaxlm.cli -> cli; flaxlm -> flaxlm (the root)."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def layer_violations(graph: dict[str, set[str]]) -> list[str]:
+    """Each import that points sideways or up the floors, as one line."""
+    floor = {name: i for i, names in enumerate(LAYERS) for name in names}
+    bad = []
+    for source, targets in sorted(graph.items()):
+        here = package_of(source)
+        for target in sorted(targets):
+            there = package_of(target)
+            if here == there:
+                continue
+            if here == "flaxlm":
+                ok = there in ROOT_MAY_IMPORT
+            elif here not in floor or there not in floor:
+                ok = False  # a new subpackage must be given its floor
+            else:
+                ok = floor[there] < floor[here]
+            if not ok:
+                where = f"floor {floor.get(here, '?')} -> {floor.get(there, '?')}"
+                bad.append(f"{source} imports {target} ({here} -> {there}: {where})")
+    return bad
+
+
+def test_every_subpackage_has_a_floor():
+    packages = {p.name for p in PACKAGE.iterdir() if (p / "__init__.py").is_file()}
+    modules = {p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    floors = set().union(*LAYERS)
+    assert packages | modules <= floors, (
+        f"give these a floor in LAYERS: {(packages | modules) - floors}"
+    )
+
+
+def test_the_root_holds_only_the_entry_point():
+    loose = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert loose == ["__init__.py", "cli.py"], f"modules loose in flaxlm/: {loose}"
+
+
+def test_finds_an_import_that_points_up(tmp_path):
+    pkg = tmp_path / "flaxlm"
+    for sub in ("data", "models", "train"):
+        (pkg / sub).mkdir(parents=True)
+        (pkg / sub / "__init__.py").write_text("")
+    (pkg / "__init__.py").write_text("")
+    (pkg / "models" / "gpt.py").write_text("from flaxlm.data.cache import x\n")  # up
+    (pkg / "data" / "cache.py").write_text("from flaxlm.models import gpt\n")  # down: fine
+    (pkg / "train" / "loop.py").write_text("import flaxlm.data.cache\n")  # down: fine
+    assert layer_violations(import_graph(pkg)) == [
+        "flaxlm.models.gpt imports flaxlm.data.cache (models -> data: floor 1 -> 2)"
+    ]
+
+
+def test_imports_point_down_the_layers():
+    bad = layer_violations(import_graph())
+    assert not bad, "imports that point sideways or up (see LAYERS):\n" + "\n".join(bad)

@@ -15,7 +15,7 @@ from flaxlm.config import ModelConfig
 from flaxlm.families import build_model
 from flaxlm.models import GPT, count_params, layers, non_embedding_params
 from flaxlm.models.masks import Mask
-from flaxlm.sharding import LOGICAL_RULES
+from flaxlm.parallel.sharding import LOGICAL_RULES
 
 V, D, N_LAYERS, H, F, MAX_LEN, L = 64, 32, 2, 4, 64, 64, 16
 POSITIONS = ("learned", "sinusoidal", "rope")
@@ -294,7 +294,7 @@ def test_bf16_compute_keeps_f32_params_and_logits_close_to_f32():
 
 @pytest.mark.parametrize("tie", [True, False])
 def test_bf16_compute_gradients_point_where_f32_ones_do(tie):
-    from flaxlm.objectives import causal_lm_loss
+    from flaxlm.losses.objectives import causal_lm_loss
 
     cfg32, cfg16 = tiny(tie_embeddings=tie), tiny(tie_embeddings=tie, dtype="bfloat16")
     variables, tokens = init(cfg32, noisy=True), random_tokens(7, (2, L + 1))
@@ -369,7 +369,7 @@ def test_sharded_params_and_apply_under_mesh_and_logical_rules():
     # The training stack derives shardings from the logical names (eval_shape of init under
     # the rules) and jits init/apply under the mesh; both trace every param initialiser.
     from flaxlm.config import MeshConfig
-    from flaxlm.sharding import build_mesh, logical_to_sharding
+    from flaxlm.parallel.sharding import build_mesh, logical_to_sharding
 
     cfg = tiny()
     model, variables, tokens = GPT(cfg), init(cfg), random_tokens(9)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import REPO, tiny_config
 
-from flaxlm.checkpoint import Checkpointer
+from flaxlm.checkpoint.manager import Checkpointer
 from flaxlm.train import train
 
 STEPS = 400  # far more than it gets to: the signal comes first

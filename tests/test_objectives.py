@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flaxlm.objectives import causal_lm_loss
+from flaxlm.losses.objectives import causal_lm_loss
 
 
 def _numpy_reference(logits, targets, mask, smoothing, z):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from flaxlm.config import OptimConfig
-from flaxlm.optim import decay_mask, make_optimizer, make_schedule
 from flaxlm.tools.finetune import FinetuneOptions, finetune_optim
+from flaxlm.train.optim import decay_mask, make_optimizer, make_schedule
 
 
 def test_cosine_warmup_then_decay_to_floor():

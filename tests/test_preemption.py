@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, tiny_config
 
-from flaxlm.checkpoint import MANIFEST, Checkpointer
+from flaxlm.checkpoint.manager import MANIFEST, Checkpointer
 from flaxlm.train import train
 from flaxlm.train.preemption import STOP_MARGIN, PreemptionGuard
 from flaxlm.train.watchdog import EXIT_CODE

@@ -7,9 +7,9 @@ import json
 import pytest
 from conftest import tiny_config
 
-from flaxlm.checkpoint import Checkpointer
+from flaxlm.checkpoint.manager import Checkpointer
 from flaxlm.train import train
-from flaxlm.train.guard import TrainingDiverged
+from flaxlm.train.guard_rules import TrainingDiverged
 
 GUARDED = (
     "train.steps=60",

@@ -8,13 +8,13 @@ import numpy as np
 from conftest import tiny_config
 
 from flaxlm.families import family_of
-from flaxlm.train.model_state import ModelState
+from flaxlm.train.program import TrainProgram
 from flaxlm.train.run_checkpoints import RunCheckpoints
 
 
 def test_resume_or_start_save_and_restore(small_corpus, tiny_cache_dir, tmp_path):
     cfg = tiny_config(small_corpus, tiny_cache_dir, tmp_path, "checkpoint.asynchronous=false")
-    ms = ModelState.build(cfg, family_of(cfg))
+    ms = TrainProgram.build(cfg, family_of(cfg))
     ckpts = RunCheckpoints(cfg, ms, b"tokenizer bytes")
     start = ckpts.resume_or_start()
     assert (start.step, start.data_index, start.resumed_from) == (0, 0, None)

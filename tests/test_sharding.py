@@ -15,11 +15,11 @@ import jax
 import numpy as np
 from conftest import bert_tiny_config, tiny_config
 
-from flaxlm.checkpoint import Checkpointer
+from flaxlm.checkpoint.manager import Checkpointer
 from flaxlm.families import build_model
-from flaxlm.optim import make_optimizer
-from flaxlm.sharding import build_mesh
+from flaxlm.parallel.sharding import build_mesh
 from flaxlm.train import train
+from flaxlm.train.optim import make_optimizer
 from flaxlm.train.state import abstract_state, state_shardings
 
 WORKER = Path(__file__).parent / "sharded_worker.py"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from flaxlm.config import ConfigError, MeshConfig, load_config
-from flaxlm.sharding import device_grid, resolve_mesh_shape
+from flaxlm.parallel.sharding import device_grid, resolve_mesh_shape
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ def test_a_parameter_the_mesh_cannot_split_is_named_before_compiling():
     import jax
     from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-    from flaxlm.sharding import check_divisible
+    from flaxlm.parallel.sharding import check_divisible
 
     mesh = AbstractMesh((1, 1, 1, 3), ("data", "fsdp", "expert", "tensor"))
     shapes = {"attn": {"kernel": jax.ShapeDtypeStruct((64, 6, 16), "float32")},

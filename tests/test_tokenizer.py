@@ -7,7 +7,7 @@ import sentencepiece as spm
 from hf_tokenizers import HAMLET
 
 from flaxlm.config import ConfigError
-from flaxlm.tokenizer import SPECIAL_TOKENS, Tokenizer, check_vocab, train_tokenizer
+from flaxlm.tokenizers.sentencepiece import SPECIAL_TOKENS, Tokenizer, check_vocab, train_tokenizer
 
 CORPUS = HAMLET
 
@@ -123,7 +123,7 @@ def test_check_vocab_names_both_sizes(tok):
 def test_long_lines_are_split_for_training_and_the_error_is_never_empty(tmp_path):
     """A corpus whose every line is longer than sentencepiece's sentence limit (JSONL
     paragraphs) once failed with an empty message; now its lines are cut for training."""
-    from flaxlm.tokenizer import MAX_SENTENCE_BYTES, split_long_line, train_tokenizer
+    from flaxlm.tokenizers.sentencepiece import MAX_SENTENCE_BYTES, split_long_line, train_tokenizer
 
     words = [f"word{i % 97} thé{i % 13}" for i in range(3000)]
     line = " ".join(words)

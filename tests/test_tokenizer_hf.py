@@ -12,9 +12,9 @@ from hf_tokenizers import PROBES, TEXT, bert_tokenizer_dir, gpt2_tokenizer_dir
 
 from flaxlm.config import ConfigError, ObjectiveConfig, load_config
 from flaxlm.data import iter_documents, prepare_data
-from flaxlm.data.masking import MaskingSpec
-from flaxlm.tokenizer import Tokenizer, check_vocab, train_tokenizer
-from flaxlm.tokenizer_hf import HFTokenizer
+from flaxlm.data.mlm_masks import MaskingSpec
+from flaxlm.tokenizers.hf import HFTokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer, check_vocab, train_tokenizer
 
 transformers = pytest.importorskip("transformers", reason="needs the hf extra (transformers)")
 
@@ -147,7 +147,7 @@ def test_training_data_through_an_hf_tokenizer(gpt2_dir, tmp_path):
 
 
 def test_sentencepiece_bpe_writes_a_tokenizer_json_with_the_same_ids(small_corpus, tmp_path):
-    from flaxlm.hf.tokenizer import write_tokenizer_files
+    from flaxlm.tokenizers.hf_export import write_tokenizer_files
 
     files = sorted(small_corpus.iterdir())
     tok = Tokenizer.load(train_tokenizer(files[:2], tmp_path / "sp", vocab_size=600))
@@ -170,7 +170,7 @@ def test_sentencepiece_bpe_writes_a_tokenizer_json_with_the_same_ids(small_corpu
 
 
 def test_byte_level_bpe_training_is_exact_deterministic_and_cached(small_corpus, tmp_path):
-    from flaxlm.hf.tokenizer import write_tokenizer_files
+    from flaxlm.tokenizers.hf_export import write_tokenizer_files
 
     files = sorted(small_corpus.iterdir())[:1]
     path = train_tokenizer(files, tmp_path / "a" / "tok", 400, model_type="byte_bpe")

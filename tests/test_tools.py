@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import TRAINED_RUN_STEPS
 
-from flaxlm.checkpoint import CheckpointError
+from flaxlm.checkpoint.manager import CheckpointError
 from flaxlm.data import CausalBatches, prepare_data, unigram_cross_entropy
 from flaxlm.tools.evaluate import evaluate
 from flaxlm.tools.generate import GenerateOptions, generate, generate_for

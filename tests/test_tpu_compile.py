@@ -17,7 +17,7 @@ from test_commands import cli
 
 from flaxlm.config import ConfigError, load_config
 from flaxlm.families import build_model
-from flaxlm.sharding import BATCH_AXES, LOGICAL_RULES, build_mesh
+from flaxlm.parallel.sharding import BATCH_AXES, LOGICAL_RULES, build_mesh
 from flaxlm.tools import targets
 from flaxlm.tools.generate import GenerateOptions, _sample_generate
 from flaxlm.tools.plan import format_plan, plan

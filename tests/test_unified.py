@@ -10,7 +10,7 @@ import pytest
 from conftest import bert_tiny_config
 
 from flaxlm.data import prepare_data
-from flaxlm.data.masked import OBJECTIVES, make_masked_batches
+from flaxlm.data.masked_batches import OBJECTIVES, make_masked_batches
 from flaxlm.tools.evaluate import evaluate
 from flaxlm.tools.load import load_checkpoint
 from flaxlm.train import train

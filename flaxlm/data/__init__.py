@@ -8,7 +8,7 @@ train = make_train_batches(prepared, cfg.data.seq_len, cfg.train.batch_size, cfg
 """
 
 from flaxlm.data.cache import PreparedData, SourceData, assign_splits, prepare_data
-from flaxlm.data.causal import BATCH_KEYS, CausalBatches, n_causal_examples, pack_examples
+from flaxlm.data.causal_batches import BATCH_KEYS, CausalBatches, n_causal_examples, pack_examples
 from flaxlm.data.demo import markdown_to_text, unigram_cross_entropy, write_shakespeare
 from flaxlm.data.encode import encode_documents, train_tokenizer_on_documents
 from flaxlm.data.fingerprints import cache_key

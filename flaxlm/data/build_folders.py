@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from flaxlm.pids import pid_alive
+from flaxlm.runtime.pids import pid_alive
 
 # Another host's build folder with no write for this long is taken for a killed build.
 # Long: training a tokenizer on a large corpus writes nothing for a while.

@@ -46,7 +46,7 @@ from flaxlm.data.sources import (
     resolve_sources,
 )
 from flaxlm.data.token_split import SplitWriter, TokenSplit
-from flaxlm.tokenizer import Tokenizer, check_vocab
+from flaxlm.tokenizers.sentencepiece import Tokenizer, check_vocab
 
 
 def prepare_data(
@@ -62,8 +62,10 @@ def prepare_data(
     ConfigError when ``model_vocab_size`` cannot hold the tokenizer's ids, DataError for
     unusable sources.
     """
-    if data_cfg.prepared:  # a corpus written by `flaxlm data prepare` (flaxlm/data/prepared.py)
-        from flaxlm.data.prepared import load_prepared
+    if (
+        data_cfg.prepared
+    ):  # a corpus written by `flaxlm data prepare` (flaxlm/data/prepared_reader.py)
+        from flaxlm.data.prepared_reader import load_prepared
 
         return load_prepared(data_cfg, model_vocab_size, tokenizer)
     start = time.perf_counter()

@@ -1,7 +1,7 @@
 """What a run trains on: the tokenizer and the train / val splits, whole and per source.
 
 :func:`flaxlm.data.prepare_data` returns a :class:`PreparedData`, built from the tokenize-once
-cache (flaxlm/data/cache.py) or opened from a prepared corpus (flaxlm/data/prepared.py).
+cache (flaxlm/data/cache.py) or opened from a prepared corpus (flaxlm/data/prepared_reader.py).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flaxlm.data.token_split import TokenSplit
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer
 
 SPLITS = ("train", "val")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxlm.data.sources import Document
-from flaxlm.tokenizer import Tokenizer, train_tokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer, train_tokenizer
 
 # Characters per encode_batch call: enough to keep sentencepiece's threads busy.
 ENCODE_BATCH_CHARS = 4_000_000
@@ -53,7 +53,7 @@ def train_tokenizer_on_documents(
 ) -> Path:
     """Trains a tokenizer on documents (from any source, jsonl included); returns the .model.
 
-    The options are those of :func:`flaxlm.tokenizer.train_tokenizer`.
+    The options are those of :func:`flaxlm.tokenizers.sentencepiece.train_tokenizer`.
     """
     model_prefix = Path(model_prefix)
     model_prefix.parent.mkdir(parents=True, exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flaxlm.config import DataConfig
 from flaxlm.data.sources import list_source_files, resolve_sources
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer
 
 FORMAT_VERSION = 1  # of a cache folder (flaxlm/data/cache.py); a new one gets new keys
 

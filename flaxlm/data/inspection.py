@@ -19,13 +19,13 @@ from typing import Any
 
 import numpy as np
 
-from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config
+from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.cache import PreparedData, prepare_data
-from flaxlm.data.causal import CausalBatches
-from flaxlm.data.masked import OBJECTIVES, layout_of, make_masked_batches
+from flaxlm.data.causal_batches import CausalBatches
+from flaxlm.data.masked_batches import OBJECTIVES, layout_of, make_masked_batches
 from flaxlm.data.mixture import MixtureBatches, make_train_batches
-from flaxlm.data.prepared import read_manifest
+from flaxlm.data.prepared_reader import read_manifest
 from flaxlm.data.sources import list_source_files, resolve_sources
 
 BOUNDARY = " ‖ "  # shown between documents packed into one row

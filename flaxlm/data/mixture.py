@@ -6,12 +6,12 @@ every source's share is exact to 1/R at each block boundary; which rows of the b
 whose is a permutation drawn from ``default_rng([seed, MIX_STREAM, block])``. The j-th row that
 source s ever gets (``j = block * n_s + rank within the block``) is that source's example
 ``perm_{s,e}[j mod N_s]`` of its own epoch ``e = j div N_s``, exactly as
-:class:`~flaxlm.data.causal.CausalBatches` walks one source; a small source is repeated
+:class:`~flaxlm.data.causal_batches.CausalBatches` walks one source; a small source is repeated
 (more epochs) and a large one is visited once at most per its epoch. Jumping to any step costs
 one permutation of R rows; each process builds only its own rows.
 
 Stages (``data.stages``, e.g. an annealing stage): from data position ``step`` on the weights
-change. Stage ``i`` covers the global rows from ``ramp.offset(step_i)`` (flaxlm/batch_ramp.py)
+change. Stage ``i`` covers the global rows from ``ramp.offset(step_i)`` (flaxlm/data/batch_ramp.py)
 to the next stage's first row, dealt in its own blocks (from its first row; permutations from
 ``default_rng([seed, MIX_STREAM, i, block])``, stage 0 as above); its last block, cut short
 by the next stage, is apportioned exactly over the rows it has. Each source's row counter
@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from flaxlm.batch_ramp import BatchRamp
+from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.cache import PreparedData, SourceData
-from flaxlm.data.causal import BATCH_KEYS, CausalBatches, pack_examples, ramp_rows
+from flaxlm.data.causal_batches import BATCH_KEYS, CausalBatches, pack_examples, ramp_rows
 
 MIXTURE_BATCH_KEYS = (*BATCH_KEYS, "source_ids")
 MIN_BLOCK_ROWS = 4096

@@ -6,7 +6,7 @@
 The sources are cut into *units* (one per source file; a TFDS or HF dataset is one unit).
 Worker processes tokenize units independently, each into its own folder, so the work spreads
 over every core and an interrupted prepare redoes only the units it had not finished (one
-unit's work: flaxlm/data/prepare_unit.py):
+unit's work: flaxlm/data/prepare_worker.py):
 
     OUT/plan.json                 what is prepared (written first; a rerun must match it)
     OUT/tokenizer.model           the tokenizer (given by data.tokenizer, or trained first)
@@ -24,7 +24,7 @@ unit's work: flaxlm/data/prepare_unit.py):
 Documents go to the validation split by the same hash of their id as in the tokenize-once
 cache (flaxlm/data/cache.py), and units are concatenated in source and file order, so with
 the same tokenizer a prepared corpus holds exactly the cache's token streams. Reading it:
-flaxlm/data/prepared.py.
+flaxlm/data/prepared_reader.py.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ from flaxlm.data.cache import SPLITS, doc_hash_fraction
 from flaxlm.data.documents import DataError, Document, split_document
 from flaxlm.data.encode import token_dtype, train_tokenizer_on_documents
 from flaxlm.data.fingerprints import content_sha256
-from flaxlm.data.prepare_unit import (
+from flaxlm.data.prepare_worker import (
     Unit,
     plan_units,
     prepare_unit,
@@ -60,7 +60,7 @@ from flaxlm.data.prepare_unit import (
     write_atomically,
 )
 from flaxlm.data.sources import SourceSpec, list_source_files, raw_documents, resolve_sources
-from flaxlm.tokenizer import Tokenizer, check_vocab
+from flaxlm.tokenizers.sentencepiece import Tokenizer, check_vocab
 
 PREPARED_FORMAT = 1
 # At most this much text trains a tokenizer; larger corpora are sampled by a hash of doc ids.

@@ -17,7 +17,7 @@ import numpy as np
 
 from flaxlm.data.encode import encode_documents, token_dtype
 from flaxlm.data.sources import iter_documents
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer
 
 
 @dataclass
@@ -35,7 +35,7 @@ class TokenSplit:
     directory: Path | None = None  # where doc ids are stored; None for in-memory splits
     doc_id_list: list[str] | None = None  # the doc ids of an in-memory split
     first_doc: int = 0  # for a view of documents [first_doc, ...) of the stored split
-    order: str = "table"  # the example order batches use (flaxlm/data/causal.py EpochOrder)
+    order: str = "table"  # the example order batches use (flaxlm/data/causal_batches.py EpochOrder)
     doc_id_files: tuple[Path, ...] = ()  # a prepared split's doc ids, one file per shard
     # Precomputed (vocab,) counts of every token / of each document's first token, so that
     # baselines need not read a large split (prepared corpora store them).

@@ -1,6 +1,6 @@
 """The ``bert`` family: a bidirectional encoder with MLM (+ NSP), or the unified objective.
 
-Three batch layouts, chosen by ``cfg.objective`` (flaxlm/data/masked.py): ``nsp`` (BERT
+Three batch layouts, chosen by ``cfg.objective`` (flaxlm/data/masked_batches.py): ``nsp`` (BERT
 sentence pairs, masked), ``mlm`` (RoBERTa-style packed rows, masked) and ``unified`` (each row
 draws MLM, causal or prefix-LM by the configured shares). The losses:
 
@@ -21,15 +21,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config, ConfigError
+from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.inspection import masked_sample
-from flaxlm.data.masked import OBJECTIVES, batch_keys, layout_of, make_masked_batches
-from flaxlm.data.masking import resolve_max_predictions
+from flaxlm.data.masked_batches import OBJECTIVES, batch_keys, layout_of, make_masked_batches
+from flaxlm.data.mlm_masks import resolve_max_predictions
 from flaxlm.families.base import Baseline, Family, ReportField
 from flaxlm.hf.bert import BERT as BERT_CONVERTER
+from flaxlm.losses.objectives import mlm_loss, nsp_loss, objective_lm_loss
 from flaxlm.models.bert import BERT
-from flaxlm.objectives import mlm_loss, nsp_loss, objective_lm_loss
 
 # Scalar train metrics written to metrics.jsonl besides loss / accuracy / lr / grad_norm.
 BERT_METRICS = ("mlm_loss", "mlm_accuracy", "nsp_loss", "nsp_accuracy")

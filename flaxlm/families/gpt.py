@@ -1,9 +1,9 @@
 """The ``gpt`` family: a pre-LN causal decoder trained on next-token prediction.
 
-Batches are packed windows of the token stream (flaxlm/data/causal.py) or, with several
+Batches are packed windows of the token stream (flaxlm/data/causal_batches.py) or, with several
 ``data.sources``, a weighted mixture of them whose rows carry ``source_ids``
 (flaxlm/data/mixture.py); the loss is the cross-entropy of every position whose ``loss_mask``
-is 1, optionally through the chunked LM head (``train.head_chunk``, flaxlm/head_loss.py).
+is 1, optionally through the chunked LM head (``train.head_chunk``, flaxlm/losses/head_loss.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config, ConfigError, source_name
 from flaxlm.data import (
     BATCH_KEYS,
@@ -23,14 +22,15 @@ from flaxlm.data import (
     make_train_batches,
     unigram_cross_entropy,
 )
+from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.inspection import causal_sample
 from flaxlm.families.base import Baseline, Family, ReportField
-from flaxlm.head_loss import fused_lm_loss
 from flaxlm.hf.gpt2 import GPT2
 from flaxlm.hf.llama import LLAMA, MIXTRAL
+from flaxlm.losses.head_loss import fused_lm_loss
+from flaxlm.losses.objectives import causal_lm_loss, lm_metrics
 from flaxlm.models.backward import use_custom_backward
 from flaxlm.models.gpt import GPT
-from flaxlm.objectives import causal_lm_loss, lm_metrics
 
 
 def n_sources(cfg: Config) -> int:

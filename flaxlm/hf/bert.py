@@ -34,7 +34,7 @@ from flaxlm.hf.base import (
     sinusoidal_table,
     tensor_getter,
 )
-from flaxlm.tokenizer import PAD_ID
+from flaxlm.tokenizers.sentencepiece import PAD_ID
 
 # transformers.BertConfig's defaults, for config.json files that leave a key out.
 HF_BERT_DEFAULTS = {

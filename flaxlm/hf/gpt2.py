@@ -30,7 +30,7 @@ from flaxlm.hf.base import (
     sinusoidal_table,
     tensor_getter,
 )
-from flaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from flaxlm.tokenizers.sentencepiece import BOS_ID, EOS_ID, PAD_ID
 
 GPT2_ACTIVATIONS = TO_HF_ACTIVATIONS
 FROM_GPT2_ACTIVATIONS = FROM_HF_ACTIVATIONS
@@ -68,7 +68,7 @@ def gpt2_config(cfg: ModelConfig) -> dict[str, Any]:
         "scale_attn_by_inverse_layer_idx": False,
         "reorder_and_upcast_attn": False,
         "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": BOS_ID,  # flaxlm.tokenizer's fixed special ids
+        "bos_token_id": BOS_ID,  # flaxlm.tokenizers.sentencepiece's fixed special ids
         "eos_token_id": EOS_ID,
         "pad_token_id": PAD_ID,
         "dtype": "float32",

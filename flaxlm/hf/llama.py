@@ -32,7 +32,7 @@ from flaxlm.hf.base import (
     restore_saved_config,
     tensor_getter,
 )
-from flaxlm.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from flaxlm.tokenizers.sentencepiece import BOS_ID, EOS_ID, PAD_ID
 
 # What makes a GPT config Llama-shaped: the values LlamaForCausalLM computes with.
 LLAMA_OPTIONS = {"norm": "rmsnorm", "activation": "swiglu", "positions": "rope", "use_bias": False}

@@ -2,7 +2,7 @@
 
 Five places have a closed-form backward (a ``jax.custom_vjp``): the matmul (matmul.py),
 softmax attention (attention.py), LayerNorm and the tanh GELU (norm_act.py), and the chunked
-LM head + loss (flaxlm/head_loss.py). Each exists because XLA:CPU's autodiff of that op is
+LM head + loss (flaxlm/losses/head_loss.py). Each exists because XLA:CPU's autodiff of that op is
 slow (benchmarks/RESULTS.md); none was measured on a GPU or TPU, where XLA fuses the
 element-wise passes itself. So ``auto`` (the default) turns them on only when jax runs on
 the CPU; ``off`` runs the same forward as ordinary jnp code and lets autodiff take the

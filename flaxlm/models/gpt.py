@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
-from flaxlm.models import depth, layers
+from flaxlm.models import layer_stack, layers
 from flaxlm.models.layers import Array, constrain
 from flaxlm.models.masks import Mask
 from flaxlm.models.moe import is_moe_layer
@@ -55,7 +55,7 @@ class GPT(nn.Module):
 
         Returns: float32 ``logits_BxLxV``; with ``return_hidden`` the final hidden states
         ``x_BxLxD`` (after ``ln_final``, in the compute dtype) instead, for a caller that runs
-        the head itself (:func:`flaxlm.head_loss.fused_lm_loss`).
+        the head itself (:func:`flaxlm.losses.head_loss.fused_lm_loss`).
         """
         cfg = self.cfg
         if cfg.positions not in POSITIONS:
@@ -83,10 +83,10 @@ class GPT(nn.Module):
         else:
             mask, cache_index = Mask.causal_segments(segment_ids_BxL), None
         if cfg.scan_layers:
-            stack = depth.ScannedBlocks(cfg, "pre", deterministic, causal=True, name="blocks")
+            stack = layer_stack.ScannedBlocks(cfg, "pre", deterministic, causal=True, name="blocks")
             x_BxLxD = stack(x_BxLxD, mask, positions_BxL, cache_index)
         else:
-            block_cls = depth.remat_block(cfg)
+            block_cls = layer_stack.remat_block(cfg)
             for i in range(cfg.n_layers):
                 block = block_cls(
                     cfg, "pre", causal=True, moe=is_moe_layer(cfg, i), name=f"blocks_{i}"

@@ -1,7 +1,8 @@
-"""Transformer building blocks shared by the GPT decoder and (later) the BERT encoder.
+"""Transformer building blocks shared by the decoders (GPT, Llama, MoE) and the BERT encoder.
 
 Shape suffixes: B batch, L length (query), S length (key), D d_model, H heads, K head dim,
-F d_ff, V vocab. Every parameter carries logical axis names (see ``flaxlm.sharding``) and key
+F d_ff, V vocab. Every parameter carries logical axis names (see ``flaxlm.parallel.sharding``) and
+key
 activations carry ``act_*`` constraints; both are no-ops until a mesh and rules are active.
 
 Mixed precision: parameters live in ``cfg.param_dtype``; matmuls take ``cfg.dtype`` inputs and
@@ -10,7 +11,7 @@ stored in ``cfg.dtype``. Every matmul has a hand-written backward (flaxlm/models
 with bf16 its products are bf16 x bf16 -> f32 too; attention is flaxlm/models/attention.py.
 ``cfg.custom_backward`` turns these (and LayerNorm's, GELU's) on or off together
 (flaxlm/models/backward.py).
-Depth (remat, scan over layers) is in flaxlm/models/depth.py.
+Depth (remat, scan over layers) is in flaxlm/models/layer_stack.py.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ MFU is taken against the mean of the two, and a > 20 % gap between them is flagg
 
 The train step runs on random tokens (no data files); ``data`` times the input pipeline alone
 (the config's ``data.paths``, else the demo corpus in a temp dir), ``decode`` the KV cache
-against re-running the prefix (:mod:`flaxlm.tools.bench_io`).
+against re-running the prefix (:mod:`flaxlm.tools.bench_phases`).
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ import numpy as np
 
 from flaxlm.config import Config, ModelConfig
 from flaxlm.families import family_of
-from flaxlm.host_memory import huge_pages_in_force
-from flaxlm.perf import flops_per_token, measure_matmul_peak
+from flaxlm.runtime.host_memory import huge_pages_in_force
+from flaxlm.train.flops import flops_per_token, measure_matmul_peak
 
 PEAK_TOLERANCE = 0.2  # before/after peaks further apart than this: a noisy machine
 WHATS = ("train", "data", "decode", "checkpoint", "all")
@@ -96,11 +96,11 @@ class TrainHarness:
 
     def __init__(self, cfg: Config):
         from flaxlm.train.batches import put_train_batch
-        from flaxlm.train.model_state import ModelState
+        from flaxlm.train.program import TrainProgram
         from flaxlm.train.step import step_controls
 
         self.cfg, self.family = cfg, family_of(cfg)
-        ms = ModelState.build(cfg, self.family)
+        ms = TrainProgram.build(cfg, self.family)
         self.mesh, self.model, self.state_sh = ms.mesh, ms.model, ms.shardings
         self.state, self.step_fn = ms.fresh(), ms.train_step
         local = self.family.synthetic_batch(cfg, np.random.default_rng(cfg.train.seed))
@@ -175,10 +175,10 @@ def run_bench(
         raise ValueError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
     if decode_batch < 1:
         raise ValueError(f"--decode-batch {decode_batch} must be >= 1")
-    from flaxlm.tools import bench_io
+    from flaxlm.tools import bench_phases as bench_io
 
     report: dict[str, Any] = {"jax": jax.__version__, "device": jax.devices()[0].device_kind}
-    report["malloc_huge_pages"] = huge_pages_in_force()  # see flaxlm/host_memory.py
+    report["malloc_huge_pages"] = huge_pages_in_force()  # see flaxlm/runtime/host_memory.py
     step_rate, harness = None, None
     if what in ("train", "all", "data", "checkpoint"):
         harness = TrainHarness(cfg)

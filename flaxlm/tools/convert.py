@@ -4,7 +4,8 @@
     flaxlm convert to-hf runs/bert_demo hf/bert_demo     # the same for a BERT run
     flaxlm convert from-hf hf/gpt_demo runs/imported     # a run dir with checkpoint 0
 
-Tokenizers travel both ways (flaxlm/hf/tokenizer.py): ``to-hf`` writes the run's tokenizer as
+Tokenizers travel both ways (flaxlm/tokenizers/hf_export.py): ``to-hf`` writes the run's tokenizer
+as
 ``tokenizer.json`` + ``tokenizer_config.json`` (and a sentencepiece run's ``tokenizer.model``),
 so ``AutoTokenizer.from_pretrained(OUT)`` encodes text to the run's ids; ``from-hf`` gives the
 run the directory's own tokenizer (``tokenizer.model``, ``tokenizer.json`` or vocab files).
@@ -46,8 +47,8 @@ from flaxlm.hf.gpt2 import (
     gpt2_tensors,
     gpt_params,
 )
-from flaxlm.hf.tokenizer import load_hf_dir_tokenizer, write_tokenizer_files
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizers.hf_export import load_hf_dir_tokenizer, write_tokenizer_files
+from flaxlm.tokenizers.sentencepiece import Tokenizer
 
 __all__ = [
     "FROM_GPT2_ACTIVATIONS",

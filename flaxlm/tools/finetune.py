@@ -9,7 +9,7 @@
 As for BERT fine-tuning (Devlin et al.): dropout 0.1 on the pooled vector, a linear head,
 AdamW (beta2 0.999, eps 1e-6, weight decay 0.01 on matrices only, not on biases and norms),
 linear warmup over the first 10 % of the steps then linear decay to 0, gradient clipping at 1
-(:func:`finetune_optim`, run by pretraining's own :func:`flaxlm.optim.make_optimizer`).
+(:func:`finetune_optim`, run by pretraining's own :func:`flaxlm.train.optim.make_optimizer`).
 ``freeze_body`` trains only the head: the encoder's parameters are not even handed to the
 optimizer, so they stay bit-identical. Validation is ``val_data``, or the rows whose group
 (``group_column``, e.g. the movie) hashes below ``val_fraction``. The fine-tuned parameters
@@ -37,9 +37,9 @@ from flaxlm.data.labelled import LabelledRow, read_labelled, split_rows
 from flaxlm.data.sources import DataError
 from flaxlm.families import family_of
 from flaxlm.models import BERT, layers
-from flaxlm.optim import make_optimizer
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer
 from flaxlm.tools.load import LoadedModel, load_checkpoint, resolve_checkpoint
+from flaxlm.train.optim import make_optimizer
 
 
 @dataclass
@@ -111,7 +111,7 @@ def macro_f1(pred: np.ndarray, gold: np.ndarray, n_classes: int) -> float:
 
 
 def finetune_optim(opts: FinetuneOptions, total_steps: int) -> OptimConfig:
-    """BERT's fine-tuning recipe for :func:`flaxlm.optim.make_optimizer`: AdamW (beta2 0.999,
+    """BERT's fine-tuning recipe for :func:`flaxlm.train.optim.make_optimizer`: AdamW (beta2 0.999,
     eps 1e-6), linear warmup over ``warmup_ratio`` of the steps (at least one), linear decay
     to 0 at ``total_steps``, clipping at global norm 1."""
     return OptimConfig(

@@ -10,12 +10,12 @@ import jax
 from flax import linen as nn
 from jax.sharding import Mesh
 
-from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
+from flaxlm.checkpoint.manager import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import Config, MeshConfig, from_dict, save_config, to_dict
 from flaxlm.families import build_model
-from flaxlm.optim import make_optimizer
-from flaxlm.sharding import build_mesh
-from flaxlm.tokenizer import Tokenizer, check_vocab
+from flaxlm.parallel.sharding import build_mesh
+from flaxlm.tokenizers.sentencepiece import Tokenizer, check_vocab
+from flaxlm.train.optim import make_optimizer
 from flaxlm.train.state import abstract_state, state_shardings
 
 

@@ -29,14 +29,14 @@ from flaxlm.config import Config, ConfigError
 from flaxlm.families import family_of
 from flaxlm.models import count_params
 from flaxlm.models.platform import auto_attention
-from flaxlm.sharding import build_mesh, micro_batch_sharding, replicated
+from flaxlm.parallel.sharding import build_mesh, micro_batch_sharding, replicated
 from flaxlm.tools.targets import (
     ESTIMATE_LEAVES_OUT,
     chip_hbm_bytes,
     devices_per_chip,
     tpu_devices,
 )
-from flaxlm.train.model_state import ModelState
+from flaxlm.train.program import TrainProgram
 from flaxlm.train.step import step_controls
 
 GIB = 1024**3
@@ -82,7 +82,7 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
         raise ConfigError(f"--slices {slices} needs --target (a TPU topology)")
     family = family_of(cfg)
     mesh = None if target is None else build_mesh(cfg.mesh, tpu_devices(target, slices))
-    ms = ModelState.build(cfg, family, mesh)
+    ms = TrainProgram.build(cfg, family, mesh)
     abstract, state_sh = ms.abstract, ms.shardings
     state_in = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh

@@ -15,8 +15,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from flaxlm.accelerators import tpu_compiler_environment
 from flaxlm.config import ConfigError
+from flaxlm.runtime.accelerators import tpu_compiler_environment
 
 GIB = 1024**3
 EXAMPLES = ("v5e:2x2", "v5e:8x8", "v5p:4x4x4", "v6e:4x4", "v4:2x2x1")

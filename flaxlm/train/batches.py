@@ -11,7 +11,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from flaxlm.config import ConfigError
-from flaxlm.sharding import BATCH_AXES, batch_sharding, micro_batch_sharding
+from flaxlm.parallel.sharding import BATCH_AXES, batch_sharding, micro_batch_sharding
 
 
 def rows_per_shard(mesh: Mesh) -> int:

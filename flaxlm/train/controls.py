@@ -14,12 +14,12 @@ import time
 import numpy as np
 
 from flaxlm.config import Config
-from flaxlm.train.healing import SelfHealing
+from flaxlm.train.guard_state import GuardState
 from flaxlm.train.step import step_controls
 
 
 class StepControls:
-    def __init__(self, cfg: Config, healing: SelfHealing):
+    def __init__(self, cfg: Config, healing: GuardState):
         self.chaos, self.healing = cfg.chaos, healing
         self.spikes, self.nans = set(cfg.chaos.spike_at_steps), set(cfg.chaos.nan_at_steps)
 

@@ -6,11 +6,11 @@
 
 Each step: batch -> step -> guard -> log -> checkpoint -> eval -> preemption. The device never
 waits for the host: step k+1 is dispatched before the metrics of step k are read, and the next
-batch is assembled on the host while the current step runs. A bad step (flaxlm/train/guard.py)
+batch is assembled on the host while the current step runs. A bad step (flaxlm/train/guard_rules.py)
 rolls the run back to the newest known-good checkpoint, and the data since then goes into the
 skip ledger. The collaborators each own their state: the model and jitted steps
-(model_state.py), checkpoints with the run's position (run_checkpoints.py), the guard's state
-(healing.py), the step controls (controls.py), evaluation (evaluator.py), metrics and progress
+(program.py), checkpoints with the run's position (run_checkpoints.py), the guard's state
+(guard_state.py), the step controls (controls.py), evaluation (evaluator.py), metrics and progress
 (reporter.py), preemption (preemption.py) and the hang watchdog (watchdog.py).
 """
 
@@ -28,11 +28,11 @@ from flaxlm.families import family_of
 from flaxlm.train.batches import put_train_batch
 from flaxlm.train.controls import StepControls
 from flaxlm.train.evaluator import Evaluator
-from flaxlm.train.guard import TrainingDiverged
-from flaxlm.train.healing import SelfHealing
+from flaxlm.train.guard_rules import TrainingDiverged
+from flaxlm.train.guard_state import GuardState
 from flaxlm.train.metrics_log import MetricsLog
-from flaxlm.train.model_state import ModelState
 from flaxlm.train.preemption import PreemptionGuard
+from flaxlm.train.program import TrainProgram
 from flaxlm.train.reporter import StepReporter, scalars
 from flaxlm.train.resume_checks import ResumeCheck, write_fingerprints
 from flaxlm.train.run_checkpoints import RunCheckpoints
@@ -80,7 +80,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     data = prepare_data(cfg.data, cfg.model.vocab_size, show, resume.tokenizer)
     resume.check_data(data.fingerprints)
     batches = family.train_batches(data, cfg, cfg.train.batch_size)
-    ms = ModelState.build(cfg, family)
+    ms = TrainProgram.build(cfg, family)
     if is_main:  # only now: a refused resume leaves the run's files as they were
         _write_run_files(run_dir, cfg, data)
 
@@ -164,7 +164,7 @@ def _write_run_files(run_dir: Path, cfg: Config, data: PreparedData) -> None:
     write_fingerprints(run_dir, data.fingerprints)
 
 
-def _check(done: _Pending, healing: SelfHealing, report: StepReporter) -> str | None:
+def _check(done: _Pending, healing: GuardState, report: StepReporter) -> str | None:
     """Reads a finished step's metrics and logs them; returns why the step is bad, or None."""
     metrics = jax.device_get(done.metrics)
     values = scalars(metrics)
@@ -176,7 +176,7 @@ def _check(done: _Pending, healing: SelfHealing, report: StepReporter) -> str | 
 def _roll_back(
     bad: _Pending,
     reason: str,
-    healing: SelfHealing,
+    healing: GuardState,
     ckpts: RunCheckpoints,
     report: StepReporter,
     result: TrainResult,

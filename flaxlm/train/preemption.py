@@ -155,7 +155,7 @@ class PreemptionGuard:
             if self._client is None:
                 raise RuntimeError(
                     f"{self._count} processes but no jax.distributed client: call "
-                    "flaxlm.distributed.initialize (or jax.distributed.initialize) first"
+                    "flaxlm.runtime.distributed.initialize (or jax.distributed.initialize) first"
                 )
             self._prefix = f"flaxlm/preemption/{_GUARDS_MADE[self._index]}"
             _GUARDS_MADE[self._index] += 1

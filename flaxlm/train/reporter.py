@@ -14,11 +14,11 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from flaxlm.batch_ramp import BatchRamp
 from flaxlm.config import Config
+from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.families import Family, summary_line
-from flaxlm.perf import flops_per_token, measure_matmul_peak
 from flaxlm.train import moe_terms
+from flaxlm.train.flops import flops_per_token, measure_matmul_peak
 from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.throughput import Throughput
 

@@ -23,9 +23,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from flaxlm.checkpoint import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
+from flaxlm.checkpoint.manager import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import Config, ConfigError, to_dict
-from flaxlm.tokenizer import Tokenizer
+from flaxlm.tokenizers.sentencepiece import Tokenizer
 from flaxlm.train.metrics_log import MetricsLog
 
 FINGERPRINTS_FILE = "data_fingerprints.json"

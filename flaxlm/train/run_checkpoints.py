@@ -1,6 +1,7 @@
 """A run's checkpoints as the loop sees them: the train state plus where the run is (data
 position, seed, the guard's state, how many metrics.jsonl lines belong to it, the resolved
-config), saved together and restored together. Wraps :class:`flaxlm.checkpoint.Checkpointer`,
+config), saved together and restored together. Wraps
+:class:`flaxlm.checkpoint.manager.Checkpointer`,
 which owns the files.
 
     ckpts = RunCheckpoints(cfg, model_state, tokenizer_bytes)
@@ -26,11 +27,11 @@ from typing import Any
 import jax
 from flax.training.train_state import TrainState
 
-from flaxlm.checkpoint import Checkpointer, CheckpointError
+from flaxlm.checkpoint.manager import Checkpointer, CheckpointError
 from flaxlm.config import Config, to_dict
-from flaxlm.train.guard import RollbackPlan
-from flaxlm.train.healing import SelfHealing
-from flaxlm.train.model_state import ModelState
+from flaxlm.train.guard_rules import RollbackPlan
+from flaxlm.train.guard_state import GuardState
+from flaxlm.train.program import TrainProgram
 
 ROLLBACK_FILE = "rollback.json"
 
@@ -42,13 +43,13 @@ class Start:
     state: TrainState
     step: int
     data_index: int
-    healing: SelfHealing
+    healing: GuardState
     resumed_from: int | None  # the checkpoint's step; None on a fresh start
     metrics_lines: int | None = None  # lines of metrics.jsonl that belong to this point
 
 
 class RunCheckpoints:
-    def __init__(self, cfg: Config, model_state: ModelState, tokenizer_bytes: bytes):
+    def __init__(self, cfg: Config, model_state: TrainProgram, tokenizer_bytes: bytes):
         self.cfg, self.model_state, self.tokenizer_bytes = cfg, model_state, tokenizer_bytes
         self.run_dir = Path(cfg.train.run_dir)
         self.checkpointer = Checkpointer(
@@ -60,19 +61,19 @@ class RunCheckpoints:
         that failed verification are removed) — or, when a rollback happened after it, the point
         that rollback restored — or the fresh state at step 0. ``announce`` prints where."""
         if self.checkpointer.latest_step() is None:
-            return Start(self.model_state.fresh(), 0, 0, SelfHealing(self.cfg.guard), None, 0)
+            return Start(self.model_state.fresh(), 0, 0, GuardState(self.cfg.guard), None, 0)
         ms = self.model_state
         state, meta = self.checkpointer.restore(ms.abstract, ms.shardings)
         step = int(meta["step"])
         # Newer checkpoints that failed verification go; anything intact stays.
         self.checkpointer.delete_after(step, only=self.checkpointer.walked_past)
-        healing = SelfHealing.from_meta(self.cfg.guard, meta)
+        healing = GuardState.from_meta(self.cfg.guard, meta)
         data_index, lines = int(meta["data_index"]), meta.get("metrics_lines")
         record = self._rollback_record()
         if record is not None and record["rollbacks"] > healing.rollbacks:
             # The run was killed after a rollback that this checkpoint predates: finish it.
             step, data_index = int(record["restore_step"]), int(record["data_index"])
-            healing = SelfHealing.from_meta(self.cfg.guard, record["guard"])
+            healing = GuardState.from_meta(self.cfg.guard, record["guard"])
             lines = record["metrics_lines"]
             state = self._restore_exactly(step)
         if announce:
@@ -86,7 +87,7 @@ class RunCheckpoints:
         state: TrainState,
         step: int,
         data_index: int,
-        healing: SelfHealing,
+        healing: GuardState,
         metrics_lines: int,
     ) -> None:
         """Starts an (async) save of ``state`` at ``step``; the run resumes at ``data_index``
@@ -102,7 +103,7 @@ class RunCheckpoints:
         self.checkpointer.save(state, meta, self.tokenizer_bytes, protect=healing.protected())
 
     def roll_back(
-        self, plan: RollbackPlan, data_index: int, healing: SelfHealing, metrics_lines: int
+        self, plan: RollbackPlan, data_index: int, healing: GuardState, metrics_lines: int
     ) -> TrainState:
         """Records the rollback durably, then deletes the checkpoints newer than
         ``plan.restore_step`` (they hold weights from the bad stretch) and restores it.

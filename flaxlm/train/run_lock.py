@@ -26,7 +26,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from flaxlm.pids import pid_alive
+from flaxlm.runtime.pids import pid_alive
 
 LOCK_NAME = "train.lock"
 HEARTBEAT_S = 30.0

@@ -16,7 +16,7 @@ from flax import linen as nn
 from flax.training.train_state import TrainState
 from jax.sharding import Mesh
 
-from flaxlm.sharding import LOGICAL_RULES, check_divisible, logical_to_sharding, replicated
+from flaxlm.parallel.sharding import LOGICAL_RULES, check_divisible, logical_to_sharding, replicated
 
 
 def _init_variables(model: nn.Module, seq_len: int, rng: jax.Array):

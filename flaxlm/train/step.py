@@ -22,7 +22,7 @@ from jax.sharding import Mesh
 
 from flaxlm.config import Config
 from flaxlm.families import Family
-from flaxlm.sharding import LOGICAL_RULES, batch_sharding, micro_batch_sharding, replicated
+from flaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, micro_batch_sharding, replicated
 from flaxlm.train import moe_terms
 
 

@@ -1,0 +1,419 @@
+"""Orbax checkpoints of a run: ``RUN_DIR/checkpoints/<step>/{state,meta,MANIFEST.json}``.
+
+``state`` is the sharded TrainState (params, optimizer state, step). ``meta`` is JSON: the
+data position, the skip ledger, the seed (the dropout RNG is a pure function of seed and step,
+so it needs no state of its own), the resolved config and the tokenizer model, so a checkpoint
+alone is enough to evaluate or sample.
+
+Saves are asynchronous: ``save`` returns once the arrays are copied off the devices. Orbax
+writes into ``<step>.orbax-checkpoint-tmp`` and renames it when complete; after that we write
+``MANIFEST.json`` (every file's size and SHA-256) *last*. A checkpoint counts only with a
+manifest that matches its files. Only such *verified* damage — a file missing, truncated or
+bit-flipped, metadata that cannot be parsed — makes :meth:`Checkpointer.restore` walk back to
+an older checkpoint (with a warning naming the broken one, recorded in ``walked_past``). An
+intact checkpoint that does not fit the state asked for (a changed model shape) and a read
+that keeps failing with an I/O error are one-line :class:`CheckpointError` s instead: nothing
+is walked past, so nothing gets deleted. A save that fails (a full disk) is a one-line
+CheckpointError too, raised by ``save`` or, for an asynchronous save, by the next ``save``,
+``wait`` or ``close``. The manifest, the retries and the sorting of I/O errors are in
+:mod:`flaxlm.checkpoint.files`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import threading
+import time
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax.training.train_state import TrainState
+
+# CheckpointError and MANIFEST are defined there and imported from here by the rest of flaxlm.
+from flaxlm.checkpoint.files import (
+    MANIFEST,
+    CheckpointError,
+    is_disk_full,
+    is_io_error,
+    manifest_problem,
+    one_line,
+    retrying,
+    write_manifest,
+)
+
+ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of the folders Orbax writes into
+SEAL_POLL_S = 0.05  # how often the sealing thread looks whether an asynchronous save is done
+
+
+class Checkpointer:
+    """Saves and restores the checkpoints of one run directory.
+
+    Retention keeps the newest ``keep`` complete checkpoints plus any step in ``protect`` (the
+    loop protects the newest known-good checkpoint and the candidates, so a rollback always
+    has somewhere to go).
+    """
+
+    def __init__(self, run_dir: str | Path, keep: int = 3, asynchronous: bool = True):
+        self.directory = Path(run_dir).absolute() / "checkpoints"
+        self.keep = keep
+        self.is_writer = jax.process_index() == 0
+        # Damaged steps the last restore skipped, newest first: what a resume may delete.
+        self.walked_past: list[int] = []
+        self._lock = threading.Lock()
+        self._unsealed: list[int] = []  # saved by orbax, manifest not yet written
+        self._in_flight: int | None = None  # the step of the save not yet waited for
+        self._last_started: int | None = None
+        self._cleaned = False  # leftovers of killed saves removed (at the first save)
+        self._intact: dict[int, dict[str, tuple]] = {}  # verified step -> saved array shapes
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None,  # retention is ours: it must spare the known-good checkpoint
+            enable_async_checkpointing=asynchronous,
+            create=True,
+        )
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=options, item_names=("state", "meta")
+        )
+
+    # -- what is on disk -------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Steps of complete checkpoints (with a manifest), oldest first. Cheap: no reads."""
+        if not self.directory.is_dir():
+            return []
+        out = []
+        for path in self.directory.iterdir():
+            if path.name.isdigit() and (path / MANIFEST).is_file():
+                out.append(int(path.name))
+        return sorted(out)
+
+    def latest_step(self) -> int | None:
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def verify(self, step: int) -> str | None:
+        """None if the checkpoint's files match its manifest and its metadata parses, else
+        what is wrong. An I/O error while reading raises OSError: that is not damage."""
+        folder = self.directory / str(step)
+        problem = manifest_problem(folder)
+        if problem is not None:
+            return problem
+        try:
+            json.loads((folder / "meta" / "metadata").read_text())
+        except FileNotFoundError:
+            return "meta/metadata is missing"
+        except ValueError:
+            return "meta/metadata is not valid JSON"
+        return None
+
+    def newest_intact(self) -> int:
+        """The newest checkpoint without verified damage. Damaged newer ones are skipped with
+        a warning naming each, and listed in ``walked_past`` (newest first)."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        self.walked_past, problems = [], []
+        for step in reversed(steps):
+            problem = self._damage(step)
+            if problem is None:
+                return step
+            message = f"checkpoint {self.directory / str(step)} is damaged: {problem}"
+            warnings.warn(message + "; trying an older one", stacklevel=3)
+            self.walked_past.append(step)
+            problems.append(message)
+        raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems))
+
+    def check_intact(self, step: int) -> int:
+        """``step`` if that checkpoint has no verified damage, else a CheckpointError saying
+        what is wrong with it (no walking back: it was asked for by name)."""
+        folder = self.directory / str(step)
+        if not folder.is_dir():
+            raise CheckpointError(f"no checkpoint {folder} (have: {self.steps() or 'none'})")
+        problem = self._damage(step)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
+        return step
+
+    def _damage(self, step: int) -> str | None:
+        """What :meth:`verify` finds, or unreadable Orbax metadata; None when intact (then
+        the saved array shapes are kept for :meth:`_check_fits`)."""
+        if step in self._intact:
+            return None
+        folder = self.directory / str(step)
+
+        def check() -> str | None:
+            problem = self.verify(step)
+            if problem is not None:
+                return problem
+            try:
+                tree = ocp.StandardCheckpointHandler().metadata(folder / "state")
+            except OSError:
+                raise
+            except Exception as exc:  # orbax raises many types for a bad _METADATA
+                return f"its array metadata cannot be read ({one_line(exc)})"
+            self._intact[step] = _shapes(getattr(tree, "tree", tree))
+            return None
+
+        return retrying(f"checking checkpoint {folder}", check)
+
+    # -- saving ----------------------------------------------------------------------------
+
+    def save(
+        self,
+        state: TrainState,
+        meta: dict[str, Any],
+        tokenizer_bytes: bytes,
+        protect: set[int] | frozenset[int] = frozenset(),
+    ) -> None:
+        """Starts saving ``state`` at ``state.step``; returns before the write finishes.
+
+        Raises CheckpointError when this save, or the previous asynchronous one, failed to
+        write (e.g. the disk is full); the checkpoints saved before are left intact.
+        """
+        step = int(jax.device_get(state.step))
+        # The previous save has had a whole checkpoint interval to finish; make sure, so that
+        # at most one save is in flight and retention never races it.
+        self.wait()
+        if not self._cleaned:
+            self.remove_incomplete()
+        self._prune(protect | {step})
+        folder = self.directory / str(step)
+        if folder.exists() and self.is_writer:
+            # A stale folder from before a rollback, or an unsealed leftover: replace it.
+            shutil.rmtree(folder)
+        self._intact.pop(step, None)
+        _sync(f"flaxlm-checkpoint-save-{step}")  # every process sees the same folders
+        self._manager.reload()
+        meta = dict(meta, step=step, tokenizer_b64=base64.b64encode(tokenizer_bytes).decode())
+        with self._lock:
+            self._unsealed.append(step)
+        self._in_flight = self._last_started = step
+        try:
+            self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=True,
+            )
+            if not self._manager.is_saving_in_progress():
+                self._seal_pending()  # synchronous save (or already finished)
+                self._in_flight = None
+            else:
+                threading.Thread(
+                    target=self._seal_when_done, name="flaxlm-seal", daemon=True
+                ).start()
+        except Exception as exc:
+            self._save_failed(step, exc)
+
+    def _seal_when_done(self) -> None:
+        """Seals an asynchronous save as soon as Orbax has moved it into place (a background
+        thread), so a kill any time after that finds the checkpoint complete — not only after
+        the next save or :meth:`wait`. Orbax's own post-finalization callback runs before the
+        folder is renamed, too early to seal."""
+        while self._manager.is_saving_in_progress():
+            time.sleep(SEAL_POLL_S)
+        self._seal_pending()
+
+    def _seal_pending(self) -> None:
+        """Writes the manifest of every finished save: sizes and checksums, written last.
+
+        Runs in the sealing thread and in :meth:`wait`; a save still sitting in its temporary
+        folder stays pending.
+        """
+        with self._lock:  # the callback thread and wait() may both get here
+            for step in list(self._unsealed):
+                folder = self.directory / str(step)
+                if not folder.is_dir():
+                    continue  # not renamed into place yet
+                if self.is_writer:
+                    write_manifest(folder, step)
+                self._unsealed.remove(step)
+
+    def _save_failed(self, step: int | None, exc: Exception) -> None:
+        """Raises for a failed save of ``step``: a one-line CheckpointError for a write error
+        (a full disk), ``exc`` itself for anything else. Call it from an ``except`` block.
+        What the save left (Orbax may still be unwinding it) goes at the next save."""
+        with self._lock:
+            self._unsealed = [s for s in self._unsealed if s != step]
+        self._in_flight = None
+        self._cleaned = False
+        if not is_io_error(exc):
+            raise exc
+        run_dir = self.directory.parent
+        intact = f"the checkpoints before it are intact ({self.steps() or 'none'})"
+        if is_disk_full(exc):
+            raise CheckpointError(
+                f"the disk is full: checkpoint {step} could not be saved in {run_dir}; "
+                f"{intact}: free some space and rerun to resume"
+            ) from exc
+        raise CheckpointError(
+            f"checkpoint {step} could not be saved in {run_dir} ({one_line(exc)}); {intact}"
+        ) from exc
+
+    def _prune(self, protect: set[int] | frozenset[int]) -> None:
+        if not self.is_writer:
+            return
+        # Called just before a new save: leave room for it within ``keep``.
+        steps = self.steps()
+        room = max(self.keep - 1, 0)
+        keep = set(steps[max(len(steps) - room, 0) :] if room else []) | set(protect)
+        for step in steps:
+            if step not in keep:
+                self._intact.pop(step, None)
+                shutil.rmtree(self.directory / str(step), ignore_errors=True)
+
+    def remove_incomplete(self) -> list[str]:
+        """Removes what killed saves leave behind: Orbax temporary folders
+        (``<step>.orbax-checkpoint-tmp*``) and step folders without a manifest. Only process
+        0 deletes, and only after this Checkpointer's own save is done; the first ``save``
+        calls it. Never call it from a reader: a trainer may be saving into that folder.
+        Returns the names removed."""
+        self.wait()
+        removed = []
+        if self.is_writer and self.directory.is_dir():
+            for path in self.directory.iterdir():
+                unsealed = path.name.isdigit() and not (path / MANIFEST).exists()
+                if path.is_dir() and (ORBAX_TMP in path.name or unsealed):
+                    shutil.rmtree(path, ignore_errors=True)
+                    removed.append(path.name)
+        self._cleaned = True
+        _sync("flaxlm-checkpoint-remove-incomplete")
+        self._manager.reload()
+        return sorted(removed)
+
+    def delete_after(self, step: int, only: Iterable[int] | None = None) -> None:
+        """Removes the checkpoints newer than ``step`` — all of them (a rollback: they hold
+        weights from a bad stretch), or just those in ``only`` (a resume: pass
+        ``walked_past``, the damaged ones, so nothing intact is ever deleted)."""
+        self.wait()
+        chosen = None if only is None else set(only)
+        if self.is_writer:
+            for s in self.steps():
+                if s > step and (chosen is None or s in chosen):
+                    self._intact.pop(s, None)
+                    shutil.rmtree(self.directory / str(s), ignore_errors=True)
+        _sync(f"flaxlm-checkpoint-delete-after-{step}")
+        self._manager.reload()
+
+    # -- restoring -------------------------------------------------------------------------
+
+    def restore(
+        self,
+        abstract_state: TrainState,
+        state_sh: TrainState,
+        step: int | None = None,
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """Restores ``step``, or the newest intact checkpoint, into the given shardings.
+
+        Passing the target shardings is what lets a checkpoint written on one mesh (or by N
+        processes) load onto another. Without ``step``, damaged checkpoints are skipped with
+        a warning naming them and listed in ``walked_past``; a damaged ``step`` raises.
+        A checkpoint that does not fit ``abstract_state`` and an I/O error that outlasts
+        the retries raise CheckpointError without walking back.
+        """
+        self.walked_past = []
+        step = self.newest_intact() if step is None else self.check_intact(step)
+        folder = self.directory / str(step)
+        self._check_fits(step, abstract_state)
+        try:
+            return retrying(
+                f"reading checkpoint {folder}",
+                lambda: self._restore_step(step, abstract_state, state_sh),
+            )
+        except CheckpointError:
+            raise
+        except Exception as exc:  # intact and fitting, yet orbax fails: name the checkpoint
+            raise CheckpointError(f"cannot restore checkpoint {folder}: {one_line(exc)}") from exc
+
+    def _check_fits(self, step: int, abstract_state: TrainState) -> None:
+        """Raises CheckpointError naming the first parameter (then optimizer entry) whose
+        saved shape differs from the one asked for, or that only one side has."""
+        saved = self._intact[step]
+        wanted = _shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
+        differences = []
+        for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[:7] != "params/", k)):
+            if key not in saved:
+                differences.append(f"{key} {wanted[key]} is not in the checkpoint")
+            elif key not in wanted:
+                differences.append(f"{key} {saved[key]} is in the checkpoint but not expected")
+            elif saved[key] != wanted[key]:
+                differences.append(f"{key} is saved as {saved[key]}, expected {wanted[key]}")
+        if differences:
+            more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} does not fit the model and optimizer "
+                f"it is restored into: {differences[0]}{more}; was the model config changed? "
+                "The checkpoint is intact and was left as it is"
+            )
+
+    def _restore_step(self, step: int, abstract_state: TrainState, state_sh: TrainState):
+        target = jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+            abstract_state,
+            state_sh,
+        )
+        self._manager.reload()
+        restored = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
+            ),
+        )
+        return restored["state"], dict(restored["meta"])
+
+    def read_meta(self, step: int | None = None) -> dict[str, Any]:
+        """The JSON metadata of a checkpoint (default: the newest complete one)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint in {self.directory}")
+        path = self.directory / str(step) / "meta" / "metadata"
+        try:
+            return json.loads(retrying(f"reading {path}", path.read_text))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(
+                f"checkpoint {self.directory / str(step)} has no readable metadata: "
+                f"{type(exc).__name__}"
+            ) from exc
+
+    def wait(self) -> None:
+        """Blocks until every started save is durable on disk, manifest included. Raises
+        CheckpointError when an asynchronous save failed to write."""
+        try:
+            self._manager.wait_until_finished()
+            self._seal_pending()
+        except Exception as exc:
+            # At most one save runs at a time: a failure here is the last one started (an
+            # asynchronous save that failed at once has already left _in_flight).
+            failed = self._in_flight if self._in_flight is not None else self._last_started
+            self._save_failed(failed, exc)
+        self._in_flight = None
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
+
+
+def tokenizer_bytes_from_meta(meta: dict[str, Any]) -> bytes:
+    return base64.b64decode(meta["tokenizer_b64"])
+
+
+def _sync(name: str) -> None:
+    """A barrier across processes (no-op for one): only process 0 deletes folders."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """'params/blocks_0/attn/query/kernel' -> shape, for every array of a serialized tree."""
+    flat = ocp.tree.to_flat_dict(tree, sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}

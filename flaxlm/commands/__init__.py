@@ -1,0 +1,1 @@
+"""What each ``flaxlm`` command does once its arguments are parsed (flaxlm/cli.py parses)."""

@@ -1,0 +1,1 @@
+"""The device mesh and the one table of rules from logical axis names to mesh axes."""
