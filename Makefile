@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DATA := data/shakespeare
 DEMO_RUN := runs/gpt_demo
 
-.PHONY: install install-dev demo bert-demo finetune-demo test lint format clean
+.PHONY: install install-dev demo bert-demo finetune-demo test docs lint format clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -47,9 +47,14 @@ finetune-demo: install
 		--max-train-rows 4000 --max-len 64 --epochs 3 --lr 2e-4 --json
 
 test: install-dev
+	$(BIN)/mkdocs build --strict --quiet --site-dir .cache/site
 	$(BIN)/ruff check flaxlm tests benchmarks
 	$(BIN)/ruff format --check flaxlm tests benchmarks
 	$(BIN)/python -m pytest
+
+# The docs site (docs/, mkdocs.yml) into .cache/site; `$(BIN)/mkdocs serve` to browse it live.
+docs: install-dev
+	$(BIN)/mkdocs build --strict --site-dir .cache/site
 
 lint:
 	$(BIN)/ruff check flaxlm tests benchmarks
