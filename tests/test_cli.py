@@ -173,3 +173,27 @@ def test_config_show_prints_every_key_and_reads_back_as_the_same_config(tmp_path
     assert "rope_theta: 10000.0" in shown and "guard:" in shown  # defaults written out
     assert main([*argv, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["model"]["moe"]["num_experts"] == 4
+
+
+def test_every_command_module_is_listed_and_help_starts_without_jax():
+    """A module in flaxlm/commands/ adds its parser beside its handler; the entry point lists
+    them all, and ``flaxlm --help`` (the parser built in full) imports no jax."""
+    from flaxlm import cli
+
+    modules = {p.stem for p in (REPO / "flaxlm" / "commands").glob("*.py")} - {"__init__"}
+    assert {m.__name__.rpartition(".")[2] for m in cli.COMMANDS} == modules
+    probe = (
+        "import sys; from flaxlm.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('jax', 'flax', 'numpy') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
+def test_help_of_every_command_exits_zero(capsys):
+    for argv in ([], ["data"], ["data", "prepare"], ["convert", "from-hf"], ["generate"]):
+        with pytest.raises(SystemExit) as exc:
+            main([*argv, "--help"])
+        assert exc.value.code == 0
+        assert capsys.readouterr().out.startswith(f"usage: {' '.join(['flaxlm', *argv])} ")

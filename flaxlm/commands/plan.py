@@ -1,0 +1,45 @@
+"""``flaxlm plan CONFIG [overrides]``: per-device memory of a config's train step, from an
+ahead-of-time compile for this machine, simulated CPU devices or a named TPU topology."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "plan", help="per-device memory of a config's train step (AOT compile)"
+    )
+    p.add_argument("config", help="YAML config, e.g. configs/gpt_7b.yaml")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    p.add_argument(
+        "--devices", type=int, default=0, help="simulate this many CPU devices (0 = real ones)"
+    )
+    p.add_argument(
+        "--target",
+        default="",
+        help="compile with the TPU compiler for this topology, e.g. v5e:8x8, v5p:4x4x4 (libtpu)",
+    )
+    p.add_argument("--slices", type=int, default=1, help="--target: slices of it (DCN)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=plan_command)
+
+
+def plan_command(args: argparse.Namespace) -> int:
+    import jax
+
+    from flaxlm.config import ConfigError, load_config
+
+    cfg = load_config(args.config, args.overrides, check_paths=False)  # plans read no data
+    if args.devices and args.target:
+        raise ConfigError("plan: give --devices (simulated CPU devices) or --target, not both")
+    if args.devices:
+        # Before any backend starts: plan a pod's layout on this machine's CPU.
+        jax.config.update("jax_platforms", "cpu")
+        jax.config.update("jax_num_cpu_devices", args.devices)
+    from flaxlm.tools.plan import format_plan, plan
+
+    report = plan(cfg, args.target or None, args.slices)
+    print(json.dumps(report) if args.json else format_plan(report))
+    return 0
