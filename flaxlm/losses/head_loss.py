@@ -5,9 +5,9 @@ writes their gradient and reads that twice more for the two backward matmuls. He
 positions are taken ``chunk`` at a time: each chunk's logits are made, reduced to the loss,
 turned into their gradient (closed form, below) and multiplied back into the gradients of
 the hidden states and the head weight while they are still in cache, so the full logits are
-never stored. With a 50k vocabulary that is the largest activation of a GPT step; in the
-CPU benchmark at V = 32k it cuts peak host memory by 20 %, for a 7 % slower step, and at
-V = 8k it is no faster (benchmarks/RESULTS.md), so it is off by default.
+never stored. With a 50k vocabulary that is the largest activation of a GPT step; on the
+CPU it saves memory at a large vocabulary but not time (benchmarks/RESULTS.md, "Chunked LM
+head"), so it is off by default.
 
 The gradient of the per-token objective (label smoothing eps, z-loss z, softmax p):
 
@@ -101,7 +101,7 @@ def _run(hidden_BxLxD, head, targets_BxL, weights_BxL, options, with_grads: bool
         h_BxCxD, t_BxC, w_BxC = xs
         # Sharded as the parameter inside each chunk (under a mesh): the table is gathered in
         # the compute dtype per chunk, and autodiff's gradient accumulator stays sharded too,
-        # instead of a whole fp32 V x D table per device (gpt_7b on v5e:8x8: 4.003 -> 3.980 GiB).
+        # instead of a whole fp32 V x D table per device (benchmarks/RESULTS.md, "Chunked LM head").
         head_c = nn.with_logical_constraint(head, names).astype(dtype)
         logits = jnp.einsum(f"bcd,{head_spec}->bcv", h_BxCxD, head_c,
                             preferred_element_type=jnp.float32)  # fmt: skip

@@ -61,8 +61,8 @@ class Dense(nn.Module):
 
     Why not ``nn.DenseGeneral``: it initialises a multi-axis kernel as a flat 2-D array and
     unboxes its logical names on that, which fails under a mesh (3 names, rank 2); and
-    bf16 x bf16 -> bf16 dots are both less exact and slower on our CPUs (a 2048 x 2048 jnp.dot
-    on Zen 5: below fp32's ~400 GFLOP/s, while bf16 inputs accumulated in f32 reach 800+).
+    bf16 x bf16 -> bf16 dots are both less exact and slower on our CPUs than bf16 inputs
+    accumulated in f32 (benchmarks/RESULTS.md, "CPU matmul precision").
     """
 
     cfg: ModelConfig

@@ -4,12 +4,11 @@ returned in float32, with a hand-written backward pass.
 Why not autodiff of ``jax.lax.dot_general``:
 - fp32: XLA's CPU backward materialises transposed copies of the big gradients (the
   ``B*S x F`` MLP and ``B*S x V`` logit gradients) and runs some weight gradients outside
-  the fast matmul library; the explicit products below avoid both, worth 13 % of the fp32
-  GPT step (benchmarks/RESULTS.md).
+  the fast matmul library; the explicit products below avoid both (benchmarks/RESULTS.md,
+  "CPU matmul precision").
 - bf16: the cotangent is f32, so autodiff runs both backward products as f32 x f32, half the
-  speed of bf16 x bf16 -> f32 on our CPUs (a 2048 x 2048 jnp.dot on Zen 5: ~400 vs 800+
-  GFLOP/s); here it is cast to the inputs' dtype first, and the products accumulate in float32
-  again.
+  speed of bf16 x bf16 -> f32 on our CPUs (same section); here it is cast to the inputs' dtype
+  first, and the products accumulate in float32 again.
 Both were measured on CPU only: ``custom_backward`` (``model.custom_backward``,
 flaxlm/models/backward.py) picks this backward or plain autodiff of the same product.
 """

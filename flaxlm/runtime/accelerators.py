@@ -3,11 +3,11 @@ starting jax, and the environment jax and libtpu get from that.
 
 With libtpu installed (``pip install -e '.[tpu]'``; ``make test`` installs it so that the TPU
 compile tests run), jax on a machine *without* TPUs still loads libtpu when its backends
-start: ~0.1 s, five lines of warnings about ``TPU_ACCELERATOR_TYPE`` /
-``TPU_WORKER_HOSTNAMES`` on stderr, and ``/tmp/libtpu_lockfile`` held for the life of the
-process — any other process that then loads libtpu to compile for a TPU topology fails with
-"Internal error when accessing libtpu multi-process lockfile". So importing flaxlm, before jax
-is imported, sets ``JAX_PLATFORMS=cpu`` when no accelerator is attached
+start: time, warnings about ``TPU_ACCELERATOR_TYPE`` / ``TPU_WORKER_HOSTNAMES`` on stderr
+(benchmarks/RESULTS.md, "libtpu installed, jax on the CPU"), and ``/tmp/libtpu_lockfile``
+held for the life of the process — any other process that then loads libtpu to compile for
+a TPU topology fails with "Internal error when accessing libtpu multi-process lockfile". So
+importing flaxlm, before jax is imported, sets ``JAX_PLATFORMS=cpu`` when no accelerator is attached
 (:func:`prefer_cpu_without_accelerators`; an explicit ``JAX_PLATFORMS`` is never touched),
 and compiling for a TPU topology without a TPU (``flaxlm plan --target``) loads libtpu in
 compiler-only mode (:func:`tpu_compiler_environment`). The TPU compiler works with

@@ -2,12 +2,12 @@
 faulted in 4 KiB at a time.
 
 XLA:CPU allocates an executable's temporaries with ``malloc`` on every run and frees them at
-the end: 579 MB per step for ``configs/bench/gpt_small_cpu.yaml``. glibc serves a block that
-large with a fresh ``mmap`` and returns it with ``munmap``, so on every step the kernel
-faults in ~157k new pages: 0.25 s of system time per 0.9 s step, paid by whichever kernel
-first writes each buffer. glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) maps
-those blocks with transparent huge pages: ~700 faults per step, and the GPT bench step is
-~8 % faster (benchmarks/RESULTS.md).
+the end (hundreds of MB per step for ``configs/bench/gpt_small_cpu.yaml``). glibc serves a
+block that large with a fresh ``mmap`` and returns it with ``munmap``, so on every step the
+kernel faults in every page of it anew, paid by whichever kernel first writes each buffer.
+glibc's tunable ``glibc.malloc.hugetlb=1`` (glibc >= 2.35) maps those blocks with
+transparent huge pages: far fewer faults, and a faster CPU step (benchmarks/RESULTS.md,
+"Huge pages for malloc").
 
 glibc reads tunables when a process starts, so the ``flaxlm`` command re-executes itself
 once with the tunable added to ``GLIBC_TUNABLES`` (same PID, same arguments) before it does
@@ -19,8 +19,8 @@ anything else. When you drive flaxlm from Python, start the interpreter with
 accelerators the big buffers live on the device), ``hugepages`` always, ``system`` never.
 
 Measured and not taken: keeping freed blocks in the heap (``mallopt``: no ``mmap``, one
-arena) removes the faults too, but one arena's lock makes XLA's multi-threaded compiles
-~30 % slower.
+arena) removes the faults too, but one arena's lock slows XLA's multi-threaded compiles
+(benchmarks/RESULTS.md, "Huge pages for malloc").
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 The loop reads a step's metrics one step late (the device never waits for the host), and it
 stops stepping to evaluate, save a checkpoint or roll back. Dividing "steps since the last log"
 by "wall time since the last log" would credit a step that finished during an evaluation with
-no time at all (the demo once logged 1.3 M tokens/s at eval steps; the real rate was ~10 k).
+no time at all (the demo once logged many times its real rate at eval steps: benchmarks/RESULTS.md,
+"Throughput meter").
 So the meter keeps a clock that runs only while the loop is stepping: the loop waits for the
 step in flight and *pauses* the clock before an eval or a save, and *resumes* it after. A
 step's completion time is read on that clock when its metrics are read (or when it is waited
