@@ -26,13 +26,14 @@ def main() -> None:
 
     from flaxlm.config import load_config
     from flaxlm.data import prepare_data
+    from flaxlm.data.batch_ramp import BatchRamp
     from flaxlm.families import family_of
     from flaxlm.parallel.sharding import build_mesh
     from flaxlm.train.batches import put_train_batch
 
     cfg = load_config(config, overrides)
     data = prepare_data(cfg.data, cfg.model.vocab_size, progress=False)
-    batches = family_of(cfg).train_batches(data, cfg, cfg.train.batch_size)
+    batches = family_of(cfg).train_batches(data, cfg, BatchRamp.from_config(cfg.train))
     mesh = build_mesh(cfg.mesh)
     steps = [0, 1, 7, 1000]  # 1000: past the first epoch of the smaller source
     gathered = {}

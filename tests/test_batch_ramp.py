@@ -140,7 +140,7 @@ def test_bert_batches_follow_the_ramp(small_corpus, tiny_cache_dir, tmp_path):
         "train.batch_size=8",
     )  # fmt: skip
     data = prepare_data(cfg.data, cfg.model.vocab_size, progress=False)
-    ramped = family_of(cfg).train_batches(data, cfg, 8)
+    ramped = family_of(cfg).train_batches(data, cfg, BatchRamp.from_config(cfg.train))
     plain = make_masked_batches(data.train, cfg, data.tokenizer, 8)
     assert len(ramped.batch(1)["inputs"]) == 2 and len(ramped.batch(2)["inputs"]) == 8
     # Positions 0, 1 (2 rows each) then 2 (8 rows): global rows 0..3, then 4..11.
@@ -171,7 +171,7 @@ def test_a_ramped_run_rolls_back_and_resumes_mid_ramp_bit_for_bit(
     small_corpus, tiny_cache_dir, tmp_path, caplog
 ):
     from flaxlm.tools.load import load_checkpoint
-    from flaxlm.train import train
+    from flaxlm.train.chaos import train_with_chaos as train  # chaos.* faults: the harness
 
     with jax.log_compiles(True), caplog.at_level("WARNING"):
         straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "straight", *RUN))

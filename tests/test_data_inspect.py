@@ -1,8 +1,16 @@
 """`flaxlm data inspect`: source sizes, counts, cache, tokenizer and a decoded sample batch."""
 
+import dataclasses
 import json
 
+import numpy as np
+
 from flaxlm.cli import main
+from flaxlm.config import load_config
+from flaxlm.data import prepare_data
+from flaxlm.data.batch_ramp import BatchRamp
+from flaxlm.data.inspection import inspect_data
+from flaxlm.families import family_of
 
 
 def write_sources(tmp_path):
@@ -99,3 +107,37 @@ def test_inspect_bert_marks_every_predicted_position(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "unified layout" in out and "⟦" in out
     assert "causal," in out and "mlm," in out
+
+
+def test_inspect_shows_the_batch_the_family_makes_for_the_step(tmp_path):
+    """The sample decodes exactly the batch training gets at that step: the family's own batch
+    maker with the run's batch ramp (and, for the GPT mixture, its stages)."""
+    write_sources(tmp_path)
+    one_source = [f"data.paths=[{tmp_path / 'plays'}]", *overrides(tmp_path)[1:]]
+    ramp = "train.batch_ramp=[[0, 2], [3, 8]]"  # 2 rows at steps 0..2, then 8
+    gpt = load_config("configs/gpt_tiny.yaml", [*overrides(tmp_path), ramp,
+                      "data.stages=[{step: 2, weights: {notes: 1}}]"])  # fmt: skip
+    bert = load_config("configs/bert_tiny.yaml", [*one_source, ramp])
+    for cfg in (gpt, bert):
+        family = family_of(cfg)
+        prepared = prepare_data(cfg.data, cfg.model.vocab_size, progress=False)
+        batches = family.train_batches(prepared, cfg, BatchRamp.from_config(cfg.train))
+        seen: list[dict] = []
+
+        def sample(cfg, prepared, batch, rows, real=family.inspect_sample, seen=seen):
+            seen.append(batch)
+            return real(cfg, prepared, batch, rows)
+
+        watched = dataclasses.replace(family, inspect_sample=sample)
+        for step in (1, 3):
+            report = inspect_data(cfg, watched, step, rows=8)
+            want = batches.batch(step)
+            got = seen.pop()
+            assert set(got) == set(want), cfg.model.family
+            for key in want:
+                np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+            assert report["sample"] == {
+                "step": step,
+                **family.inspect_sample(cfg, prepared, want, 8),
+            }
+            assert len(report["sample"]["rows"]) == (2 if step == 1 else 8)

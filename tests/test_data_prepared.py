@@ -19,6 +19,7 @@ from flaxlm.cli import main
 from flaxlm.config import ConfigError, load_config
 from flaxlm.data import CausalBatches, prepare_data
 from flaxlm.data import prepare as prepare_module
+from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.documents import DataError
 from flaxlm.data.feistel import FeistelPermutation
 from flaxlm.data.prepare import prepare_corpus
@@ -89,7 +90,7 @@ def test_a_prepared_corpus_holds_the_token_streams_of_the_cache(sources, tmp_pat
     # inspect reports the sources' files from the manifest (the raw text need not be here).
     from flaxlm.data.inspection import inspect_data
 
-    report = inspect_data(pcfg, family_of(pcfg).inspect_sample)
+    report = inspect_data(pcfg, family_of(pcfg))
     assert [(r["name"], r["files"]) for r in report["sources"]] == [("plays", 6), ("notes", 1)]
     assert report["sources"][1]["bytes"] == sources[1].stat().st_size
 
@@ -115,11 +116,11 @@ def test_an_interrupted_prepare_resumes_with_the_units_it_had_not_finished(
     real = prepare_module.prepare_unit
     done = []
 
-    def dies_on_the_third(cfg, out, unit):
+    def dies_on_the_third(cfg, out, unit, spec):
         if len(done) == 2:
             raise KeyboardInterrupt  # what a kill between units leaves
         done.append(unit.index)
-        return real(cfg, out, unit)
+        return real(cfg, out, unit, spec)
 
     monkeypatch.setattr(prepare_module, "prepare_unit", dies_on_the_third)
     with pytest.raises(KeyboardInterrupt):
@@ -277,7 +278,7 @@ def test_two_processes_each_read_only_their_rows_of_the_one_process_batch(source
 
     one = load_config(REPO / "configs" / "gpt_tiny.yaml", overrides)
     data = prepare_data(one.data)
-    batches = family_of(one).train_batches(data, one, one.train.batch_size)
+    batches = family_of(one).train_batches(data, one, BatchRamp.from_config(one.train))
     got = np.load(tmp_path / "global.npz")
     steps = [0, 1, 7, 1000]
     for step in steps:

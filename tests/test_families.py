@@ -89,7 +89,7 @@ def register_running_mean() -> None:
             name="running_mean",
             build_model=lambda m: RunningMeanLM(m.vocab_size),
             batch_keys=lambda cfg, training: ("inputs", "targets", "loss_mask"),
-            train_batches=lambda data, cfg, b: Windows(data.train, cfg.data.seq_len, b, 0),
+            train_batches=lambda data, cfg, r: Windows(data.train, cfg.data.seq_len, r.full, 0),
             eval_batches=lambda split, cfg, tok, b: Windows(split, cfg.data.seq_len, b, 0),
             loss=loss,
             converters=(),

@@ -22,6 +22,7 @@ zero-copy view. Weights are not part of the key: re-weighting a mixture reuses t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -54,17 +55,17 @@ def prepare_data(
     model_vocab_size: int | None = None,
     progress: bool = True,
     tokenizer: Tokenizer | None = None,
+    sources: list[SourceSpec] | None = None,
 ) -> PreparedData:
     """Tokenizes the sources once (or reuses the cache) and returns both splits.
 
     Uses ``tokenizer`` if given (e.g. the one stored in a checkpoint), else the model file
-    ``data_cfg.tokenizer``, else trains one on the train split. Raises
-    ConfigError when ``model_vocab_size`` cannot hold the tokenizer's ids, DataError for
-    unusable sources.
+    ``data_cfg.tokenizer``, else trains one on the train split. ``sources``: ``data_cfg``'s
+    sources if the caller has resolved them already (``resolve_sources``); else they are
+    resolved here, once, and handed to everything below. Raises ConfigError when
+    ``model_vocab_size`` cannot hold the tokenizer's ids, DataError for unusable sources.
     """
-    if (
-        data_cfg.prepared
-    ):  # a corpus written by `flaxlm data prepare` (flaxlm/data/prepared_reader.py)
+    if data_cfg.prepared:  # a corpus written by `flaxlm data prepare` (prepared_reader.py)
         from flaxlm.data.prepared_reader import load_prepared
 
         return load_prepared(data_cfg, model_vocab_size, tokenizer)
@@ -74,6 +75,32 @@ def prepare_data(
             "data.paths and data.sources are empty; expected text files, folders, .jsonl, "
             ".parquet, dataset folders or tfds:NAME"
         )
+    specs = resolve_sources(data_cfg) if sources is None else sources
+    given = _given_tokenizer(data_cfg, model_vocab_size, tokenizer)
+    files = sources_files(specs, data_cfg.tfds_data_dir)  # each file hashed once
+    key = cache_key(data_cfg, given, specs, files)
+    root = Path(data_cfg.cache_dir)
+    remove_stale_builds(root)
+    final = root / key
+    cache_hit = (final / "meta.json").is_file()
+    if not cache_hit:
+        build = functools.partial(_build, data_cfg, specs, given, progress=progress)
+        build_atomically(final, build, "meta.json")
+    prepared = _open_cache(final, specs, model_vocab_size)
+    prepared.cache_hit = cache_hit
+    prepared.seconds = time.perf_counter() - start
+    prepared.fingerprints = {
+        spec.name: content_sha256(source_files)
+        for spec, source_files in zip(specs, files, strict=True)
+    }
+    return prepared
+
+
+def _given_tokenizer(
+    data_cfg: DataConfig, model_vocab_size: int | None, tokenizer: Tokenizer | None
+) -> Tokenizer | None:
+    """The tokenizer to encode with (``tokenizer``, else ``data.tokenizer``), or None to train
+    one; checked against the model's vocabulary before any work is spent."""
     if model_vocab_size is not None and not data_cfg.tokenizer and tokenizer is None:
         # Fail before spending minutes on training a tokenizer the model cannot use.
         if data_cfg.tokenizer_vocab_size > model_vocab_size:
@@ -86,22 +113,17 @@ def prepare_data(
         given = Tokenizer.load(data_cfg.tokenizer, data_cfg.tokenizer_specials)
     if given is not None and model_vocab_size is not None:
         check_vocab(given, model_vocab_size)
+    return given
 
-    files = sources_files(data_cfg)  # hashes every file once, for the key and fingerprints
-    key = cache_key(data_cfg, given, files)
-    root = Path(data_cfg.cache_dir)
-    remove_stale_builds(root)
-    final = root / key
-    cache_hit = (final / "meta.json").is_file()
-    if not cache_hit:
-        build_atomically(final, lambda tmp: _build(data_cfg, given, tmp, progress), "meta.json")
 
+def _open_cache(final: Path, specs: list[SourceSpec], model_vocab_size: int | None) -> PreparedData:
+    """The complete cache folder ``final`` as PreparedData, split per source (timing and
+    fingerprints are the caller's to fill in)."""
     meta = json.loads((final / "meta.json").read_text())
     tokenizer = Tokenizer.load(final / "tokenizer.model")
     if model_vocab_size is not None:
         check_vocab(tokenizer, model_vocab_size)
     train, val = TokenSplit.load(final, "train"), TokenSplit.load(final, "val")
-    specs = resolve_sources(data_cfg)
     total_weight = sum(s.weight for s in specs)
     ranges = meta.get("sources") or [  # caches built before mixtures: one source
         {"train_docs": [0, train.n_docs], "val_docs": [0, val.n_docs], "n_empty_docs": 0}
@@ -121,14 +143,10 @@ def prepare_data(
         train=train,
         val=val,
         cache_dir=final,
-        cache_hit=cache_hit,
+        cache_hit=True,
         n_empty_docs=meta["n_empty_docs"],
-        seconds=time.perf_counter() - start,
+        seconds=0.0,
         sources=sources,
-        fingerprints={
-            spec.name: content_sha256(source_files)
-            for spec, source_files in zip(specs, files, strict=True)
-        },
     )
 
 
@@ -175,8 +193,13 @@ def _source_documents(
                     source_stats.n_empty += 1
 
 
-def _build(data_cfg: DataConfig, given: Tokenizer | None, out: Path, progress: bool) -> None:
-    specs = resolve_sources(data_cfg)
+def _build(
+    data_cfg: DataConfig,
+    specs: list[SourceSpec],
+    given: Tokenizer | None,
+    out: Path,
+    progress: bool,
+) -> None:
     stats = [SourceStats() for _ in specs]
     sources_of_docs, doc_ids = [], []
     for s, doc in _source_documents(specs, data_cfg.tfds_data_dir, stats, data_cfg.doc_split):

@@ -15,21 +15,25 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from flaxlm.config import DataConfig
-from flaxlm.data.sources import list_source_files, resolve_sources
+from flaxlm.data.sources import SourceSpec, list_source_files
 from flaxlm.tokenizers.sentencepiece import Tokenizer
 
 FORMAT_VERSION = 1  # of a cache folder (flaxlm/data/cache.py); a new one gets new keys
 
 
 def cache_key(
-    data_cfg: DataConfig, tokenizer: Tokenizer | None, files: list[list[dict]] | None = None
+    data_cfg: DataConfig,
+    tokenizer: Tokenizer | None,
+    specs: list[SourceSpec],
+    files: list[list[dict]] | None = None,
 ) -> str:
     """A hash of everything the cached tokens depend on (not seq_len: packing is done later).
 
-    Not the mixture weights either: they only change which rows batches draw. ``files``: the
-    sources' file fingerprints, if already computed.
+    Not the mixture weights either: they only change which rows batches draw. ``specs``: the
+    sources as resolved once by the caller (``resolve_sources``); ``files``: their file
+    fingerprints, if already computed.
     """
-    files = sources_files(data_cfg) if files is None else files
+    files = sources_files(specs, data_cfg.tfds_data_dir) if files is None else files
     if tokenizer is not None:
         tok = {"model_sha256": hashlib.sha256(tokenizer.model_bytes).hexdigest()}
     else:
@@ -55,17 +59,15 @@ def cache_key(
     if data_cfg.sources:
         blob["sources"] = [
             {"name": spec.name, "field": spec.field, "split": spec.split, "files": source_files}
-            for spec, source_files in zip(resolve_sources(data_cfg), files, strict=True)
+            for spec, source_files in zip(specs, files, strict=True)
         ]
         del blob["jsonl_field"]  # each source names its field
     return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def sources_files(data_cfg: DataConfig) -> list[list[dict]]:
-    """The file fingerprints of each source, in ``resolve_sources`` order."""
-    return [
-        _files_fingerprint(spec.paths, data_cfg.tfds_data_dir) for spec in resolve_sources(data_cfg)
-    ]
+def sources_files(specs: list[SourceSpec], tfds_data_dir: str = "") -> list[list[dict]]:
+    """The file fingerprints of each resolved source, in order."""
+    return [_files_fingerprint(spec.paths, tfds_data_dir) for spec in specs]
 
 
 def content_sha256(files: list[dict]) -> str:

@@ -1,12 +1,14 @@
 """``flaxlm data inspect``: what a config's data looks like before any training.
 
-    report = inspect_data(load_config("configs/gpt_demo.yaml"))
+    cfg = load_config("configs/gpt_demo.yaml")
+    report = inspect_data(cfg, family_of(cfg))   # flaxlm.families.family_of
     print(format_report(report))
 
 Prepares the data (tokenizing once into the cache if needed), then reports per source: files
 and bytes on disk, documents and tokens per split, weight, packed examples and the epochs a run
 of ``train.steps`` consumes; the tokenizer and its special ids; the cache location; and a
-decoded sample of the batch of ``step`` for the config's objective: for GPT, packed rows with
+decoded sample of the batch of ``step``, made by the family's own batch maker (the one training
+calls, with the run's batch ramp and mixture stages): for GPT, packed rows with
 document boundaries (where ``loss_mask`` is 0) marked; for BERT, the masked rows with every
 predicted position shown as ``⟦original→input⟧`` (plus the NSP label, or the objective and
 prefix length of unified rows).
@@ -14,7 +16,6 @@ prefix length of unified rows).
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -23,31 +24,33 @@ from flaxlm.config import Config
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.cache import PreparedData, prepare_data
 from flaxlm.data.causal_batches import CausalBatches
-from flaxlm.data.masked_batches import OBJECTIVES, layout_of, make_masked_batches
-from flaxlm.data.mixture import MixtureBatches, make_train_batches
+from flaxlm.data.masked_batches import OBJECTIVES, layout_of
+from flaxlm.data.mixture import MixtureBatches
 from flaxlm.data.prepared_reader import read_manifest
-from flaxlm.data.sources import list_source_files, resolve_sources
+from flaxlm.data.sources import SourceSpec, list_source_files, resolve_sources
 
 BOUNDARY = " ‖ "  # shown between documents packed into one row
 
 
 def inspect_data(
-    cfg: Config,
-    sample: Callable[[Config, PreparedData, int, int], dict],
-    step: int = 0,
-    rows: int = 2,
-    progress: bool = False,
+    cfg: Config, family: Any, step: int = 0, rows: int = 2, progress: bool = False
 ) -> dict:
-    """A JSON-ready report of the config's data (see the module doc); ``sample(cfg, prepared,
-    step, rows)`` decodes ``rows`` rows of the batch of ``step`` as the model family sees them
-    (:func:`causal_sample`, :func:`masked_sample`: the family table's ``inspect_sample``)."""
+    """A JSON-ready report of the config's data (see the module doc).
+
+    ``family``: the config's entry of the family table (flaxlm/families). Its own batch maker
+    (``family.train_batches``, given the run's BatchRamp) makes the batch of ``step``, so the
+    sample is exactly what training sees there; ``family.inspect_sample(cfg, prepared, batch,
+    rows)`` decodes ``rows`` rows of it (:func:`causal_sample`, :func:`masked_sample`).
+    """
     d = cfg.data
-    prepared = prepare_data(d, cfg.model.vocab_size, progress=progress)
-    batches = _train_batches(cfg, prepared)
+    specs = None if d.prepared else resolve_sources(d)  # once, for the cache and the sizes
+    prepared = prepare_data(d, cfg.model.vocab_size, progress=progress, sources=specs)
+    ramp = BatchRamp.from_config(cfg.train)
+    batches = family.train_batches(prepared, cfg, ramp)
     sources = []
-    for i, (raw, source) in enumerate(zip(_raw_sources(d), prepared.sources, strict=True)):
+    for i, (raw, source) in enumerate(zip(_raw_sources(d, specs), prepared.sources, strict=True)):
         n_examples = CausalBatches(source.train, d.seq_len, 1, 0).n_examples
-        rows_per_run = _rows_per_run(batches, cfg.train.steps, i)
+        rows_per_run = _rows_per_run(batches, ramp, prepared, cfg.train.steps, i)
         sources.append(
             {
                 "name": source.name,
@@ -62,6 +65,7 @@ def inspect_data(
                 "epochs_per_run": rows_per_run / max(n_examples, 1),
             }
         )
+    sample = family.inspect_sample(cfg, prepared, batches.batch(step), rows)
     return {
         "cache_dir": str(prepared.cache_dir),
         "cache_hit": prepared.cache_hit,
@@ -69,11 +73,11 @@ def inspect_data(
         "seq_len": d.seq_len,
         "batch_size": cfg.train.batch_size,
         "sources": sources,
-        "sample": sample(cfg, prepared, step, rows),
+        "sample": {"step": step, **sample},
     }
 
 
-def _raw_sources(d) -> list[dict]:
+def _raw_sources(d: Any, specs: list[SourceSpec] | None) -> list[dict]:
     """Per source: its paths, field, and the number and bytes of its files (for a prepared
     corpus as recorded in its manifest: the raw text need not be here)."""
     if d.prepared:
@@ -85,25 +89,22 @@ def _raw_sources(d) -> list[dict]:
                         "files": len(files), "bytes": sum(f["size"] for f in files)})  # fmt: skip
         return out
     out = []
-    for spec in resolve_sources(d):
+    for spec in specs or []:
         files = list_source_files(spec.paths, d.tfds_data_dir)
         out.append({"paths": list(spec.paths), "field": spec.field, "files": len(files),
                     "bytes": sum(f.path.stat().st_size for f in files)})  # fmt: skip
     return out
 
 
-def _train_batches(cfg: Config, prepared: PreparedData) -> CausalBatches | MixtureBatches:
-    """The run's training batches: its batch ramp and mixture stages included."""
-    d, t = cfg.data, cfg.train
-    ramp = BatchRamp.from_config(t)
-    return make_train_batches(prepared, d.seq_len, t.batch_size, t.seed, ramp, d.stages)
-
-
-def _rows_per_run(batches: CausalBatches | MixtureBatches, steps: int, index: int) -> float:
-    """Rows source ``index`` gets in the first ``steps`` batches."""
+def _rows_per_run(
+    batches: Any, ramp: BatchRamp, prepared: PreparedData, steps: int, index: int
+) -> float:
+    """Rows source ``index`` gets in the first ``steps`` batches: a mixture counts them; other
+    batches draw from all sources' train tokens alike."""
     if isinstance(batches, MixtureBatches):
         return float(batches.rows_before(steps)[index])
-    return float(batches.ramp.offset(steps))
+    share = prepared.sources[index].train.n_tokens / max(prepared.train.n_tokens, 1)
+    return float(ramp.offset(steps)) * share
 
 
 def _tokenizer_report(prepared: PreparedData) -> dict[str, Any]:
@@ -115,9 +116,10 @@ def _tokenizer_report(prepared: PreparedData) -> dict[str, Any]:
     return {"source": tok.source, "vocab_size": tok.vocab_size, "special_ids": specials}
 
 
-def causal_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> dict[str, Any]:
-    """The first ``rows`` rows of a causal run's batch ``step``, documents separated."""
-    batch = _train_batches(cfg, prepared).batch(step)
+def causal_sample(
+    cfg: Config, prepared: PreparedData, batch: dict[str, np.ndarray], rows: int
+) -> dict[str, Any]:
+    """The first ``rows`` rows of a causal training ``batch``, documents separated."""
     names = [s.name for s in prepared.sources]
     out = []
     for r in range(min(rows, len(batch["inputs"]))):
@@ -135,16 +137,15 @@ def causal_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> 
                 "text": BOUNDARY.join(texts),
             }
         )
-    return {"step": step, "objective": "causal", "rows": out}
+    return {"objective": "causal", "rows": out}
 
 
-def masked_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> dict[str, Any]:
-    """The first ``rows`` rows of a BERT run's batch ``step``, predicted positions marked."""
+def masked_sample(
+    cfg: Config, prepared: PreparedData, batch: dict[str, np.ndarray], rows: int
+) -> dict[str, Any]:
+    """The first ``rows`` rows of a BERT training ``batch``, predicted positions marked."""
     tok = prepared.tokenizer
     layout = layout_of(cfg)
-    batch = make_masked_batches(
-        prepared.train, cfg, tok, cfg.train.batch_size, ramp=BatchRamp.from_config(cfg.train)
-    ).batch(step)
     out = []
     for r in range(min(rows, len(batch["inputs"]))):
         inputs_S = batch["inputs"][r]
@@ -166,7 +167,7 @@ def masked_sample(cfg: Config, prepared: PreparedData, step: int, rows: int) -> 
                 row["nsp"] = "random B" if batch["nsp_labels"][r, 0] else "next B"
         row["text"] = render_masked(tok, inputs_S[batch["segment_ids"][r] > 0], originals)
         out.append(row)
-    return {"step": step, "objective": layout, "rows": out}
+    return {"objective": layout, "rows": out}
 
 
 def render_masked(tok, ids_S: np.ndarray, originals: dict[int, int]) -> str:

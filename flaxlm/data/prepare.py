@@ -133,7 +133,7 @@ def _prepare_claimed(
     (out / "units").mkdir(parents=True, exist_ok=True)
     if todo:
         (out / "manifest.json").unlink(missing_ok=True)  # incomplete again until rewritten
-        _run_units(cfg, out, todo, workers, progress)
+        _run_units(cfg, out, specs, todo, workers, progress)
     manifest = _finalize(cfg, out, specs, units, tokenizer)
     manifest["units_prepared"] = len(todo)
     return manifest
@@ -237,7 +237,9 @@ def _unit_is_current(out: Path, unit: Unit, tfds_data_dir: str) -> bool:
     return False
 
 
-def _run_units(cfg: Config, out: Path, todo: list[Unit], workers: int, progress: bool) -> None:
+def _run_units(
+    cfg: Config, out: Path, specs: list[SourceSpec], todo: list[Unit], workers: int, progress: bool
+) -> None:
     workers = min(workers or os.cpu_count() or 1, len(todo))
     sizes = {u.index: _unit_bytes(u, cfg.data.tfds_data_dir) for u in todo}
     bar = tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc="preparing",
@@ -245,12 +247,12 @@ def _run_units(cfg: Config, out: Path, todo: list[Unit], workers: int, progress:
     jobs = sorted(todo, key=lambda u: -sizes[u.index])  # largest first: even finish
     n_tokens, t0 = 0, time.perf_counter()
     if workers <= 1:
-        results = ((u, prepare_unit(cfg, out, u)) for u in jobs)
+        results = ((u, prepare_unit(cfg, out, u, specs[u.source])) for u in jobs)
         pool = None
     else:
         # spawn, not fork: the parent may hold JAX or sentencepiece threads.
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
-        futures = {pool.submit(prepare_unit, cfg, out, u): u for u in jobs}
+        futures = {pool.submit(prepare_unit, cfg, out, u, specs[u.source]): u for u in jobs}
         results = ((futures[f], f.result()) for f in as_completed(futures))
     try:
         for unit, summary in results:

@@ -1,8 +1,9 @@
 """One unit of a prepared corpus (flaxlm/data/prepare.py): a source file, or a whole dataset,
 tokenized by a worker process into its own folder and renamed into place when complete.
 
-    units = plan_units(resolve_sources(cfg.data), cfg.data.tfds_data_dir)
-    summary = prepare_unit(cfg, out, units[0])   # writes out/units/u000000/
+    specs = resolve_sources(cfg.data)
+    units = plan_units(specs, cfg.data.tfds_data_dir)
+    summary = prepare_unit(cfg, out, units[0], specs[units[0].source])  # out/units/u000000/
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from flaxlm.data.cache import SPLITS, doc_hash_fraction
 from flaxlm.data.documents import DataError, Document, SourceFile, file_documents, split_document
 from flaxlm.data.encode import encode_documents, token_dtype
 from flaxlm.data.fingerprints import file_sha256
-from flaxlm.data.sources import SourceSpec, list_source_files, raw_documents, resolve_sources
+from flaxlm.data.sources import SourceSpec, list_source_files, raw_documents
 from flaxlm.data.token_split import SplitWriter
 from flaxlm.tokenizers.sentencepiece import Tokenizer
 
@@ -73,9 +74,9 @@ def quick_fingerprint(files: list[SourceFile]) -> list[dict]:
     return out
 
 
-def unit_documents(cfg: Config, unit: Unit) -> Iterator[Document]:
+def unit_documents(cfg: Config, unit: Unit, spec: SourceSpec) -> Iterator[Document]:
+    """The documents of ``unit`` (of source ``spec``), each cut by ``data.doc_split``."""
     d = cfg.data
-    spec = resolve_sources(d)[unit.source]
     if unit.kind == "file":
         docs = file_documents(SourceFile(Path(unit.path), unit.doc_id), spec.field)
     else:
@@ -84,8 +85,10 @@ def unit_documents(cfg: Config, unit: Unit) -> Iterator[Document]:
         yield from split_document(doc, d.doc_split)
 
 
-def prepare_unit(cfg: Config, out: Path, unit: Unit) -> dict:
-    """Tokenizes one unit into ``out/units/.tmp-*`` and renames it to its folder (in a worker)."""
+def prepare_unit(cfg: Config, out: Path, unit: Unit, spec: SourceSpec) -> dict:
+    """Tokenizes one unit into ``out/units/.tmp-*`` and renames it to its folder (in a worker).
+    ``spec``: the unit's source, resolved once by the parent and sent along (not re-resolved
+    per unit)."""
     tokenizer = Tokenizer.from_bytes((out / "tokenizer.model").read_bytes())
     files = unit_files(unit, cfg.data.tfds_data_dir)
     before = quick_fingerprint(files)
@@ -99,7 +102,7 @@ def prepare_unit(cfg: Config, out: Path, unit: Unit) -> dict:
 
     def non_empty() -> Iterator[Document]:
         nonlocal n_empty
-        for doc in unit_documents(cfg, unit):
+        for doc in unit_documents(cfg, unit, spec):
             if doc.text.strip():
                 yield doc
             else:

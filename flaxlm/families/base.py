@@ -65,8 +65,10 @@ class Family:
     - ``build_model(model_cfg)``: the flax.linen module. ``model.init(rng, tokens_1xL)`` must
       work with token ids alone (that is how the sharded state is initialised).
     - ``batch_keys(cfg, training)``: the keys of a batch (they fix the step's shardings).
-    - ``train_batches(prepared, cfg, global_batch)``: step-indexed training batches,
-      ``.batch(step, process_index, process_count)`` a pure function of (seed, step).
+    - ``train_batches(prepared, cfg, ramp)``: step-indexed training batches,
+      ``.batch(step, process_index, process_count)`` a pure function of (seed, step); ``ramp``
+      is the run's one :class:`~flaxlm.data.batch_ramp.BatchRamp` (built once per run and
+      shared with the optimizer and the reporter; ``ramp.full`` is the global batch).
     - ``eval_batches(split, cfg, tokenizer, batch_size)``: the split in order, with
       ``.eval_batches(batch_size, max_batches, process_index, process_count)`` and
       ``.n_examples``.
@@ -78,7 +80,8 @@ class Family:
       one-line summary shows after ``val_loss``.
     - ``synthetic_batch(cfg, rng)``: one global batch of random tokens, for ``plan``/``bench``.
     - ``predicted_positions(cfg)``: positions per row the LM head runs on (FLOP counts).
-    - ``inspect_sample(cfg, prepared, step, rows)``: decoded rows for ``flaxlm data inspect``.
+    - ``inspect_sample(cfg, prepared, batch, rows)``: the first ``rows`` rows of a training
+      ``batch`` (made by ``train_batches``), decoded for ``flaxlm data inspect``.
     - ``converters``: the HF converters (``flaxlm convert``), the first whose ``accepts(cfg)``
       exports a config; empty for none.
     - ``generates``: a decoder ``flaxlm generate`` can sample from; ``classifies``: has a

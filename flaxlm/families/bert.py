@@ -41,10 +41,9 @@ def objective_weights(cfg: Config) -> np.ndarray:
     return np.array([ob.mlm, ob.causal, ob.prefix_lm], dtype=np.float32)
 
 
-def train_batches(prepared, cfg: Config, global_batch: int):
-    """With ``train.batch_ramp`` (its full batch: ``global_batch``)."""
-    ramp = BatchRamp(cfg.train.batch_ramp, global_batch)
-    return make_masked_batches(prepared.train, cfg, prepared.tokenizer, global_batch, ramp=ramp)
+def train_batches(prepared, cfg: Config, ramp: BatchRamp):
+    """The run's batches: ``ramp`` is its one BatchRamp (the full batch is ``ramp.full``)."""
+    return make_masked_batches(prepared.train, cfg, prepared.tokenizer, ramp.full, ramp=ramp)
 
 
 def eval_batches(split, cfg: Config, tokenizer, batch_size: int):

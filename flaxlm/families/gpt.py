@@ -19,6 +19,7 @@ from flaxlm.data import (
     BATCH_KEYS,
     MIXTURE_BATCH_KEYS,
     CausalBatches,
+    MixtureBatches,
     make_train_batches,
     unigram_cross_entropy,
 )
@@ -43,11 +44,11 @@ def batch_keys(cfg: Config, training: bool) -> tuple[str, ...]:
     return MIXTURE_BATCH_KEYS if training and n_sources(cfg) else BATCH_KEYS
 
 
-def train_batches(prepared, cfg: Config, global_batch: int):
-    """With ``train.batch_ramp`` and ``data.stages`` (the ramp's full batch: ``global_batch``)."""
-    ramp = BatchRamp(cfg.train.batch_ramp, global_batch)
+def train_batches(prepared, cfg: Config, ramp: BatchRamp) -> CausalBatches | MixtureBatches:
+    """The run's batches: ``ramp`` is its one BatchRamp (``train.batch_ramp``; the full batch
+    is ``ramp.full``), mixed by ``data.stages`` when there are several sources."""
     d = cfg.data
-    return make_train_batches(prepared, d.seq_len, global_batch, cfg.train.seed, ramp, d.stages)
+    return make_train_batches(prepared, d.seq_len, ramp.full, cfg.train.seed, ramp, d.stages)
 
 
 def eval_batches(split, cfg: Config, tokenizer, batch_size: int) -> CausalBatches:

@@ -142,23 +142,31 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        # sentencepiece's messages are long C++ asserts; keep the useful last part.
-        lines = str(e).strip().splitlines()
-        detail = lines[0].split("] ")[-1].strip() if lines else ""
-        if not detail:
-            detail = (
-                f"sentencepiece gave no reason ({type(e).__name__}); check that "
-                f"{', '.join(str(p) for p in input_files[:3])} hold UTF-8 text lines"
-            )
-        raise ValueError(
-            f"sentencepiece training with vocab_size={vocab_size} failed: {detail}"
-        ) from e
-    tokenizer = SentencePieceTokenizer.from_bytes(proto.getvalue())
+        raise _training_error(e, vocab_size, input_files) from e
+    return _write_model(model_prefix, proto.getvalue())
+
+
+def _training_error(e: RuntimeError, vocab_size: int, input_files: list[Path]) -> ValueError:
+    """sentencepiece's messages are long C++ asserts: the useful last part, in one line."""
+    lines = str(e).strip().splitlines()
+    detail = lines[0].split("] ")[-1].strip() if lines else ""
+    if not detail:
+        detail = (
+            f"sentencepiece gave no reason ({type(e).__name__}); check that "
+            f"{', '.join(str(p) for p in input_files[:3])} hold UTF-8 text lines"
+        )
+    return ValueError(f"sentencepiece training with vocab_size={vocab_size} failed: {detail}")
+
+
+def _write_model(model_prefix: Path, model_bytes: bytes) -> Path:
+    """Writes ``<model_prefix>.model`` and its ``.vocab`` (piece, score per line), each
+    atomically; returns the .model path."""
+    tokenizer = SentencePieceTokenizer.from_bytes(model_bytes)
     vocab = "".join(
         f"{tokenizer.id_to_piece(i)}\t{tokenizer.score(i):g}\n" for i in range(tokenizer.vocab_size)
     )
     model_path = model_prefix.with_name(model_prefix.name + ".model")
-    _write_atomic(model_path, proto.getvalue())
+    _write_atomic(model_path, model_bytes)
     _write_atomic(model_prefix.with_name(model_prefix.name + ".vocab"), vocab.encode("utf-8"))
     return model_path
 

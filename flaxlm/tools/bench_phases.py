@@ -47,6 +47,7 @@ def bench_data(cfg: Config, step_tokens_per_s: float | None, steps: int = 50) ->
     (what the loop does per step), after the tokenize-once cache exists; ``ratio_to_step`` is
     that over the train step's token rate."""
     from flaxlm.data import prepare_data
+    from flaxlm.data.batch_ramp import BatchRamp
     from flaxlm.families import family_of
     from flaxlm.parallel.sharding import build_mesh
     from flaxlm.train.batches import put_train_batch
@@ -57,7 +58,7 @@ def bench_data(cfg: Config, step_tokens_per_s: float | None, steps: int = 50) ->
         prepared = prepare_data(cfg.data, cfg.model.vocab_size, progress=False)
         prepare_s = time.perf_counter() - t0
         batch, seq_len = cfg.train.batch_size, cfg.data.seq_len
-        batches = family_of(cfg).train_batches(prepared, cfg, batch)
+        batches = family_of(cfg).train_batches(prepared, cfg, BatchRamp.from_config(cfg.train))
         mesh = build_mesh(cfg.mesh)
         jax.block_until_ready(put_train_batch(batches.batch(0), mesh, cfg.train.grad_accum))
         t0 = time.perf_counter()

@@ -24,6 +24,7 @@ import jax
 
 from flaxlm.config import Config, save_config
 from flaxlm.data import PreparedData, prepare_data
+from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.families import family_of
 from flaxlm.train.batches import put_train_batch
 from flaxlm.train.controls import StepControls
@@ -79,8 +80,9 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     # (a resume's is the checkpoint's own).
     data = prepare_data(cfg.data, cfg.model.vocab_size, show, resume.tokenizer)
     resume.check_data(data.fingerprints)
-    batches = family.train_batches(data, cfg, cfg.train.batch_size)
-    ms = TrainProgram.build(cfg, family)
+    ramp = BatchRamp.from_config(cfg.train)  # the run's one ramp: batches, schedule, meter
+    batches = family.train_batches(data, cfg, ramp)
+    ms = TrainProgram.build(cfg, family, ramp=ramp)
     if is_main:  # only now: a refused resume leaves the run's files as they were
         _write_run_files(run_dir, cfg, data)
 
@@ -94,7 +96,7 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
         run_dir, is_main, resume_from_step=step, keep_lines=start.metrics_lines, wandb=wandb
     )
     resume.record(log, step)  # accepted changes: an event in metrics.jsonl
-    report = StepReporter(cfg, family, log, show, step, last_step)
+    report = StepReporter(cfg, family, log, show, step, last_step, ramp)
     controls = StepControls(cfg, healing)
     evaluator = Evaluator(cfg, family, ms.eval_step, ms.mesh, data.val, data.tokenizer)
     watchdog = Watchdog(cfg.train.watchdog_factor, cfg.train.watchdog_min_s)

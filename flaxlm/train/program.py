@@ -40,12 +40,16 @@ class TrainProgram:
     eval_step: Any
 
     @classmethod
-    def build(cls, cfg: Config, family: Family, mesh: Mesh | None = None) -> TrainProgram:
+    def build(
+        cls, cfg: Config, family: Family, mesh: Mesh | None = None, ramp: BatchRamp | None = None
+    ) -> TrainProgram:
+        """``ramp``: the run's BatchRamp (the loop builds one and shares it); else the
+        config's."""
         mesh = build_mesh(cfg.mesh) if mesh is None else mesh
         check_train_batches_fit(cfg.train, mesh)  # the full batch and each batch_ramp size
         seq_len = cfg.data.seq_len
         model = family.build_model(cfg.model)
-        ramp = BatchRamp.from_config(cfg.train)
+        ramp = BatchRamp.from_config(cfg.train) if ramp is None else ramp
         tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model, ramp)
         shardings = state_shardings(model, tx, mesh, seq_len)
         train_step = jit_train_step(

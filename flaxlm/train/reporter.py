@@ -27,11 +27,20 @@ STEP_FIELDS = ("loss", "accuracy", "lr", "grad_norm")
 
 class StepReporter:
     def __init__(
-        self, cfg: Config, family: Family, log: MetricsLog, show: bool, step: int, last_step: int
+        self,
+        cfg: Config,
+        family: Family,
+        log: MetricsLog,
+        show: bool,
+        step: int,
+        last_step: int,
+        ramp: BatchRamp,
     ):
+        """``ramp``: the run's BatchRamp (the rows of each data position), the same one its
+        batches and LR schedule follow."""
         self.cfg, self.family, self.log, self.show = cfg, family, log, show
         self.last_step = last_step
-        self.ramp = BatchRamp.from_config(cfg.train)  # rows of each data position
+        self.ramp = ramp
         tokens = cfg.train.batch_size * cfg.data.seq_len
         flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
         self.meter = Throughput(tokens, flops, measure_matmul_peak() if show else float("nan"))
