@@ -6,10 +6,12 @@ until it finishes, compared with the same run left alone.
 Faults: ``kill -9`` at random steps (checkpoints every 2 steps, saved synchronously, so many
 land in the middle of a save), one SIGTERM (a graceful preemption), the newest checkpoint
 corrupted (bytes flipped in a file) after one kill, and in the run's config an LR spike and a
-NaN (``chaos.*``), so rollbacks happen and kills land around them. The report: faults
-injected and survived, steps lost to kills (trained again after a restart), and whether the
-final parameters and metrics.jsonl (timing fields aside) match the undisturbed run bit for
-bit. ``tests/test_chaos_soak.py`` runs a short version in ``make test``.
+NaN (``chaos.*``), so rollbacks happen and kills land around them. Both runs go through the
+chaos harness (``python -m flaxlm.train.chaos``, flaxlm/train/chaos.py), which injects those
+faults; ``flaxlm train`` refuses them. The report: faults injected and survived, steps lost to
+kills (trained again after a restart), and whether the final parameters and metrics.jsonl
+(timing fields aside) match the undisturbed run bit for bit. ``tests/test_chaos_soak.py`` runs
+a short version in ``make test``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def overrides(corpus: str, cache: Path, run_dir: Path, steps: int, seed: int) ->
 def start(argv: list[str]) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen(
-        [sys.executable, "-m", "flaxlm.cli", "train", *argv],
+        [sys.executable, "-m", "flaxlm.train.chaos", *argv],  # flaxlm train + chaos.* faults
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,

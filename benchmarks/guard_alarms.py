@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from flaxlm.config import load_config
-from flaxlm.train import train
+from flaxlm.train.chaos import train_with_chaos as train  # injects the chaos.* faults
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = ("gpt_tiny", "bert_tiny", "unified_tiny")

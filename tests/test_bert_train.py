@@ -15,6 +15,7 @@ from flaxlm.data.masked_batches import make_masked_batches
 from flaxlm.tools.evaluate import evaluate
 from flaxlm.tools.load import load_checkpoint
 from flaxlm.train import train
+from flaxlm.train.chaos import train_with_chaos
 
 
 def _lines(run_dir):
@@ -104,7 +105,7 @@ def test_nan_in_a_bert_step_rolls_back(small_corpus, tiny_cache_dir, tmp_path):
         small_corpus, tiny_cache_dir, tmp_path / "r", "train.steps=10", "checkpoint.every=4",
         "train.eval_every=0", "chaos.nan_at_steps=[7]", "guard.known_good_after=2",
     )  # fmt: skip
-    result = train(cfg)
+    result = train_with_chaos(cfg)
     assert result.step == 10 and len(result.rollbacks) == 1
     assert result.rollbacks[0]["step"] == 7
     assert result.rollbacks[0]["restored_step"] == 4  # known good since step 6

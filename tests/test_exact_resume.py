@@ -13,7 +13,7 @@ import pytest
 from conftest import tiny_config
 
 from flaxlm.tools.load import load_checkpoint
-from flaxlm.train import train
+from flaxlm.train.chaos import train_with_chaos
 from flaxlm.train.evaluator import Evaluator
 from flaxlm.train.reporter import StepReporter
 from flaxlm.train.run_checkpoints import RunCheckpoints
@@ -53,7 +53,9 @@ def metrics(run_dir):
 
 
 def test_kills_anywhere_change_nothing(small_corpus, tiny_cache_dir, tmp_path, monkeypatch):
-    straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "straight", *RUN))
+    straight = train_with_chaos(
+        tiny_config(small_corpus, tiny_cache_dir, tmp_path / "straight", *RUN)
+    )
     (event,) = straight.rollbacks
     assert (event["step"], event["restored_step"], event["skipped"]) == (24, 15, [15, 23])
 
@@ -66,7 +68,7 @@ def test_kills_anywhere_change_nothing(small_corpus, tiny_cache_dir, tmp_path, m
     while True:
         attempts += 1
         try:
-            result = train(cfg)
+            result = train_with_chaos(cfg)
             break
         except Killed:
             assert attempts < 5

@@ -166,7 +166,7 @@ def test_an_moe_run_rolls_back_and_resumes_exactly(
     from test_exact_resume import Killed, kill_once, metrics
 
     from flaxlm.tools.load import load_checkpoint
-    from flaxlm.train import train
+    from flaxlm.train.chaos import train_with_chaos as train  # chaos.* faults: the harness
     from flaxlm.train.reporter import StepReporter
 
     run = ("model.moe.num_experts=4", "train.steps=10", "train.eval_every=10",

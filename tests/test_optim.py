@@ -1,9 +1,12 @@
-"""Schedules against their formulas; the optimizer's weight-decay mask; the fine-tuning recipe."""
+"""Schedules against their formulas; the live LR factor inside the optimizer (and its state
+tree, the same as optax.adamw's); the weight-decay mask; the fine-tuning recipe."""
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from flaxlm.config import OptimConfig
@@ -77,3 +80,29 @@ def test_finetune_recipe_warms_up_then_decays_to_zero():
     assert [float(lr(s)) for s in steps] == pytest.approx([0, 5e-5, 1e-4, 5e-5, 0, 0], abs=1e-10)
     # A run shorter than ten steps still warms up over one step.
     assert finetune_optim(FinetuneOptions(), 3).warmup_steps == 1
+
+
+def test_the_lr_factor_scales_the_update_and_the_state_stays_optax_adamw():
+    """``lr_factor`` multiplies the scheduled LR inside the optimizer; the state tree is
+    ``optax.adamw``'s, so checkpoints written before the factor moved in still restore."""
+    cfg = OptimConfig(lr=0.1, schedule="cosine", warmup_steps=2, weight_decay=0.5, clip_norm=1.0)
+    tx, lr = make_optimizer(cfg, 10, 64)
+    reference = optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.adamw(lr.schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=0.5,
+                    mask=decay_mask),
+    )  # fmt: skip
+    params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+    state, ref_state = tx.init(params), reference.init(params)
+    assert jax.tree.structure(state) == jax.tree.structure(ref_state)
+    grads = {"w": jnp.full((2, 2), 0.3), "b": jnp.full(2, -0.2)}
+    for step in range(4):  # factor 1: bit for bit optax's AdamW
+        updates, state = tx.update(grads, state, params)
+        ref_updates, ref_state = reference.update(grads, ref_state, params)
+        assert jax.tree.all(jax.tree.map(jnp.array_equal, updates, ref_updates)), step
+    cool = jax.jit(lambda g, s, p, f: tx.update(g, s, p, lr_factor=f))  # f: a traced value
+    cooled, _ = cool(grads, state, params, 0.1)
+    full, _ = tx.update(grads, state, params)
+    for a, b in zip(jax.tree.leaves(cooled), jax.tree.leaves(full), strict=True):
+        np.testing.assert_allclose(a, 0.1 * b, rtol=1e-6)
+    assert float(lr(4, 0.1)) == pytest.approx(0.1 * float(lr.schedule(4)))

@@ -9,6 +9,7 @@ from conftest import tiny_config
 
 from flaxlm.checkpoint.manager import Checkpointer
 from flaxlm.train import train
+from flaxlm.train.chaos import train_with_chaos
 from flaxlm.train.guard_rules import TrainingDiverged
 
 GUARDED = (
@@ -38,7 +39,7 @@ def test_one_fault_one_rollback_to_the_known_good_checkpoint(
 ):
     assert not clean_run.rollbacks  # the clean run never trips the guard
     run_dir = tmp_path / "run"
-    result = train(tiny_config(small_corpus, tiny_cache_dir, run_dir, *GUARDED, fault))
+    result = train_with_chaos(tiny_config(small_corpus, tiny_cache_dir, run_dir, *GUARDED, fault))
 
     assert result.step == 60
     (event,) = result.rollbacks
@@ -65,7 +66,7 @@ def test_repeated_faults_past_the_bound_stop_the_run(small_corpus, tiny_cache_di
         small_corpus, tiny_cache_dir, run_dir, *GUARDED, faults, "guard.max_rollbacks=2"
     )
     with pytest.raises(TrainingDiverged, match="after 2 rollbacks"):
-        train(cfg)
+        train_with_chaos(cfg)
     events = _events(run_dir)
     assert [e["event"] for e in events] == ["rollback", "rollback", "stopped"]
 

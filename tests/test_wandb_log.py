@@ -250,7 +250,7 @@ def test_offline_run_holds_the_losses_and_a_restart_continues_it(
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     monkeypatch.delenv("WANDB_DIR", raising=False)  # default: RUN_DIR/wandb
-    from flaxlm.train import train
+    from flaxlm.train.chaos import train_with_chaos as train  # chaos.* faults: the harness
 
     run_dir = tmp_path / "run"
     overrides = (

@@ -76,7 +76,7 @@ def test_a_slow_compile_passes_and_a_slow_step_after_it_fires(monkeypatch):
 
 def test_a_stalled_step_exits_non_zero_naming_it(small_corpus, tiny_cache_dir, tmp_path):
     cmd = [
-        sys.executable, "-m", "flaxlm.cli", "train", str(REPO / "configs" / "gpt_tiny.yaml"),
+        sys.executable, "-m", "flaxlm.train.chaos", str(REPO / "configs" / "gpt_tiny.yaml"),
         f"data.paths=[{small_corpus}]", f"data.cache_dir={tiny_cache_dir}",
         "data.val_fraction=0.34", f"train.run_dir={tmp_path / 'run'}", "train.steps=40",
         "train.eval_every=0", "chaos.hang_at_steps=[12]",

@@ -1,38 +1,64 @@
-"""The per-step inputs of the train step besides the batch: the learning-rate factor and the
-chaos faults. The one place the effective learning rate's factor is decided:
-``lr_scale = cool-down after a rollback (the guard's state) x chaos spike`` (the step multiplies
-the schedule by it, :func:`flaxlm.train.step.effective_lr`).
+"""How the loop dispatches a train step: the batch plus the step's one control input, the
+learning-rate factor (the cool-down after a rollback, kept in the guard's state,
+flaxlm/train/guard_state.py). The optimizer multiplies its schedule by it
+(:class:`flaxlm.train.optim.LearningRate`), so the LR is decided there and nowhere else.
 
-A fault is attached to the batch that step s trains on in an undisturbed run (data position
-s - 1), so after a rollback it is skipped with its batch, as a real bad batch would be.
+This is also the loop's seam for fault injection: ``train(cfg, controls=...)`` takes a
+subclass, and only the chaos harness (flaxlm/train/chaos.py) passes one. The production step
+holds no fault code; ``flaxlm train`` refuses a config that asks for ``chaos.*`` faults.
 """
 
 from __future__ import annotations
 
-import time
+from typing import Any
 
-import numpy as np
+from flax.training.train_state import TrainState
 
 from flaxlm.config import Config
 from flaxlm.train.guard_state import GuardState
+from flaxlm.train.program import TrainProgram
 from flaxlm.train.step import step_controls
+
+CHAOS_HARNESS = "python -m flaxlm.train.chaos CONFIG [overrides]"
 
 
 class StepControls:
-    def __init__(self, cfg: Config, healing: GuardState):
-        self.chaos, self.healing = cfg.chaos, healing
-        self.spikes, self.nans = set(cfg.chaos.spike_at_steps), set(cfg.chaos.nan_at_steps)
+    injects_faults = False  # the chaos harness's subclass does
 
-    def lr_scale(self, step: int, data_index: int) -> float:
-        """The factor on the scheduled learning rate of the step after ``step``, which trains
-        on data position ``data_index``."""
-        scale = self.healing.lr_factor(step)
-        if data_index + 1 in self.spikes:
-            scale *= self.chaos.spike_lr_scale
-        return scale
+    def __init__(self, cfg: Config, program: TrainProgram, healing: GuardState):
+        self.program, self.healing = program, healing
 
-    def for_step(self, step: int, data_index: int) -> dict[str, np.ndarray]:
-        """The controls of the step after ``step``; a chaos hang stalls the host here."""
-        if step + 1 in self.chaos.hang_at_steps and data_index == step:
-            time.sleep(1e6)  # a stalled host, for the watchdog to catch
-        return step_controls(self.lr_scale(step, data_index), data_index + 1 in self.nans)
+    @classmethod
+    def refuse_faults(cls, cfg: Config) -> None:
+        """Raises ValueError (one line) when ``cfg`` schedules chaos faults these controls
+        would not inject: a run that asked for faults must not pass silently without them."""
+        if cls.injects_faults:
+            return
+        chaos = cfg.chaos
+        asked = [
+            f"chaos.{name}={value}"
+            for name, value in (
+                ("spike_at_steps", chaos.spike_at_steps),
+                ("nan_at_steps", chaos.nan_at_steps),
+                ("hang_at_steps", chaos.hang_at_steps),
+            )
+            if value
+        ]
+        if asked:
+            raise ValueError(
+                f"{', '.join(asked)}: chaos faults run only under the chaos harness "
+                f"({CHAOS_HARNESS}); flaxlm train never injects them"
+            )
+
+    def lr_factor(self, step: int, data_index: int) -> float:
+        """The factor on the scheduled LR of the step after ``step`` (which trains on data
+        position ``data_index``): the guard's cool-down."""
+        return self.healing.lr_factor(step)
+
+    def dispatch(
+        self, state: TrainState, batch: dict[str, Any], step: int, data_index: int
+    ) -> tuple[TrainState, dict[str, Any]]:
+        """Dispatches the step after ``step`` on ``batch`` (data position ``data_index``);
+        returns the new state and the step's metrics, both still on the device."""
+        controls = step_controls(self.lr_factor(step, data_index))
+        return self.program.train_step(state, batch, controls)

@@ -84,7 +84,8 @@ class GuardState:
         return plan
 
     def lr_factor(self, step: int) -> float:
-        """The cool-down factor of the step after ``step``."""
+        """The cool-down factor of the step after ``step``; the optimizer multiplies its
+        scheduled LR by it (:class:`flaxlm.train.optim.LearningRate`)."""
         return self.cfg.cooldown_factor if step < self.cooldown_until else 1.0
 
     def next_data_index(self, index: int) -> int:

@@ -10,7 +10,8 @@ batch is assembled on the host while the current step runs. A bad step (flaxlm/t
 rolls the run back to the newest known-good checkpoint, and the data since then goes into the
 skip ledger. The collaborators each own their state: the model and jitted steps
 (program.py), checkpoints with the run's position (run_checkpoints.py), the guard's state
-(guard_state.py), the step controls (controls.py), evaluation (evaluator.py), metrics and progress
+(guard_state.py), the step's dispatch with its LR factor (controls.py; the chaos harness
+in chaos.py swaps in its fault-injecting one), evaluation (evaluator.py), metrics and progress
 (reporter.py), preemption (preemption.py) and the hang watchdog (watchdog.py).
 """
 
@@ -36,7 +37,7 @@ from flaxlm.train.preemption import PreemptionGuard
 from flaxlm.train.program import TrainProgram
 from flaxlm.train.reporter import StepReporter, scalars
 from flaxlm.train.resume_checks import ResumeCheck, write_fingerprints
-from flaxlm.train.run_checkpoints import RunCheckpoints
+from flaxlm.train.run_checkpoints import RunCheckpoints, Start
 from flaxlm.train.run_lock import holds_run_lock
 from flaxlm.train.wandb_log import WandbLog
 from flaxlm.train.watchdog import Watchdog
@@ -64,13 +65,84 @@ class _Pending:
 
 
 @holds_run_lock  # one trainer per run dir: a second one refuses, naming this one
-def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
+def train(
+    cfg: Config, stop_at_step: int | None = None, controls: type[StepControls] = StepControls
+) -> TrainResult:
     """Trains (or resumes) the run in ``cfg.train.run_dir`` up to ``cfg.train.steps``.
 
     ``stop_at_step`` ends this invocation early at that step, with a checkpoint — what a
     preempted job does; running ``train`` again on the same run dir continues from there.
+    ``controls`` dispatches each step (controls.py); only the chaos harness
+    (flaxlm/train/chaos.py) passes another, which injects the ``chaos.*`` faults.
     Raises :class:`TrainingDiverged` when rollbacks exceed the configured bounds.
     """
+    controls.refuse_faults(cfg)  # flaxlm train never injects faults: say so, do not ignore them
+    run = _open_run(cfg, stop_at_step, controls)
+    state, step, data_index = run.start.state, run.start.step, run.start.data_index
+    healing, report, ckpts, last_step = run.healing, run.report, run.ckpts, run.last_step
+    pending: _Pending | None = None  # dispatched, metrics not read yet
+    next_local = run.next_batch(data_index)
+    with PreemptionGuard() as preempt, run.watchdog:
+        while True:
+            run.watchdog.enter("step", step + 1)
+            finished = step >= last_step or preempt.stop_at(step)
+            if finished and pending is None:
+                break
+            dispatched = None
+            if not finished:  # dispatch the next step; its metrics are read one step later
+                batch = put_train_batch(next_local, run.ms.mesh, cfg.train.grad_accum)
+                state, metrics = run.controls.dispatch(state, batch, step, data_index)
+                dispatched = _Pending(step + 1, data_index, metrics)
+                step, data_index = step + 1, healing.next_data_index(data_index + 1)
+                if step < last_step:  # host work overlaps the step just dispatched
+                    next_local = run.next_batch(data_index)
+                report.advanced()
+            # The guard reads the previous step; before an eval or a save (and when draining)
+            # also the one just dispatched, so no checkpoint holds an unchecked step.
+            boundary = finished or run.evaluator.due(step) or ckpts.due(step, last_step)
+            to_check = [p for p in (pending, dispatched if boundary else None) if p is not None]
+            pending = None if boundary else dispatched
+            bad = next(((p, r) for p in to_check if (r := _check(p, healing, report))), None)
+            if bad is not None:
+                run.watchdog.enter("rollback", bad[0].step)
+                with report.paused():
+                    state, step, data_index = _roll_back(*bad, run)
+                pending, next_local = None, run.next_batch(data_index)
+                continue
+            if finished:
+                break
+            _eval_and_save(run, state, step, data_index)
+    report.close()
+    run.result.preempted = preempt.signal_name
+    return _finish(run, state, step, data_index)
+
+
+@dataclass
+class _Run:
+    """The collaborators of one :func:`train` invocation, each owning its state."""
+
+    cfg: Config
+    ms: TrainProgram
+    batches: Any
+    proc: tuple[int, int]  # (process index, process count)
+    start: Start
+    last_step: int
+    ckpts: RunCheckpoints
+    healing: GuardState
+    controls: StepControls
+    evaluator: Evaluator
+    log: MetricsLog
+    report: StepReporter
+    watchdog: Watchdog
+    result: TrainResult
+
+    def next_batch(self, data_index: int) -> Any:
+        """This process's slice of the batch at data position ``data_index`` (host arrays)."""
+        return self.batches.batch(data_index, *self.proc)
+
+
+def _open_run(cfg: Config, stop_at_step: int | None, controls: type[StepControls]) -> _Run:
+    """Data, model, state (fresh or resumed) and the loop's collaborators."""
     family, run_dir = family_of(cfg), Path(cfg.train.run_dir)
     is_main, proc = jax.process_index() == 0, (jax.process_index(), jax.process_count())
     show = is_main and cfg.train.progress
@@ -89,71 +161,48 @@ def train(cfg: Config, stop_at_step: int | None = None) -> TrainResult:
     # Resume from the newest intact checkpoint of this run dir, or start fresh.
     ckpts = RunCheckpoints(cfg, ms, data.tokenizer.model_bytes)
     start = ckpts.resume_or_start(announce=is_main)
-    state, step, data_index, healing = start.state, start.step, start.data_index, start.healing
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
-    result = TrainResult(run_dir, step, resumed_from=start.resumed_from, process_index=proc[0])
+    result = TrainResult(run_dir, start.step, start.resumed_from, process_index=proc[0])
     log = MetricsLog(
-        run_dir, is_main, resume_from_step=step, keep_lines=start.metrics_lines, wandb=wandb
+        run_dir, is_main, resume_from_step=start.step, keep_lines=start.metrics_lines, wandb=wandb
     )
-    resume.record(log, step)  # accepted changes: an event in metrics.jsonl
-    report = StepReporter(cfg, family, log, show, step, last_step, ramp)
-    controls = StepControls(cfg, healing)
+    resume.record(log, start.step)  # accepted changes: an event in metrics.jsonl
+    report = StepReporter(cfg, family, log, show, start.step, last_step, ramp)
     evaluator = Evaluator(cfg, family, ms.eval_step, ms.mesh, data.val, data.tokenizer)
     watchdog = Watchdog(cfg.train.watchdog_factor, cfg.train.watchdog_min_s)
+    return _Run(
+        cfg, ms, batches, proc, start, last_step, ckpts, start.healing,
+        controls(cfg, ms, start.healing), evaluator, log, report, watchdog, result,
+    )  # fmt: skip
 
-    pending: _Pending | None = None  # dispatched, metrics not read yet
-    next_local = batches.batch(data_index, *proc)
-    with PreemptionGuard() as preempt, watchdog:
-        while True:
-            watchdog.enter("step", step + 1)
-            finished = step >= last_step or preempt.stop_at(step)
-            if finished and pending is None:
-                break
-            dispatched = None
-            if not finished:  # dispatch the next step; its metrics are read one step later
-                batch = put_train_batch(next_local, ms.mesh, cfg.train.grad_accum)
-                state, metrics = ms.train_step(state, batch, controls.for_step(step, data_index))
-                dispatched = _Pending(step + 1, data_index, metrics)
-                step, data_index = step + 1, healing.next_data_index(data_index + 1)
-                if step < last_step:  # host work overlaps the step just dispatched
-                    next_local = batches.batch(data_index, *proc)
-                report.advanced()
-            # The guard reads the previous step; before an eval or a save (and when draining)
-            # also the one just dispatched, so no checkpoint holds an unchecked step.
-            boundary = finished or evaluator.due(step) or ckpts.due(step, last_step)
-            to_check = [p for p in (pending, dispatched if boundary else None) if p is not None]
-            pending = None if boundary else dispatched
-            bad = next(((p, r) for p in to_check if (r := _check(p, healing, report))), None)
-            if bad is not None:
-                watchdog.enter("rollback", bad[0].step)
-                with report.paused():
-                    state, step, data_index = _roll_back(*bad, healing, ckpts, report, result)
-                pending, next_local = None, batches.batch(data_index, *proc)
-                continue
-            if finished:
-                break
-            if evaluator.due(step):  # before the save: its line belongs to the checkpoint
-                watchdog.enter("eval", step)
-                with report.paused():
-                    result.evals.append(report.evaluated(evaluator.run(state.params, step)))
-            if ckpts.due(step, last_step):
-                watchdog.enter("checkpoint", step)
-                with report.paused():
-                    ckpts.save(state, step, data_index, healing, log.lines)
-    report.close()
-    result.preempted = preempt.signal_name
 
-    # The end: a checkpoint of the last step, a final evaluation, the plots.
+def _eval_and_save(run: _Run, state: Any, step: int, data_index: int) -> None:
+    """The evaluation and the checkpoint due after ``step`` (both checked healthy)."""
+    if run.evaluator.due(step):  # before the save: its line belongs to the checkpoint
+        run.watchdog.enter("eval", step)
+        with run.report.paused():
+            run.result.evals.append(run.report.evaluated(run.evaluator.run(state.params, step)))
+    if run.ckpts.due(step, run.last_step):
+        run.watchdog.enter("checkpoint", step)
+        with run.report.paused():
+            run.ckpts.save(state, step, data_index, run.healing, run.log.lines)
+
+
+def _finish(run: _Run, state: Any, step: int, data_index: int) -> TrainResult:
+    """The end: a checkpoint of the last step, a final evaluation, the plots."""
+    result, ckpts = run.result, run.ckpts
     if ckpts.latest_step() != step:
-        ckpts.save(state, step, data_index, healing, log.lines)
-    if step == cfg.train.steps and (not result.evals or result.evals[-1]["step"] != step):
-        result.evals.append(report.evaluated(evaluator.run(state.params, step), final=True))
+        ckpts.save(state, step, data_index, run.healing, run.log.lines)
+    if step == run.cfg.train.steps and (not result.evals or result.evals[-1]["step"] != step):
+        final = run.evaluator.run(state.params, step)
+        result.evals.append(run.report.evaluated(final, final=True))
     ckpts.close()  # waits until every checkpoint is durable, manifests included
-    if result.preempted and is_main:
-        print(f"{result.preempted}: checkpoint saved at step {step} in {run_dir}; rerun to resume")
-    log.plot()
-    log.close(summary={"step": step, "preempted": result.preempted or ""})
-    result.step, result.history = step, report.history
+    if result.preempted and run.proc[0] == 0:
+        print(f"{result.preempted}: checkpoint saved at step {step} in {result.run_dir}; "
+              "rerun to resume")  # fmt: skip
+    run.log.plot()
+    run.log.close(summary={"step": step, "preempted": result.preempted or ""})
+    result.step, result.history = step, run.report.history
     return result
 
 
@@ -175,19 +224,13 @@ def _check(done: _Pending, healing: GuardState, report: StepReporter) -> str | N
     return reason
 
 
-def _roll_back(
-    bad: _Pending,
-    reason: str,
-    healing: GuardState,
-    ckpts: RunCheckpoints,
-    report: StepReporter,
-    result: TrainResult,
-) -> tuple[Any, int, int]:
+def _roll_back(bad: _Pending, reason: str, run: _Run) -> tuple[Any, int, int]:
     """Restores the newest known-good checkpoint before the bad step and puts the data since
     then in the skip ledger; the event is logged and the outcome recorded durably before any
     checkpoint is deleted. Returns (state, step, data index) to continue from."""
+    healing, report = run.healing, run.report
     try:
-        plan = healing.roll_back(bad.step, bad.data_index, ckpts.steps())
+        plan = healing.roll_back(bad.step, bad.data_index, run.ckpts.steps())
     except TrainingDiverged as exc:
         report.log.write({"event": "stopped", "step": bad.step, "reason": f"{reason}; {exc}"})
         raise
@@ -198,8 +241,8 @@ def _roll_back(
         "skipped": list(plan.window),
         "reason": reason,
     }
-    result.rollbacks.append(event)
+    run.result.rollbacks.append(event)
     report.rolled_back(event, plan.restore_step)
     data_index = healing.next_data_index(plan.restore_data_index)
-    state = ckpts.roll_back(plan, data_index, healing, report.log.lines)
+    state = run.ckpts.roll_back(plan, data_index, healing, report.log.lines)
     return state, plan.restore_step, data_index

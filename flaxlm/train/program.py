@@ -21,7 +21,7 @@ from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.families import Family
 from flaxlm.parallel.sharding import build_mesh
 from flaxlm.train.batches import check_train_batches_fit
-from flaxlm.train.optim import make_optimizer
+from flaxlm.train.optim import LearningRate, make_optimizer
 from flaxlm.train.state import abstract_state, create_state, state_shardings
 from flaxlm.train.step import jit_eval_step, jit_train_step, make_eval_step, make_train_step
 
@@ -33,7 +33,7 @@ class TrainProgram:
     mesh: Mesh
     model: nn.Module
     tx: optax.GradientTransformation
-    schedule: optax.Schedule
+    learning_rate: LearningRate  # schedule x live factor: what the step applies and logs
     shardings: TrainState
     abstract: TrainState
     train_step: Any
@@ -50,10 +50,10 @@ class TrainProgram:
         seq_len = cfg.data.seq_len
         model = family.build_model(cfg.model)
         ramp = BatchRamp.from_config(cfg.train) if ramp is None else ramp
-        tx, schedule = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model, ramp)
+        tx, learning_rate = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model, ramp)
         shardings = state_shardings(model, tx, mesh, seq_len)
         train_step = jit_train_step(
-            make_train_step(model, family, cfg, schedule),
+            make_train_step(model, family, cfg, learning_rate),
             mesh,
             shardings,
             family.batch_keys(cfg, True),
@@ -66,7 +66,7 @@ class TrainProgram:
         )
         abstract = abstract_state(model, tx, seq_len)
         return cls(
-            cfg, family, mesh, model, tx, schedule, shardings, abstract, train_step, eval_step
+            cfg, family, mesh, model, tx, learning_rate, shardings, abstract, train_step, eval_step
         )
 
     def fresh(self) -> TrainState:

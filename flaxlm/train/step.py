@@ -24,21 +24,17 @@ from flaxlm.config import Config
 from flaxlm.families import Family
 from flaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, micro_batch_sharding, replicated
 from flaxlm.train import moe_terms
-
-
-def effective_lr(schedule: optax.Schedule, step: jax.Array, controls: dict) -> jax.Array:
-    """The learning rate a step applies: the schedule times ``controls["lr_scale"]`` (the
-    rollback cool-down times a chaos spike, from :class:`flaxlm.train.controls.StepControls`).
-    The update is scaled by the same factor in :func:`apply_update`."""
-    return schedule(step) * controls["lr_scale"]
+from flaxlm.train.optim import LearningRate
 
 
 def make_train_step(
-    model: nn.Module, family: Family, cfg: Config, schedule: optax.Schedule
+    model: nn.Module, family: Family, cfg: Config, learning_rate: LearningRate
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The pure train step ``(state, batch, controls) -> (state, metrics)``; jit it with
-    :func:`jit_train_step`. ``controls``: ``lr_scale`` (f32, multiplies the update) and
-    ``inject_nan`` (bool, chaos: poison loss and gradients)."""
+    :func:`jit_train_step`. ``controls`` (:func:`step_controls`): ``lr_factor``, an f32 the
+    optimizer multiplies the scheduled LR by (the cool-down after a rollback); traced, so a
+    new value does not recompile. ``metrics["lr"]`` is ``learning_rate(step, lr_factor)``,
+    the rate the optimizer's update applies (flaxlm/train/optim.py)."""
     base_rng = jax.random.key(cfg.train.seed)
     deterministic = cfg.model.dropout == 0.0
 
@@ -63,24 +59,20 @@ def make_train_step(
             (grads, metrics), _ = micro(zeros, (0, jax.tree.map(lambda x: x[0], batch)))
         else:
             (grads, metrics), _ = jax.lax.scan(micro, zeros, (jnp.arange(n_micro), batch))
-        poison = jnp.where(controls["inject_nan"], jnp.nan, 0.0)
-        grads = jax.tree.map(lambda g: g + poison, grads)
-        new_state, grad_norm = apply_update(state, grads, controls)
+        new_state, grad_norm = apply_update(state, grads, controls["lr_factor"])
         out = family.summarize(cfg, metrics, jnp) | moe_terms.summarize(metrics)
-        out["loss"] = out["loss"] + poison
         out["grad_norm"] = grad_norm
-        out["lr"] = effective_lr(schedule, state.step, controls)
+        out["lr"] = learning_rate(state.step, controls["lr_factor"])
         return new_state, out
 
     return train_step
 
 
-def apply_update(state: TrainState, grads, controls: dict[str, jax.Array]):
-    """One optimizer update with the final gradients; ``controls["lr_scale"]`` scales it.
+def apply_update(state: TrainState, grads, lr_factor: jax.Array):
+    """One optimizer update with the final gradients, its scheduled LR times ``lr_factor``.
     Returns (new state, gradient norm before clipping)."""
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = state.tx.update(grads, state.opt_state, state.params)
-    updates = jax.tree.map(lambda u: u * controls["lr_scale"], updates)
+    updates, opt_state = state.tx.update(grads, state.opt_state, state.params, lr_factor=lr_factor)
     new_state = state.replace(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
@@ -89,9 +81,9 @@ def apply_update(state: TrainState, grads, controls: dict[str, jax.Array]):
     return new_state, grad_norm
 
 
-def step_controls(lr_scale: float = 1.0, inject_nan: bool = False) -> dict[str, np.ndarray]:
+def step_controls(lr_factor: float = 1.0) -> dict[str, np.ndarray]:
     """The per-step control inputs of the train step (host values; jit moves them)."""
-    return {"lr_scale": np.float32(lr_scale), "inject_nan": np.bool_(inject_nan)}
+    return {"lr_factor": np.float32(lr_factor)}
 
 
 def make_eval_step(
