@@ -18,6 +18,7 @@ from flaxlm.runtime.accelerators import prefer_cpu_without_accelerators
 # Importing flaxlm does the same; this says so where the tests start.
 prefer_cpu_without_accelerators()
 
+import flaxlm.families  # noqa: E402, F401  registers the families' config sections (objective)
 from flaxlm.config import Config, load_config  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from conftest import bert_tiny_config
 
-from flaxlm.config import ObjectiveConfig
 from flaxlm.data import prepare_data
 from flaxlm.data.masked_batches import make_masked_batches
-from flaxlm.data.mlm_masks import MaskingSpec, mask_batch, word_ids
+from flaxlm.data.mlm_masks import MaskingSpec, ObjectiveConfig, mask_batch, word_ids
 
 
 @pytest.fixture(scope="module")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from hf_tokenizers import PROBES, TEXT, bert_tokenizer_dir, gpt2_tokenizer_dir
 
-from flaxlm.config import ConfigError, ObjectiveConfig, load_config
+from flaxlm.config import ConfigError, load_config
 from flaxlm.data import iter_documents, prepare_data
-from flaxlm.data.mlm_masks import MaskingSpec
+from flaxlm.data.mlm_masks import MaskingSpec, ObjectiveConfig
 from flaxlm.tokenizers.hf import HFTokenizer
 from flaxlm.tokenizers.sentencepiece import Tokenizer, check_vocab, train_tokenizer
 

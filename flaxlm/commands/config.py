@@ -21,6 +21,7 @@ def config_show_command(args: argparse.Namespace) -> int:
     (or ``--json``), with every default written out. Reads no data."""
     import yaml
 
+    import flaxlm.families  # noqa: F401  registers the families' config sections (objective)
     from flaxlm.config import load_config, to_dict
 
     resolved = to_dict(load_config(args.config, args.overrides, check_paths=False))

@@ -75,6 +75,7 @@ def _add_prepare(sub: argparse._SubParsersAction) -> None:
 
 
 def data_prepare_command(args: argparse.Namespace) -> int:
+    import flaxlm.families  # noqa: F401  registers the families' config sections (objective)
     from flaxlm.config import load_config
     from flaxlm.data.prepare import prepare_corpus
 

@@ -29,6 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def plan_command(args: argparse.Namespace) -> int:
     import jax
 
+    import flaxlm.families  # noqa: F401  registers the families' config sections (objective)
     from flaxlm.config import ConfigError, load_config
 
     cfg = load_config(args.config, args.overrides, check_paths=False)  # plans read no data

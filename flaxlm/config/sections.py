@@ -3,8 +3,12 @@
 Defaults live in the dataclasses below; a YAML file holds only what differs, and the command
 line overrides single keys as ``section.key=value``. The allowed values of string keys are
 declared once, in :data:`CHOICES` below the dataclasses. Everything is validated once, in
-:func:`load_config` (the checks, and ConfigError, live in flaxlm/config/checks.py, which this
-module imports); nothing below this layer reads YAML or argv.
+:func:`load_config` (setting keys and ConfigError: checks.py; the value checks: validation.py);
+nothing below this layer reads YAML or argv.
+
+These are the core sections. A family's own section (BERT's ``objective``) is not named here:
+its entry registers it (registry.py), and :class:`Config` and :class:`ModelConfig` hold the
+registered sections as attributes (``cfg.objective.mlm``).
 
     cfg = load_config("configs/gpt_demo.yaml", ["train.steps=100", "optim.lr=1e-3"])
 """
@@ -18,14 +22,9 @@ from typing import Any
 
 import yaml
 
-# ConfigError and source_name are defined there and imported from here by the rest of flaxlm.
-from flaxlm.config.checks import (  # noqa: F401
-    ConfigError,
-    parse_yaml,
-    set_key,
-    source_name,
-    validate,
-)
+from flaxlm.config.checks import ConfigError, parse_yaml, set_key
+from flaxlm.config.registry import SectionHost, section_items
+from flaxlm.config.validation import validate
 
 
 @dataclass(unsafe_hash=True)  # hashable, as ModelConfig which holds it
@@ -41,7 +40,7 @@ class MoEConfig:
 
 
 @dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
-class ModelConfig:
+class ModelConfig(SectionHost, path="model"):
     # An entry of the family table (flaxlm/families/): gpt (causal decoder), bert (encoder:
     # MLM / NSP / unified objective), or one registered with register_family
     family: str = "gpt"
@@ -89,26 +88,9 @@ class ModelConfig:
     norm_placement: str = "pre"
     type_vocab_size: int = 2  # BERT segment (token type) embeddings: A / B
     moe: MoEConfig = field(default_factory=MoEConfig)
-
-
-@dataclass
-class ObjectiveConfig:
-    """What a ``model.family: bert`` run learns (see flaxlm/data/mlm_masks.py, pairs.py,
-    masked_batches.py and flaxlm/families/bert.py). GPT runs always train the causal LM loss."""
-
-    # Shares of examples per objective (normalised over the non-zero ones). Pure MLM (the
-    # default) is BERT; any causal / prefix_lm share makes a unified run, in which each example
-    # draws its objective and its attention mask follows it.
-    mlm: float = 1.0
-    causal: float = 0.0
-    prefix_lm: float = 0.0
-    nsp: bool = True  # [CLS] A [SEP] B [SEP] pairs + NSP loss; false = full packed rows (RoBERTa)
-    nsp_weight: float = 1.0  # the NSP loss is added to the MLM loss with this weight
-    mask_prob: float = 0.15  # share of (non-special) tokens chosen for prediction
-    mask_token_prob: float = 0.8  # of the chosen: -> [MASK]
-    random_token_prob: float = 0.1  # of the chosen: -> a random token (the rest stay unchanged)
-    whole_word: bool = False  # mask all pieces of a word (sentencepiece "▁" starts a word)
-    max_predictions: int = 0  # per sequence; 0 = ceil(mask_prob * seq_len)
+    # The sections registered under model (model.<name>), as (name, value) pairs; read them as
+    # attributes (registry.py)
+    extra_sections: tuple[tuple[str, Any], ...] = ()
 
 
 @dataclass
@@ -313,9 +295,11 @@ class LoggingConfig:
 
 
 @dataclass
-class Config:
+class Config(SectionHost, path=""):
+    """The run's config: the core sections, plus the registered ones (a family's, such as
+    BERT's ``objective``) as attributes after them."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -324,10 +308,12 @@ class Config:
     guard: GuardConfig = field(default_factory=GuardConfig)
     chaos: ChaosConfig = field(default_factory=ChaosConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    extra_sections: tuple[tuple[str, Any], ...] = ()  # registered sections (registry.py)
 
 
-# The allowed values of every string key, declared only here: validation, the CLI's choices
-# and the tokenizer read them from this table, and so should any new code.
+# The allowed values of every core string key, declared only here: validation, the CLI's
+# choices and the tokenizer read them from this table, and so should any new code. A
+# registered section declares its own (ConfigSection.choices).
 CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm_placement": ("pre", "post"),
     "model.positions": ("learned", "sinusoidal", "rope"),
@@ -347,8 +333,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
-    """The config as plain nested dicts (what ``config.yaml`` in a run dir holds)."""
-    return dataclasses.asdict(cfg)
+    """The config as plain nested dicts (what ``config.yaml`` in a run dir holds), the
+    registered sections included, each after its host's own keys."""
+    return _plain(cfg)
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {name: _plain(v) for name, v in section_items(value)}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def from_dict(raw: dict[str, Any], check_paths: bool = True) -> Config:

@@ -14,19 +14,69 @@ text met again in a later epoch (another g) gets a different mask.
     spec = MaskingSpec.from_tokenizer(tokenizer, cfg.objective, seq_len=128)
     out = mask_batch(tokens_NxL, global_ids_N, spec, seed=0)
     out["inputs"], out["masked_positions"], out["masked_ids"], out["masked_weights"]
+
+The ``objective`` config section (:class:`ObjectiveConfig`) is declared here, with the lowest
+module that reads it; the ``bert`` family entry registers it (:data:`OBJECTIVE_SECTION`), so
+the config package never names it.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-from flaxlm.config import ObjectiveConfig
+from flaxlm.config import ConfigError, ConfigSection
 from flaxlm.tokenizers.sentencepiece import Tokenizer
 
 MASK_STREAM = 0x6D61736B  # separates the masking generators from every other seeded stream
+
+
+@dataclass
+class ObjectiveConfig:
+    """What a ``model.family: bert`` run learns (the ``objective`` config section; see
+    masked_batches.py, pairs.py and flaxlm/families/bert.py). GPT runs always train the causal
+    LM loss."""
+
+    # Shares of examples per objective (normalised over the non-zero ones). Pure MLM (the
+    # default) is BERT; any causal / prefix_lm share makes a unified run, in which each example
+    # draws its objective and its attention mask follows it.
+    mlm: float = 1.0
+    causal: float = 0.0
+    prefix_lm: float = 0.0
+    nsp: bool = True  # [CLS] A [SEP] B [SEP] pairs + NSP loss; false = full packed rows (RoBERTa)
+    nsp_weight: float = 1.0  # the NSP loss is added to the MLM loss with this weight
+    mask_prob: float = 0.15  # share of (non-special) tokens chosen for prediction
+    mask_token_prob: float = 0.8  # of the chosen: -> [MASK]
+    random_token_prob: float = 0.1  # of the chosen: -> a random token (the rest stay unchanged)
+    whole_word: bool = False  # mask all pieces of a word (sentencepiece "▁" starts a word)
+    max_predictions: int = 0  # per sequence; 0 = ceil(mask_prob * seq_len)
+
+
+def check_objective(cfg: Any) -> None:
+    """Ranges of the ``objective`` keys; what the BERT family needs of them together (one
+    share > 0, NSP only with pure MLM) is its ``check_config``."""
+    ob = cfg.objective
+    for key in ("mlm", "causal", "prefix_lm"):
+        if getattr(ob, key) < 0:
+            raise ConfigError(f"objective.{key}={getattr(ob, key)} must be >= 0")
+    if not 0.0 < ob.mask_prob < 1.0:
+        raise ConfigError(f"objective.mask_prob={ob.mask_prob} must be in (0, 1)")
+    if ob.mask_token_prob < 0 or ob.random_token_prob < 0:
+        raise ConfigError("objective.mask_token_prob and random_token_prob must be >= 0")
+    if ob.mask_token_prob + ob.random_token_prob > 1.0:
+        raise ConfigError(
+            f"objective.mask_token_prob + random_token_prob = "
+            f"{ob.mask_token_prob + ob.random_token_prob} must be <= 1"
+        )
+    if ob.max_predictions < 0:
+        raise ConfigError(f"objective.max_predictions={ob.max_predictions} must be >= 0")
+
+
+# Registered by the bert family entry (flaxlm/families/bert.py): ``cfg.objective``.
+OBJECTIVE_SECTION = ConfigSection("objective", ObjectiveConfig, check=check_objective)
 
 
 @dataclass(frozen=True)

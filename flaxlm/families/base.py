@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from flaxlm.config import Config, ConfigError
+from flaxlm.config import Config, ConfigError, ConfigSection, register_section
 
 
 class Baseline:
@@ -87,6 +87,10 @@ class Family:
     - ``generates``: a decoder ``flaxlm generate`` can sample from; ``classifies``: has a
       ``[CLS]`` pooler that ``flaxlm finetune`` puts a classifier on.
     - ``check_config(cfg)``: the family's own config checks (raise ConfigError).
+    - ``config_sections``: the config sections the family owns (``ConfigSection``: a path such
+      as ``objective`` or ``model.<name>``, a dataclass, its checks and choices), registered
+      with the family, so YAML, overrides, ``flaxlm config show`` and the one-line errors
+      know them without an edit to flaxlm/config/.
     """
 
     name: str
@@ -110,18 +114,22 @@ class Family:
     generates: bool = False
     classifies: bool = False
     check_config: Callable[[Config], None] = lambda cfg: None
+    config_sections: tuple[ConfigSection, ...] = ()
 
 
 _FAMILIES: dict[str, Family] = {}
 
 
 def register_family(family: Family, replace: bool = False) -> Family:
-    """Adds ``family`` to the table under ``family.name`` (``model.family`` selects it).
+    """Adds ``family`` to the table under ``family.name`` (``model.family`` selects it), and
+    its ``config_sections`` to every config loaded from now on (load the config after this).
     Registering a taken name raises unless ``replace``. Returns the family."""
     if not family.name or not isinstance(family.name, str):
         raise ValueError(f"a family needs a non-empty name, got {family.name!r}")
     if family.name in _FAMILIES and not replace:
         raise ValueError(f"family {family.name!r} is already registered (pass replace=True)")
+    for section in family.config_sections:
+        register_section(section, replace=replace)
     _FAMILIES[family.name] = family
     return family
 

@@ -25,7 +25,7 @@ from flaxlm.config import Config, ConfigError
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.inspection import masked_sample
 from flaxlm.data.masked_batches import OBJECTIVES, batch_keys, layout_of, make_masked_batches
-from flaxlm.data.mlm_masks import resolve_max_predictions
+from flaxlm.data.mlm_masks import OBJECTIVE_SECTION, resolve_max_predictions
 from flaxlm.families.base import Baseline, Family, ReportField
 from flaxlm.hf.bert import BERT as BERT_CONVERTER
 from flaxlm.losses.objectives import mlm_loss, nsp_loss, objective_lm_loss
@@ -310,4 +310,5 @@ BERT_FAMILY = Family(
     converters=(BERT_CONVERTER,),
     classifies=True,
     check_config=check_config,
+    config_sections=(OBJECTIVE_SECTION,),  # cfg.objective (flaxlm/data/mlm_masks.py)
 )

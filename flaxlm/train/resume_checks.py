@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from flaxlm.checkpoint.manager import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
-from flaxlm.config import Config, ConfigError, to_dict
+from flaxlm.config import Config, ConfigError, section_items, to_dict
 from flaxlm.tokenizers.sentencepiece import Tokenizer
 from flaxlm.train.metrics_log import MetricsLog
 
@@ -202,9 +202,9 @@ def _leaves(tree: Any, template: Any, prefix: str = "") -> dict[str, Any]:
     """``{"section.key": value}`` of a config as nested dicts, at the keys of ``template``
     (a config dataclass); a key ``tree`` lacks maps to _MISSING."""
     out: dict[str, Any] = {}
-    for f in dataclasses.fields(template):
-        key, sub = f"{prefix}{f.name}", getattr(template, f.name)
-        value = tree.get(f.name, _MISSING) if isinstance(tree, dict) else _MISSING
+    for name, sub in section_items(template):  # fields and registered sections
+        key = f"{prefix}{name}"
+        value = tree.get(name, _MISSING) if isinstance(tree, dict) else _MISSING
         if dataclasses.is_dataclass(sub):
             out |= _leaves(value, sub, key + ".")
         else:
