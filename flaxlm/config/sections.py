@@ -322,7 +322,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": ("none", "full", "dots"),
-    "model.attention_impl": ("auto", "flaxlm", "xla", "cudnn", "splash"),
+    "model.attention_impl": ("auto", "flaxlm", "xla", "cudnn", "splash", "triton"),
     "model.custom_backward": ("auto", "on", "off"),
     "data.tokenizer_type": ("bpe", "unigram", "byte_bpe"),
     "data.tokenizer_normalization": ("identity", "nfkc", "nmt_nfkc", "nfkc_cf"),

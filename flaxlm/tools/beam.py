@@ -51,6 +51,27 @@ def gather_beams(state: Any, rows: Array) -> Any:
     return jax.tree.map(lambda x: x[rows] if x.ndim and x.shape[0] == n else x, state)
 
 
+@dataclass(frozen=True)
+class _Search:
+    """The while-loop carry: ``step`` new tokens so far; the W live beams per row (their
+    tokens, log-probabilities, next-token logits and decoding state, B*W rows); the W best
+    ``finished`` hypotheses (scores -inf until found)."""
+
+    step: Array
+    live_BxWxN: Array
+    live_logp_BxW: Array
+    logits_BWxV: Array
+    finished: BeamResult
+    state: Any
+
+
+jax.tree_util.register_dataclass(
+    _Search,
+    data_fields=["step", "live_BxWxN", "live_logp_BxW", "logits_BWxV", "finished", "state"],
+    meta_fields=[],
+)
+
+
 def beam_search(
     step_fn: StepFn,
     first_logits_BxV: Array,
@@ -73,86 +94,108 @@ def beam_search(
     W, N = num_beams, max_new_tokens
     if 2 * W > vocab:
         raise ValueError(f"num_beams={W} needs a vocab of at least {2 * W}, got {vocab}")
-    flat = batch * W
     positions_BW = jnp.repeat(next_positions_B, W)
-    lp_max = length_penalty(jnp.asarray(N), alpha)
 
-    def best_possible_B(live_logp_BxW, step):
-        # Log-probs only fall as a beam grows; lp is monotone in the length, so a live beam's
-        # best reachable score is its current log-prob over lp at one of the two ends.
-        best_B = live_logp_BxW.max(-1)
-        lp_next = length_penalty(step + 1, alpha)
-        return jnp.maximum(best_B / lp_next, best_B / lp_max)
+    def cond(search: _Search) -> Array:
+        return (search.step < N) & ~jnp.all(_settled_B(search, N, alpha))
 
-    def cond(carry):
-        step, _, live_logp_BxW, _, fin_scores_BxW, _, _, _ = carry
-        full_B = jnp.all(fin_scores_BxW > -jnp.inf, axis=-1)
-        settled_B = full_B & (fin_scores_BxW.min(-1) >= best_possible_B(live_logp_BxW, step))
-        return (step < N) & ~jnp.all(settled_B)
-
-    def body(carry):
-        step, live_BxWxN, live_logp_BxW, logits_BWxV, fin_scores, fin_BxWxN, fin_len, st = carry
-        logp_BxWxV = jax.nn.log_softmax(logits_BWxV.astype(jnp.float32)).reshape(batch, W, vocab)
-        cand_Bx2W, index_Bx2W = jax.lax.top_k(
-            (live_logp_BxW[..., None] + logp_BxWxV).reshape(batch, W * vocab), 2 * W
-        )
-        parent_Bx2W, token_Bx2W = index_Bx2W // vocab, (index_Bx2W % vocab).astype(jnp.int32)
-        seqs_Bx2WxN = jnp.take_along_axis(live_BxWxN, parent_Bx2W[..., None], axis=1)
-        seqs_Bx2WxN = seqs_Bx2WxN.at[:, :, step].set(token_Bx2W)
-        ends_Bx2W = (
-            (token_Bx2W == eos_id) if eos_id is not None else jnp.zeros_like(cand_Bx2W, bool)
-        )
-
-        # Hypotheses that just ended compete with the finished ones for the W places.
-        new_scores_Bx2W = jnp.where(
-            ends_Bx2W, cand_Bx2W / length_penalty(step + 1, alpha), -jnp.inf
-        )
-        fin_scores, fin_BxWxN, fin_len = _top_w(
-            W,
-            jnp.concatenate([fin_scores, new_scores_Bx2W], axis=1),
-            jnp.concatenate([fin_BxWxN, seqs_Bx2WxN], axis=1),
-            jnp.concatenate([fin_len, jnp.full_like(token_Bx2W, step + 1)], axis=1),
-        )
-
-        # The W best extensions that did not end stay live.
-        live_logp_BxW, keep_BxW = jax.lax.top_k(jnp.where(ends_Bx2W, -jnp.inf, cand_Bx2W), W)
-        live_BxWxN = jnp.take_along_axis(seqs_Bx2WxN, keep_BxW[..., None], axis=1)
-        parent_BxW = jnp.take_along_axis(parent_Bx2W, keep_BxW, axis=1)
-        token_BxW = jnp.take_along_axis(token_Bx2W, keep_BxW, axis=1)
-        rows_BW = (jnp.arange(batch)[:, None] * W + parent_BxW).reshape(flat)
-        st = gather_beams(st, rows_BW)
-        logits_BWxV, st = step_fn(st, token_BxW.reshape(flat, 1), (positions_BW + step)[:, None])
-        return step + 1, live_BxWxN, live_logp_BxW, logits_BWxV, fin_scores, fin_BxWxN, fin_len, st
+    def body(search: _Search) -> _Search:
+        return _advance(search, step_fn, positions_BW, eos_id, alpha)
 
     # All W beams start as copies of the prompt; only the first is live, so step 0 expands it
     # alone instead of W identical ones.
-    live_logp_BxW = jnp.full((batch, W), -jnp.inf).at[:, 0].set(0.0)
-    carry = (
-        jnp.zeros((), jnp.int32),
-        jnp.full((batch, W, N), pad_id, jnp.int32),
-        live_logp_BxW,
-        jnp.repeat(first_logits_BxV, W, axis=0),
-        jnp.full((batch, W), -jnp.inf),
-        jnp.full((batch, W, N), pad_id, jnp.int32),
-        jnp.zeros((batch, W), jnp.int32),
-        state,
+    start = _Search(
+        step=jnp.zeros((), jnp.int32),
+        live_BxWxN=jnp.full((batch, W, N), pad_id, jnp.int32),
+        live_logp_BxW=jnp.full((batch, W), -jnp.inf).at[:, 0].set(0.0),
+        logits_BWxV=jnp.repeat(first_logits_BxV, W, axis=0),
+        finished=BeamResult(
+            tokens_BxWxN=jnp.full((batch, W, N), pad_id, jnp.int32),
+            scores_BxW=jnp.full((batch, W), -jnp.inf),
+            lengths_BxW=jnp.zeros((batch, W), jnp.int32),
+        ),
+        state=state,
     )
-    steps, live_BxWxN, live_logp_BxW, _, fin_scores, fin_BxWxN, fin_len, _ = jax.lax.while_loop(
-        cond, body, carry
-    )
+    end = jax.lax.while_loop(cond, body, start)
     # Live beams compete too: at max_new_tokens they are complete, and a row may have fewer
     # than W finished hypotheses.
-    scores, tokens, lengths = _top_w(
-        W,
-        jnp.concatenate([fin_scores, live_logp_BxW / length_penalty(steps, alpha)], axis=1),
-        jnp.concatenate([fin_BxWxN, live_BxWxN], axis=1),
-        jnp.concatenate([fin_len, jnp.full_like(fin_len, steps)], axis=1),
+    return _best_w(
+        end.finished,
+        end.live_logp_BxW / length_penalty(end.step, alpha),
+        end.live_BxWxN,
+        jnp.full_like(end.finished.lengths_BxW, end.step),
     )
-    return BeamResult(tokens, scores, lengths)
 
 
-def _top_w(w: int, scores_BxM: Array, seqs_BxMxN: Array, lengths_BxM: Array):
-    """The ``w`` best of M hypotheses per row, best first."""
-    top_BxW, index_BxW = jax.lax.top_k(scores_BxM, w)
-    seqs = jnp.take_along_axis(seqs_BxMxN, index_BxW[..., None], axis=1)
-    return top_BxW, seqs, jnp.take_along_axis(lengths_BxM, index_BxW, axis=1)
+def _settled_B(search: _Search, max_new_tokens: int, alpha: float) -> Array:
+    """Per row: it holds W finished hypotheses and no live beam can still beat the worst."""
+    # Log-probs only fall as a beam grows; lp is monotone in the length, so a live beam's
+    # best reachable score is its current log-prob over lp at one of the two ends.
+    best_B = search.live_logp_BxW.max(-1)
+    lp_next = length_penalty(search.step + 1, alpha)
+    lp_max = length_penalty(jnp.asarray(max_new_tokens), alpha)
+    best_possible_B = jnp.maximum(best_B / lp_next, best_B / lp_max)
+    fin_scores_BxW = search.finished.scores_BxW
+    full_B = jnp.all(fin_scores_BxW > -jnp.inf, axis=-1)
+    return full_B & (fin_scores_BxW.min(-1) >= best_possible_B)
+
+
+def _advance(
+    search: _Search, step_fn: StepFn, positions_BW: Array, eos_id: int | None, alpha: float
+) -> _Search:
+    """One token more: the 2W best extensions of the live beams; those that end join the
+    finished hypotheses, the W best others stay live and are decoded one step further."""
+    step = search.step
+    batch, W, _ = search.live_BxWxN.shape
+    vocab = search.logits_BWxV.shape[-1]
+    logp_BxWxV = jax.nn.log_softmax(search.logits_BWxV.astype(jnp.float32))
+    logp_BxWxV = logp_BxWxV.reshape(batch, W, vocab)
+    cand_Bx2W, index_Bx2W = jax.lax.top_k(
+        (search.live_logp_BxW[..., None] + logp_BxWxV).reshape(batch, W * vocab), 2 * W
+    )
+    parent_Bx2W, token_Bx2W = index_Bx2W // vocab, (index_Bx2W % vocab).astype(jnp.int32)
+    seqs_Bx2WxN = jnp.take_along_axis(search.live_BxWxN, parent_Bx2W[..., None], axis=1)
+    seqs_Bx2WxN = seqs_Bx2WxN.at[:, :, step].set(token_Bx2W)
+    ends_Bx2W = (token_Bx2W == eos_id) if eos_id is not None else jnp.zeros_like(cand_Bx2W, bool)
+
+    # Hypotheses that just ended compete with the finished ones for the W places.
+    finished = _best_w(
+        search.finished,
+        jnp.where(ends_Bx2W, cand_Bx2W / length_penalty(step + 1, alpha), -jnp.inf),
+        seqs_Bx2WxN,
+        jnp.full_like(token_Bx2W, step + 1),
+    )
+
+    # The W best extensions that did not end stay live.
+    live_logp_BxW, keep_BxW = jax.lax.top_k(jnp.where(ends_Bx2W, -jnp.inf, cand_Bx2W), W)
+    parent_BxW = jnp.take_along_axis(parent_Bx2W, keep_BxW, axis=1)
+    token_BxW = jnp.take_along_axis(token_Bx2W, keep_BxW, axis=1)
+    rows_BW = (jnp.arange(batch)[:, None] * W + parent_BxW).reshape(batch * W)
+    state = gather_beams(search.state, rows_BW)
+    logits_BWxV, state = step_fn(
+        state, token_BxW.reshape(batch * W, 1), (positions_BW + step)[:, None]
+    )
+    return _Search(
+        step=step + 1,
+        live_BxWxN=jnp.take_along_axis(seqs_Bx2WxN, keep_BxW[..., None], axis=1),
+        live_logp_BxW=live_logp_BxW,
+        logits_BWxV=logits_BWxV,
+        finished=finished,
+        state=state,
+    )
+
+
+def _best_w(
+    best: BeamResult, scores_BxM: Array, tokens_BxMxN: Array, lengths_BxM: Array
+) -> BeamResult:
+    """The W best, best first, of the hypotheses in ``best`` and M more (W = ``best``'s)."""
+    w = best.scores_BxW.shape[1]
+    scores = jnp.concatenate([best.scores_BxW, scores_BxM], axis=1)
+    top_BxW, index_BxW = jax.lax.top_k(scores, w)
+    tokens = jnp.concatenate([best.tokens_BxWxN, tokens_BxMxN], axis=1)
+    lengths = jnp.concatenate([best.lengths_BxW, lengths_BxM], axis=1)
+    return BeamResult(
+        tokens_BxWxN=jnp.take_along_axis(tokens, index_BxW[..., None], axis=1),
+        scores_BxW=top_BxW,
+        lengths_BxW=jnp.take_along_axis(lengths, index_BxW, axis=1),
+    )
