@@ -23,7 +23,7 @@ import numpy as np
 from flaxlm.config import CHOICES
 from flaxlm.models import backward
 from flaxlm.models.masks import Mask
-from flaxlm.models.platform import auto_attention
+from flaxlm.models.platform import auto_attention, cudnn_supports
 
 Array = jax.Array
 
@@ -46,13 +46,16 @@ def attention(
     which keys each query sees (flaxlm/models/masks.py). ``impl``:
 
     - ``auto``: by the platform being compiled for (flaxlm/models/platform.py): ``splash`` on
-      TPU, ``cudnn`` on GPU, ``flaxlm`` on CPU;
+      TPU, ``triton`` on GPU, ``flaxlm`` on CPU;
     - ``flaxlm``: :func:`softmax_attention` over the dense mask (CPU);
     - ``xla`` / ``cudnn``: ``jax.nn.dot_product_attention`` (cuDNN needs a GPU and bf16 /
       fp16): the causal part is the kernel's own ``is_causal``; segments go in as a dense
       mask, since that API has no segment ids;
     - ``splash``: the Pallas TPU splash-attention kernel (flaxlm/models/splash.py), causal or
       full with segment ids, no dense mask.
+    - ``triton``: the Pallas GPU flash kernel (flaxlm/models/gpu_flash.py), causal or full with
+      segment ids, no dense mask; for a shape it cannot tile, ``cudnn`` where cuDNN takes the
+      dtype and head dim (:func:`flaxlm.models.platform.cudnn_supports`), else ``xla``.
 
     Decoding with a KV cache (queries at an offset) runs the dense path whatever ``impl``:
     one query row per token, so the mask is ``B x 1 x 1 x S``.
@@ -67,6 +70,12 @@ def attention(
         raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
     if impl == "auto":
         impl = auto_attention()
+    if impl == "triton":
+        impl = gpu_kernel(q_BxLxHxK, mask)
+        if impl == "triton":
+            from flaxlm.models.gpu_flash import gpu_flash_attention
+
+            return gpu_flash_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask)
     if impl == "splash":
         from flaxlm.models.splash import block_size, splash_attention
 
@@ -85,6 +94,20 @@ def attention(
             q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask.dense(), causal_block, custom_backward
         )
     return _dot_product_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask, impl)
+
+
+def gpu_kernel(q_BxLxHxK: Array, mask: Mask) -> str:
+    """What ``triton`` runs for these queries and mask: ``triton`` (the Pallas GPU flash
+    kernel) where it tiles the shape, else ``cudnn`` where cuDNN's fused attention takes the
+    dtype and head dim, else ``xla``. A decode step (queries over a KV cache) is ``xla``."""
+    from flaxlm.models.gpu_flash import supports
+
+    _, length, _, head_dim = q_BxLxHxK.shape
+    if not mask.is_training_shape:
+        return "xla"
+    if supports(length, head_dim):
+        return "triton"
+    return "cudnn" if cudnn_supports(q_BxLxHxK.dtype, head_dim) else "xla"
 
 
 def repeat_kv(x_BxSxNxK: Array, heads: int) -> Array:

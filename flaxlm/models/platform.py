@@ -9,9 +9,17 @@ whatever it is compiled for, without a per-platform copy of the config.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-# model.attention_impl: auto, per platform (flaxlm/models/attention.py)
-AUTO_ATTENTION = {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn", "rocm": "xla"}
+# model.attention_impl: auto, per platform (flaxlm/models/attention.py). On NVIDIA GPUs the
+# Pallas (Triton) flash kernel with segment ids first; where it cannot tile the shape, cuDNN
+# where cuDNN's fused attention takes the case (:func:`cudnn_supports`), else XLA.
+AUTO_ATTENTION = {"tpu": "splash", "gpu": "triton", "cuda": "triton", "rocm": "xla"}
+# cuDNN fused attention (jax.nn.dot_product_attention(implementation="cudnn")): fp16 / bf16
+# only; head dims a multiple of 8 up to 128 (256 on Hopper and later, which a deviceless
+# compile cannot see, so 128 here).
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
 
 
 def current_platform() -> str:
@@ -26,3 +34,10 @@ def current_platform() -> str:
 def auto_attention(platform: str | None = None) -> str:
     """What ``model.attention_impl: auto`` runs on ``platform`` (default: the current one)."""
     return AUTO_ATTENTION.get(platform or current_platform(), "flaxlm")
+
+
+def cudnn_supports(dtype, head_dim: int) -> bool:
+    """Whether cuDNN's fused attention takes inputs of ``dtype`` with heads of ``head_dim``."""
+    return str(jnp.dtype(dtype)) in CUDNN_DTYPES and (
+        head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
+    )

@@ -121,8 +121,9 @@ def device_grid(
     """
     ici = tuple(s // d for s, d in zip(shape, dcn, strict=True))
     n_slices = math.prod(dcn)
-    named = {getattr(d, "slice_index", None) for d in devices} - {None}
-    if named and len(named) != n_slices:
+    named = {_dcn_granule(d) for d in devices} - {None}
+    # One host-spanning slice stays allowed on GPUs (hosts then join data/fsdp in id order).
+    if named and len(named) != n_slices and (n_slices > 1 or devices[0].platform != "gpu"):
         raise ConfigError(
             f"the {len(devices)} devices are in {len(named)} slice(s) but mesh.dcn_data x "
             f"mesh.dcn_fsdp = {n_slices}; make the product {len(named)}"
@@ -137,7 +138,7 @@ def device_grid(
         except (AssertionError, ValueError, NotImplementedError):
             pass  # no physical layout within a slice: the same blocks, below
     if named:
-        slices = [[d for d in devices if d.slice_index == i] for i in sorted(named)]
+        slices = [[d for d in devices if _dcn_granule(d) == i] for i in sorted(named)]
     else:
         per = len(devices) // n_slices
         slices = [devices[i * per : (i + 1) * per] for i in range(n_slices)]
@@ -147,6 +148,14 @@ def device_grid(
             _slice_grid(ici, devs)
         )
     return grid
+
+
+def _dcn_granule(device: jax.Device) -> int | None:
+    """What the data-center network joins: TPU slices, or hosts for GPUs (a GPU's
+    ``slice_index`` does not tell hosts apart; NVLink stays within a host)."""
+    if device.platform == "gpu":
+        return device.process_index
+    return getattr(device, "slice_index", None)
 
 
 def _slice_grid(ici: tuple[int, ...], devices: Sequence[jax.Device]) -> np.ndarray:

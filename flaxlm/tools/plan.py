@@ -12,12 +12,19 @@ that TPU topology (flaxlm/tools/targets.py; ``--slices N`` for a multi-slice job
 real TPU compiler compiles the step, Mosaic kernels included: its memory analysis, its
 step-time estimate and the chip's HBM are reported (:func:`plan`).
 
+With ``--target h100:8`` (``MODEL:GPUS`` or ``MODEL:HOSTSxGPUS``; models in
+flaxlm/tools/gpu_targets.py; jax's CUDA plugin installed) the XLA GPU compiler compiles the
+step for described GPUs, cuDNN and Triton kernels included, with no GPU attached; hosts are
+the outer (DCN) factor of the data axis, as slices are on TPUs.
+
     flaxlm plan configs/gpt_7b.yaml --devices 64 --json
     flaxlm plan configs/gpt_7b.yaml --target v5e:8x8 --json
+    flaxlm plan configs/gpt_7b.yaml --target h100:2x8 --json
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from typing import Any
@@ -30,6 +37,7 @@ from flaxlm.families import family_of
 from flaxlm.models import count_params
 from flaxlm.models.platform import auto_attention
 from flaxlm.parallel.sharding import build_mesh, micro_batch_sharding, replicated
+from flaxlm.tools import gpu_targets
 from flaxlm.tools.targets import (
     ESTIMATE_LEAVES_OUT,
     chip_hbm_bytes,
@@ -77,11 +85,18 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
     intermediate value, reusing space between values that are not live at the same time, so
     its size is already the high-water mark, not a sum). The program code itself is left out
     (``generated_code_bytes``, tens of MB at most).
+
+    With a GPU ``target`` (``h100:8``, ``h100:2x8``: flaxlm/tools/gpu_targets.py) the same
+    peak, from the XLA GPU compiler, and ``compiler: "gpu"``, ``target``, ``hosts``,
+    ``gpus_per_host``, ``device_kind``, ``hbm_bytes`` (one GPU's published memory), ``fits``,
+    ``attention_impl`` (``auto`` resolved for GPU: triton), ``cudnn_kernels`` /
+    ``cudnn_attention_kernels`` (cuDNN custom calls / those of them that are fused
+    attention), ``triton_kernels`` (Pallas GPU kernels) and ``xla_triton_fusions`` in the
+    compiled program, plus the four sizes above.
     """
-    if target is None and slices != 1:
-        raise ConfigError(f"--slices {slices} needs --target (a TPU topology)")
+    cfg, devices = _target_devices(cfg, target, slices)
     family = family_of(cfg)
-    mesh = None if target is None else build_mesh(cfg.mesh, tpu_devices(target, slices))
+    mesh = None if devices is None else build_mesh(cfg.mesh, devices)
     ms = TrainProgram.build(cfg, family, mesh)
     abstract, state_sh = ms.abstract, ms.shardings
     state_in = jax.tree.map(
@@ -127,7 +142,62 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
     if target is None:
         return report
     report["bytes_per_device"] = arguments + sizes["output"] - sizes["alias"] + temp
+    if gpu_targets.is_gpu_target(target):
+        return {**_gpu_fields(cfg, compiled, ms.mesh, sizes, target), **report}
     return {**_tpu_fields(cfg, compiled, ms.mesh, sizes, target, slices), **report}
+
+
+def _target_devices(cfg: Config, target: str | None, slices: int):
+    """``(cfg, devices)`` for ``target``: None for the local devices, a TPU topology's or
+    a GPU target's abstract devices. A GPU target of several hosts with no DCN factor in
+    ``cfg`` gets ``mesh.dcn_data`` = hosts (data parallelism across hosts)."""
+    if target is None:
+        if slices != 1:
+            raise ConfigError(f"--slices {slices} needs --target (a TPU topology)")
+        return cfg, None
+    if not gpu_targets.is_gpu_target(target):
+        return cfg, tpu_devices(target, slices)
+    if slices != 1:
+        raise ConfigError(
+            f"--slices {slices} is for TPU topologies; a GPU target names its hosts: "
+            f"MODEL:HOSTSxGPUS, e.g. h100:{slices}x8"
+        )
+    _, hosts, _ = gpu_targets.parse_gpu_target(target)
+    devices = gpu_targets.gpu_devices(target)
+    if hosts > 1 and cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp == 1:
+        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn_data=hosts))
+    return cfg, devices
+
+
+def _compiled_sizes(sizes: dict[str, int]) -> dict[str, int]:
+    return {
+        "arguments_bytes": sizes["argument"],
+        "outputs_bytes": sizes["output"],
+        "aliased_bytes": sizes["alias"],
+        "generated_code_bytes": sizes["generated_code"],
+    }
+
+
+def _gpu_fields(cfg: Config, compiled, mesh, sizes: dict[str, int], target: str):
+    """The GPU compile's own fields of the report (see :func:`plan`)."""
+    _, hosts, per_host = gpu_targets.parse_gpu_target(target)
+    devices = list(mesh.devices.flat)
+    hbm = gpu_targets.gpu_spec(target).memory_bytes
+    peak = sizes["argument"] + sizes["output"] - sizes["alias"] + sizes["temp"]  # see plan()
+    impl = cfg.model.attention_impl
+    return {
+        "compiler": "gpu",
+        "target": target,
+        "hosts": hosts,
+        "gpus_per_host": per_host,
+        "device_kind": devices[0].device_kind,
+        "devices": len(devices),
+        "hbm_bytes": hbm,
+        "fits": peak <= hbm,
+        "attention_impl": auto_attention("gpu") if impl == "auto" else impl,
+        **gpu_targets.kernel_counts(compiled.as_text()),
+        **_compiled_sizes(sizes),
+    }
 
 
 def _tpu_fields(cfg: Config, compiled, mesh, sizes: dict[str, int], target: str, slices: int):
@@ -154,10 +224,7 @@ def _tpu_fields(cfg: Config, compiled, mesh, sizes: dict[str, int], target: str,
         "estimate_leaves_out": ESTIMATE_LEAVES_OUT,
         "attention_impl": auto_attention("tpu") if impl == "auto" else impl,
         "mosaic_kernels": compiled.as_text().count('custom_call_target="tpu_custom_call"'),
-        "arguments_bytes": sizes["argument"],
-        "outputs_bytes": sizes["output"],
-        "aliased_bytes": sizes["alias"],
-        "generated_code_bytes": sizes["generated_code"],
+        **_compiled_sizes(sizes),
     }
 
 
@@ -174,6 +241,10 @@ def format_plan(report: dict[str, Any]) -> str:
         f"  total               {gib(report['bytes_per_device'])} per device",
         f"  compile             {report['compile_s']:.1f} s",
     ]
+    if report.get("compiler") == "gpu":
+        lines.insert(0, _gpu_headline(report))
+        verdict = "fits" if report["fits"] else "does NOT fit"
+        lines.append(f"  GPU memory          {gib(report['hbm_bytes'])} per device: {verdict}")
     if report.get("compiler") == "tpu":
         slices = f" x {report['slices']} slices" if report["slices"] > 1 else ""
         kernels = f"{report['attention_impl']} ({report['mosaic_kernels']} Mosaic kernel calls)"
@@ -191,3 +262,14 @@ def format_plan(report: dict[str, Any]) -> str:
             else "  XLA step estimate        none (XLA gave none for this program)"
         )
     return "\n".join(lines)
+
+
+def _gpu_headline(report: dict[str, Any]) -> str:
+    kernels = (
+        f"{report['cudnn_attention_kernels']} cuDNN attention calls, "
+        f"{report['triton_kernels']} Triton kernels"
+    )
+    return (
+        f"GPU {report['target']} ({report['hosts']} x {report['gpus_per_host']} "
+        f"{report['device_kind']}), attention {report['attention_impl']} ({kernels})"
+    )
