@@ -128,6 +128,15 @@ def finetune_optim(opts: FinetuneOptions, total_steps: int) -> OptimConfig:
     )
 
 
+@dataclass
+class _Split:
+    """One split, encoded: ``tokens`` and ``segments`` (N, L), class indices ``labels`` (N,)."""
+
+    tokens: np.ndarray
+    segments: np.ndarray
+    labels: np.ndarray
+
+
 def finetune(
     checkpoint: str | Path | LoadedModel,
     data: str | Path,
@@ -139,22 +148,62 @@ def finetune(
     ``log`` (default: print to stderr) receives one line per epoch."""
     opts = options or FinetuneOptions()
     log = log or (lambda line: print(line, file=sys.stderr))
+    loaded, out = _load_encoder(checkpoint, opts)
+    if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
+        raise ValueError(
+            f"epochs={opts.epochs}, batch_size={opts.batch_size}, lr={opts.lr} must be > 0"
+        )
+    cfg = loaded.cfg
+    train_rows, val_rows, labels = _read_rows(data, opts)
+    max_len = min(opts.max_len or cfg.data.seq_len, cfg.model.max_seq_len)
+    train = _encode_split(train_rows, labels, loaded.tokenizer, max_len)
+    val = _encode_split(val_rows, labels, loaded.tokenizer, max_len)
+    report = _baseline_report(labels, train, val, log)
+
+    model = BertClassifier(cfg.model, len(labels), opts.dropout)
+    head = model.init(jax.random.key(opts.seed), train.tokens[:1], train.segments[:1])["params"]
+    params = {
+        "bert": jax.device_get(loaded.params),
+        "classifier": nn.meta.unbox(head["classifier"]),
+    }
+    # Frozen body: only the head is trainable; the body is a constant input of the step.
+    if opts.freeze_body:
+        trainable, frozen = {"classifier": params["classifier"]}, {"bert": params["bert"]}
+    else:
+        trainable, frozen = params, {}
+    start = time.perf_counter()
+    final, history = _train(model, trainable, frozen, train, val, opts, log)
+    report.update(accuracy=history[-1]["accuracy"], macro_f1=history[-1]["macro_f1"])
+    report["gain_over_majority"] = report["accuracy"] - report["majority_baseline"]
+    report["history"] = history
+    report["seconds"] = round(time.perf_counter() - start, 2)
+    report["checkpoint"] = str(save_classifier(out, final, loaded, labels, opts, report))
+    return report
+
+
+def _load_encoder(
+    checkpoint: str | Path | LoadedModel, opts: FinetuneOptions
+) -> tuple[LoadedModel, Path]:
+    """The pretrained run and the folder the classifier goes to; refuses a family without a
+    [CLS] pooler to classify from."""
     if isinstance(checkpoint, LoadedModel):
         loaded, out = checkpoint, Path(opts.out or Path(checkpoint.cfg.train.run_dir) / "finetune")
     else:
         loaded = load_checkpoint(checkpoint)
         out = Path(opts.out) if opts.out else resolve_checkpoint(checkpoint)[0] / "finetune"
-    cfg, tok = loaded.cfg, loaded.tokenizer
-    if not family_of(cfg).classifies:
+    if not family_of(loaded.cfg).classifies:
         raise ConfigError(
             f"finetune needs an encoder with a [CLS] pooler (model.family=bert), got "
-            f"model.family={cfg.model.family!r}"
+            f"model.family={loaded.cfg.model.family!r}"
         )
-    if opts.epochs < 1 or opts.batch_size < 1 or opts.lr <= 0:
-        raise ValueError(
-            f"epochs={opts.epochs}, batch_size={opts.batch_size}, lr={opts.lr} must be > 0"
-        )
+    return loaded, out
 
+
+def _read_rows(
+    data: str | Path, opts: FinetuneOptions
+) -> tuple[list[LabelledRow], list[LabelledRow], list[str]]:
+    """(train rows, validation rows, the classes in order); every row's label must be one of
+    the classes, and there must be at least two."""
     rows = read_labelled(data, opts.text_column, opts.label_column, opts.group_column)
     if opts.val_data:
         train_rows = rows
@@ -169,47 +218,81 @@ def finetune(
     labels = list(opts.labels) or sorted({r.label for r in train_rows})
     if len(labels) < 2:
         raise DataError(f"{data}: found only the label(s) {labels}; a classifier needs >= 2")
-    index = {name: i for i, name in enumerate(labels)}
+    known = set(labels)
     for r in train_rows + val_rows:
-        if r.label not in index:
+        if r.label not in known:
             raise DataError(f"{r.where}: label {r.label!r} is not one of {', '.join(labels)}")
-    y_train = np.array([index[r.label] for r in train_rows], dtype=np.int32)
-    y_val = np.array([index[r.label] for r in val_rows], dtype=np.int32)
-    max_len = min(opts.max_len or cfg.data.seq_len, cfg.model.max_seq_len)
-    x_train, s_train = encode_rows(train_rows, tok, max_len)
-    x_val, s_val = encode_rows(val_rows, tok, max_len)
+    return train_rows, val_rows, labels
 
-    counts = np.bincount(y_train, minlength=len(labels))
+
+def _encode_split(
+    rows: list[LabelledRow], labels: list[str], tokenizer: Tokenizer, max_len: int
+) -> _Split:
+    index = {name: i for i, name in enumerate(labels)}
+    tokens, segments = encode_rows(rows, tokenizer, max_len)
+    return _Split(tokens, segments, np.array([index[r.label] for r in rows], dtype=np.int32))
+
+
+def _baseline_report(labels: list[str], train: _Split, val: _Split, log) -> dict[str, Any]:
+    """The report's first fields: split sizes, class counts and what always answering the
+    most frequent training class scores on validation (the bar a classifier must clear)."""
+    counts = np.bincount(train.labels, minlength=len(labels))
     majority = int(np.argmax(counts))
     report: dict[str, Any] = {
         "labels": labels,
-        "n_train": len(train_rows),
-        "n_val": len(val_rows),
+        "n_train": len(train.labels),
+        "n_val": len(val.labels),
         "class_counts": {name: int(c) for name, c in zip(labels, counts, strict=True)},
         "majority_label": labels[majority],
-        "majority_baseline": float(np.mean(y_val == majority)),
+        "majority_baseline": float(np.mean(val.labels == majority)),
     }
     log(
         f"{report['n_train']} train / {report['n_val']} val rows; class counts "
         f"{report['class_counts']}; majority '{labels[majority]}' scores "
         f"{100 * report['majority_baseline']:.1f}% on val"
     )
+    return report
 
-    model = BertClassifier(cfg.model, len(labels), opts.dropout)
-    head = model.init(jax.random.key(opts.seed), x_train[:1], s_train[:1])["params"]
-    params = {
-        "bert": jax.device_get(loaded.params),
-        "classifier": nn.meta.unbox(head["classifier"]),
-    }
-    steps_per_epoch = -(-len(train_rows) // opts.batch_size)
+
+def _train(
+    model: BertClassifier, trainable, frozen, train: _Split, val: _Split, opts: FinetuneOptions,
+    log,
+) -> tuple[Any, list[dict[str, Any]]]:  # fmt: skip
+    """``opts.epochs`` epochs over ``train`` in a seeded order per epoch, each followed by a
+    validation pass; returns (the final parameters, one record per epoch)."""
+    steps_per_epoch = -(-len(train.labels) // opts.batch_size)
     total = steps_per_epoch * opts.epochs
-    tx, _ = make_optimizer(finetune_optim(opts, total), total, cfg.model.d_model)
-    # Frozen body: only the head is trainable; the body is a constant input of the step.
-    if opts.freeze_body:
-        trainable, frozen = {"classifier": params["classifier"]}, {"bert": params["bert"]}
-    else:
-        trainable, frozen = params, {}
+    tx, _ = make_optimizer(finetune_optim(opts, total), total, model.cfg.d_model)
     opt_state = tx.init(trainable)
+    train_step, predict = _compiled_steps(model, tx)
+    history = []
+    base_rng = jax.random.key(opts.seed + 1)
+    start = time.perf_counter()
+    for epoch in range(1, opts.epochs + 1):
+        order = np.random.default_rng([opts.seed, epoch]).permutation(len(train.labels))
+        losses = []
+        for b in range(steps_per_epoch):
+            idx = order[b * opts.batch_size : (b + 1) * opts.batch_size]
+            rng = jax.random.fold_in(base_rng, (epoch - 1) * steps_per_epoch + b)
+            trainable, opt_state, loss = train_step(
+                trainable, opt_state, frozen, train.tokens[idx], train.segments[idx],
+                train.labels[idx], rng,
+            )  # fmt: skip
+            losses.append(loss)
+        acc, f1 = _evaluate(predict, {**frozen, **trainable}, val, model.n_classes)
+        record = {"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses))),
+                  "accuracy": acc, "macro_f1": f1}  # fmt: skip
+        history.append(record)
+        log(
+            f"epoch {epoch}/{opts.epochs}: train loss {record['train_loss']:.4f}, val accuracy "
+            f"{100 * acc:.1f}%, macro-F1 {100 * f1:.1f}% ({time.perf_counter() - start:.0f}s)"
+        )
+    return {**frozen, **trainable}, history
+
+
+def _compiled_steps(model: BertClassifier, tx: optax.GradientTransformation):
+    """(train_step, predict), jitted. The frozen body enters the step as an input apart from
+    the trainable tree, so the optimizer never sees it."""
 
     def loss_fn(trainable, frozen, tokens, segments, labels_B, rng):
         logits = model.apply(
@@ -230,44 +313,17 @@ def finetune(
     def predict(all_params, tokens, segments):
         return jnp.argmax(model.apply({"params": all_params}, tokens, segments), axis=-1)
 
-    def evaluate(all_params) -> tuple[float, float]:
-        preds = [
-            np.asarray(predict(all_params, x_val[i : i + 256], s_val[i : i + 256]))
-            for i in range(0, len(x_val), 256)
-        ]
-        pred = np.concatenate(preds)
-        return float(np.mean(pred == y_val)), macro_f1(pred, y_val, len(labels))
+    return train_step, predict
 
-    history = []
-    base_rng = jax.random.key(opts.seed + 1)
-    start = time.perf_counter()
-    step = 0
-    for epoch in range(1, opts.epochs + 1):
-        order = np.random.default_rng([opts.seed, epoch]).permutation(len(x_train))
-        losses = []
-        for b in range(steps_per_epoch):
-            idx = order[b * opts.batch_size : (b + 1) * opts.batch_size]
-            rng = jax.random.fold_in(base_rng, step)
-            trainable, opt_state, loss = train_step(
-                trainable, opt_state, frozen, x_train[idx], s_train[idx], y_train[idx], rng
-            )
-            losses.append(loss)
-            step += 1
-        acc, f1 = evaluate({**frozen, **trainable})
-        record = {"epoch": epoch, "train_loss": float(np.mean(jax.device_get(losses))),
-                  "accuracy": acc, "macro_f1": f1}  # fmt: skip
-        history.append(record)
-        log(
-            f"epoch {epoch}/{opts.epochs}: train loss {record['train_loss']:.4f}, val accuracy "
-            f"{100 * acc:.1f}%, macro-F1 {100 * f1:.1f}% ({time.perf_counter() - start:.0f}s)"
-        )
-    final = {**frozen, **trainable}
-    report.update(accuracy=history[-1]["accuracy"], macro_f1=history[-1]["macro_f1"])
-    report["gain_over_majority"] = report["accuracy"] - report["majority_baseline"]
-    report["history"] = history
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    report["checkpoint"] = str(save_classifier(out, final, loaded, labels, opts, report))
-    return report
+
+def _evaluate(predict, all_params, val: _Split, n_classes: int) -> tuple[float, float]:
+    """(accuracy, macro-F1) on ``val``, predicted 256 rows at a time."""
+    preds = [
+        np.asarray(predict(all_params, val.tokens[i : i + 256], val.segments[i : i + 256]))
+        for i in range(0, len(val.tokens), 256)
+    ]
+    pred = np.concatenate(preds)
+    return float(np.mean(pred == val.labels)), macro_f1(pred, val.labels, n_classes)
 
 
 def save_classifier(out, params, loaded: LoadedModel, labels, opts, report) -> Path:
