@@ -44,6 +44,15 @@ def test_offsets_match_a_running_sum_of_batch_sizes(entries):
     assert ramp.ramped == (len(entries) > 1)
 
 
+def test_batches_refuse_a_ramp_of_another_full_batch():
+    """The run's ramp is handed down, not rebuilt: batches of another size would not be the
+    rows its LR schedule and throughput meter count."""
+    split = make_split([50] * 40, unique=True)
+    with pytest.raises(ValueError, match="batch ramp ends at 8 rows but global_batch=4"):
+        CausalBatches(split, seq_len=8, global_batch=4, seed=0, ramp=BatchRamp([[0, 2], [3, 8]], 8))
+    assert CausalBatches(split, seq_len=8, global_batch=4, seed=0).ramp.full == 4
+
+
 def test_ramped_batches_are_consecutive_rows_of_the_constant_batch_order():
     split = make_split([50] * 40, unique=True)
     ramp = BatchRamp([[0, 2], [3, 4], [5, 8]], 8)

@@ -16,6 +16,11 @@ positions skips their rows; resuming is "start at data position d", as before.
     ramp = BatchRamp.from_config(cfg.train)
     first, rows = ramp.offset(d), ramp.size(d)    # global rows of data position d
 
+A training run builds its ramp once (flaxlm/train/loop.py) and hands that one object to the
+family's batch maker (``family.train_batches(prepared, cfg, ramp)``), the LR schedule
+(flaxlm/train/program.py) and the reporter, so the rows, the schedule's token clock and the
+logged batch size cannot disagree; ``flaxlm data inspect`` builds one the same way.
+
 This module sits at the bottom with the config (the data, the optimizer and the loop all read
 it) and imports no flaxlm module.
 """
@@ -68,6 +73,20 @@ class BatchRamp:
     @classmethod
     def constant(cls, batch: int) -> BatchRamp:
         return cls([], batch)
+
+    @classmethod
+    def or_constant(cls, ramp: BatchRamp | None, global_batch: int) -> BatchRamp:
+        """``ramp`` (the run's, handed down), or a constant one of ``global_batch`` rows when
+        None. A ramp whose full batch is not ``global_batch`` raises: the batches would not
+        be the rows its schedule and meter count."""
+        if ramp is None:
+            return cls.constant(global_batch)
+        if ramp.full != global_batch:
+            raise ValueError(
+                f"batch ramp ends at {ramp.full} rows but global_batch={global_batch}; "
+                "expected the ramp's full batch"
+            )
+        return ramp
 
     @property
     def ramped(self) -> bool:

@@ -130,7 +130,7 @@ class CausalBatches(EpochOrder):
         self.split = split
         self.seq_len = seq_len
         self.global_batch = global_batch
-        self.ramp = ramp or BatchRamp.constant(global_batch)  # train.batch_ramp
+        self.ramp = BatchRamp.or_constant(ramp, global_batch)  # train.batch_ramp
         self.seed = seed
         self.shuffle = shuffle
         self.order = split.order

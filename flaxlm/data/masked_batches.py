@@ -85,7 +85,7 @@ class MaskedBatches(EpochOrder):
             raise ValueError(f"tokenizer {tokenizer.source} has no [CLS]/[SEP]; BERT needs both")
         self.split, self.layout, self.seq_len = split, layout, seq_len
         self.global_batch, self.seed, self.shuffle = global_batch, seed, shuffle
-        self.ramp = ramp or BatchRamp.constant(global_batch)  # train.batch_ramp
+        self.ramp = BatchRamp.or_constant(ramp, global_batch)  # train.batch_ramp
         self.order = split.order
         self.spec, self.tokenizer = spec, tokenizer
         shares_O = np.asarray(shares, dtype=np.float64)

@@ -119,7 +119,7 @@ class MixtureBatches:
         self.names = [s.name for s in sources]
         self.seq_len, self.global_batch, self.seed = seq_len, global_batch, seed
         self.emit_source_ids = emit_source_ids
-        self.ramp = ramp or BatchRamp.constant(global_batch)
+        self.ramp = BatchRamp.or_constant(ramp, global_batch)  # train.batch_ramp
         self.stages = self._build_stages([s.weight for s in sources], stages)
         first = self.stages[0]
         self.weights, self.block_rows = first.weights, first.block_rows
