@@ -162,7 +162,8 @@ def _open_run(cfg: Config, stop_at_step: int | None, controls: type[StepControls
     ckpts = RunCheckpoints(cfg, ms, data.tokenizer.model_bytes)
     start = ckpts.resume_or_start(announce=is_main)
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
-    result = TrainResult(run_dir, start.step, start.resumed_from, process_index=proc[0])
+    result = TrainResult(run_dir, start.step, resumed_from=start.resumed_from)
+    result.process_index = proc[0]
     log = MetricsLog(
         run_dir, is_main, resume_from_step=start.step, keep_lines=start.metrics_lines, wandb=wandb
     )
