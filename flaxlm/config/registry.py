@@ -160,7 +160,7 @@ class SectionHost:
 
 def section_items(obj: Any) -> list[tuple[str, Any]]:
     """``(name, value)`` of a config dataclass's keys: its fields, then (for a SectionHost)
-    its registered sections. What ``to_dict``, ``set_key`` and resume checks walk."""
+    its registered sections. What ``to_dict`` and the resume checks walk."""
     items = [
         (f.name, getattr(obj, f.name))
         for f in dataclasses.fields(obj)
@@ -174,7 +174,8 @@ def section_items(obj: Any) -> list[tuple[str, Any]]:
 
 
 def section_types(obj: Any) -> dict[str, Any]:
-    """``{key: type}`` of a config dataclass's keys (fields and registered sections)."""
+    """``{key: type}`` of a config dataclass's keys (fields and registered sections): what
+    ``set_key`` coerces a value to, and the names an unknown key is matched against."""
     hints = typing.get_type_hints(type(obj))
     hints.pop("extra_sections", None)
     hints.pop("section_path", None)
