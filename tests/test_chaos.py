@@ -47,3 +47,20 @@ def test_flaxlm_train_refuses_chaos_faults(small_corpus, tmp_path, capsys):
     assert err.count("\n") == 1 and "chaos.nan_at_steps=[3]" in err, err
     assert "python -m flaxlm.train.chaos" in err
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any work
+
+
+def test_the_chaos_harness_runs_flaxlm_train_with_its_faults(
+    small_corpus, tiny_cache_dir, tmp_path, capsys
+):
+    from flaxlm.train import chaos
+
+    argv = [
+        str(REPO / "configs/gpt_tiny.yaml"), f"data.paths=[{small_corpus}]",
+        f"data.cache_dir={tiny_cache_dir}", "data.val_fraction=0.34",
+        f"train.run_dir={tmp_path / 'run'}", "train.steps=10", "train.eval_every=0",
+        "checkpoint.every=4", "guard.known_good_after=2", "chaos.nan_at_steps=[7]",
+    ]  # fmt: skip
+    assert chaos.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert f"1 rollback(s); skipped data windows in {tmp_path / 'run'}/skip_ledger.json" in out
+    assert out[-1].startswith("done: step 10, val_loss "), out

@@ -72,8 +72,8 @@ def train_with_chaos(cfg: Config, stop_at_step: int | None = None) -> TrainResul
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``flaxlm train`` under the chaos harness; the same exit codes (0 done, 75 preempted
-    before the last step, 3 diverged, 2 a bad config)."""
+    """``flaxlm train`` under the chaos harness: the same output and exit codes (0 done, 75
+    preempted before the last step, 3 diverged, 2 a bad config)."""
     from flaxlm.config import ConfigError, load_config
     from flaxlm.runtime.distributed import initialize
     from flaxlm.train.watchdog import EXIT_CODE
@@ -95,8 +95,21 @@ def main(argv: list[str] | None = None) -> int:
     if result.preempted and result.step < cfg.train.steps:
         return EXIT_CODE
     if result.process_index == 0:
-        print(f"done: step {result.step}, {len(result.rollbacks)} rollback(s); {result.run_dir}")
+        _print_outcome(result, cfg)
     return 0
+
+
+def _print_outcome(result: TrainResult, cfg: Config) -> None:
+    """The lines ``flaxlm train`` prints at the end: rollbacks, then the last evaluation."""
+    from flaxlm.families import family_of, summary_line
+
+    if result.rollbacks:
+        ledger = result.run_dir / "skip_ledger.json"
+        print(f"{len(result.rollbacks)} rollback(s); skipped data windows in {ledger}")
+    outcome = f"step {result.step}"
+    if result.evals:
+        outcome += f", {summary_line(result.evals[-1], family_of(cfg))}"
+    print(f"done: {outcome}; run dir {result.run_dir}")
 
 
 if __name__ == "__main__":
