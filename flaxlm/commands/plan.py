@@ -19,7 +19,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--target",
         default="",
-        help="compile with the TPU compiler for this topology, e.g. v5e:8x8, v5p:4x4x4 (libtpu)",
+        help="compile for this TPU topology, e.g. v5e:8x8 (libtpu), or these GPUs, "
+        "MODEL:GPUS or MODEL:HOSTSxGPUS, e.g. h100:8, h100:2x8, a100:8, b200:8 (.[cuda12])",
     )
     p.add_argument("--slices", type=int, default=1, help="--target: slices of it (DCN)")
     p.add_argument("--json", action="store_true", help="print one JSON object")

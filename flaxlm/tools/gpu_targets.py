@@ -17,8 +17,10 @@ table): one place to check or add a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -205,3 +207,35 @@ def kernel_counts(hlo_text: str) -> dict[str, int]:
         "triton_kernels": sum("triton" in t for t in custom_targets),
         "xla_triton_fusions": len(re.findall(r'"kind":"__triton', hlo_text)),
     }
+
+
+@contextlib.contextmanager
+def no_cache_writes() -> Iterator[None]:
+    """Compiles inside store nothing in JAX's persistent compilation cache: an executable
+    compiled for described GPUs cannot be loaded back from it (its reader needs a GPU
+    client), so an entry would only cost a write now and a warning at the next compile."""
+    import jax
+
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, name)
+    jax.config.update(name, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(name, before)
+
+
+def compile_for_gpus(lowered) -> tuple[Any, bool]:
+    """``(compiled, triton_gemm)``: ``lowered`` compiled for described GPUs (nothing stored in
+    the persistent cache, see :func:`no_cache_writes`). XLA's Triton GEMM emitter, without a
+    GPU to autotune on, finds no tiling for some fp32 matmuls whose rows are no power of two
+    ("Couldn't find output tile sizes", e.g. f32[48,64] at 24 positions); those programs are
+    compiled again with cuBLAS GEMMs (``xla_gpu_enable_triton_gemm=false``), and
+    ``triton_gemm`` says so (False)."""
+    with no_cache_writes():
+        try:
+            return lowered.compile(), True
+        except Exception as exc:  # jax.errors.JaxRuntimeError: INTERNAL
+            if "Couldn't find output tile sizes" not in str(exc):
+                raise
+        return lowered.compile({"xla_gpu_enable_triton_gemm": False}), False

@@ -92,31 +92,23 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
     ``attention_impl`` (``auto`` resolved for GPU: triton), ``cudnn_kernels`` /
     ``cudnn_attention_kernels`` (cuDNN custom calls / those of them that are fused
     attention), ``triton_kernels`` (Pallas GPU kernels) and ``xla_triton_fusions`` in the
-    compiled program, plus the four sizes above.
+    compiled program, ``xla_triton_gemm`` (False where XLA's Triton GEMM emitter found no
+    tiling for a matmul without a GPU to autotune on, and cuBLAS GEMMs were compiled
+    instead: :func:`flaxlm.tools.gpu_targets.compile_for_gpus`), plus the four sizes above.
     """
     cfg, devices = _target_devices(cfg, target, slices)
     family = family_of(cfg)
     mesh = None if devices is None else build_mesh(cfg.mesh, devices)
     ms = TrainProgram.build(cfg, family, mesh)
     abstract, state_sh = ms.abstract, ms.shardings
-    state_in = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, state_sh
-    )
-    # The family's batch, with the micro-batch axis the train step takes: shapes only.
-    accum = cfg.train.grad_accum
-    batch = {
-        k: jax.ShapeDtypeStruct(
-            (accum, v.shape[0] // accum, *v.shape[1:]), v.dtype,
-            sharding=micro_batch_sharding(ms.mesh),
-        )
-        for k, v in family.synthetic_batch(cfg, np.random.default_rng(0)).items()
-    }  # fmt: skip
-    controls = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated(ms.mesh))
-        for k, v in step_controls().items()
-    }
+    state_in, batch, controls = _abstract_inputs(cfg, family, ms)
+    gpu = target is not None and gpu_targets.is_gpu_target(target)
+    lowered = ms.train_step.lower(state_in, batch, controls)
     t0 = time.perf_counter()
-    compiled = ms.train_step.lower(state_in, batch, controls).compile()
+    if gpu:
+        compiled, triton_gemm = gpu_targets.compile_for_gpus(lowered)
+    else:
+        compiled, triton_gemm = lowered.compile(), None
     compile_s = time.perf_counter() - t0
 
     params_bytes = _bytes_per_device(abstract.params, state_sh.params)
@@ -142,9 +134,31 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
     if target is None:
         return report
     report["bytes_per_device"] = arguments + sizes["output"] - sizes["alias"] + temp
-    if gpu_targets.is_gpu_target(target):
+    if gpu:
+        report["xla_triton_gemm"] = triton_gemm
         return {**_gpu_fields(cfg, compiled, ms.mesh, sizes, target), **report}
     return {**_tpu_fields(cfg, compiled, ms.mesh, sizes, target, slices), **report}
+
+
+def _abstract_inputs(cfg: Config, family, ms: TrainProgram):
+    """The train step's arguments as shapes and shardings: state, batch, controls."""
+    state_in = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), ms.abstract, ms.shardings
+    )
+    # The family's batch, with the micro-batch axis the train step takes: shapes only.
+    accum = cfg.train.grad_accum
+    batch = {
+        k: jax.ShapeDtypeStruct(
+            (accum, v.shape[0] // accum, *v.shape[1:]), v.dtype,
+            sharding=micro_batch_sharding(ms.mesh),
+        )
+        for k, v in family.synthetic_batch(cfg, np.random.default_rng(0)).items()
+    }  # fmt: skip
+    controls = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=replicated(ms.mesh))
+        for k, v in step_controls().items()
+    }
+    return state_in, batch, controls
 
 
 def _target_devices(cfg: Config, target: str | None, slices: int):
