@@ -40,3 +40,36 @@ def test_fsdp_divides_parameter_and_optimizer_bytes():
         # Only biases and norm scales stay whole on every device: the 5 % slack.
         assert eight[key] <= one[key] / 8 * 1.05, (key, one[key], eight[key])
     assert one["params_bytes"] > 4 * 2**20  # a real model, not rounding noise
+
+
+def test_gpu_targets_parse_and_describe_the_published_figures():
+    """GPU targets (flaxlm/tools/gpu_targets.py) without the CUDA plugin: names, hosts and
+    the compiler's description; compiling for them is tests/test_gpu_compile.py."""
+    import pytest
+
+    from flaxlm.config import ConfigError
+    from flaxlm.tools import gpu_targets
+
+    assert gpu_targets.parse_gpu_target("h100:8") == ("h100", 1, 8)
+    assert gpu_targets.parse_gpu_target("H100:2x8") == ("h100", 2, 8)
+    assert gpu_targets.is_gpu_target("b200:8") and not gpu_targets.is_gpu_target("v5e:2x2")
+    for bad in ("h100", "h100:x8", "v100:8", "h100:2x"):
+        with pytest.raises(ConfigError, match="is not a GPU target: MODEL:GPUS or"):
+            gpu_targets.parse_gpu_target(bad)
+    h100 = gpu_targets.GPUS["h100"]
+    assert (h100.sms, h100.compute_capability, h100.memory_bytes) == (132, (9, 0), 80 * GIB)
+    text = gpu_targets.target_config_text(h100)
+    assert "core_count: 132" in text and "cuda_compute_capability { major: 9 minor: 0 }" in text
+    assert 'device_description_str: "NVIDIA H100 80GB HBM3"' in text
+    assert gpu_targets.GPUS["a100"].compute_capability == (8, 0)
+    assert gpu_targets.GPUS["b200"].memory_bytes == 180 * GIB
+    hlo = (
+        'custom_call_target="__cudnn$fmhaSoftmax" custom_call_target="__cudnn$fmhaSoftmaxBackward" '
+        'custom_call_target="__gpu$xla.gpu.triton" custom_call_target="__cublas$gemm"'
+    )
+    assert gpu_targets.kernel_counts(hlo) == {
+        "cudnn_kernels": 2,
+        "cudnn_attention_kernels": 2,
+        "triton_kernels": 1,
+        "xla_triton_fusions": 0,
+    }

@@ -36,7 +36,12 @@ from flaxlm.config import Config, ConfigError
 from flaxlm.families import family_of
 from flaxlm.models import count_params
 from flaxlm.models.platform import auto_attention
-from flaxlm.parallel.sharding import build_mesh, micro_batch_sharding, replicated
+from flaxlm.parallel.sharding import (
+    build_mesh,
+    micro_batch_sharding,
+    replicated,
+    resolve_mesh_shape,
+)
 from flaxlm.tools import gpu_targets
 from flaxlm.tools.targets import (
     ESTIMATE_LEAVES_OUT,
@@ -88,13 +93,13 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
 
     With a GPU ``target`` (``h100:8``, ``h100:2x8``: flaxlm/tools/gpu_targets.py) the same
     peak, from the XLA GPU compiler, and ``compiler: "gpu"``, ``target``, ``hosts``,
-    ``gpus_per_host``, ``device_kind``, ``hbm_bytes`` (one GPU's published memory), ``fits``,
-    ``attention_impl`` (``auto`` resolved for GPU: triton), ``cudnn_kernels`` /
-    ``cudnn_attention_kernels`` (cuDNN custom calls / those of them that are fused
-    attention), ``triton_kernels`` (Pallas GPU kernels) and ``xla_triton_fusions`` in the
-    compiled program, ``xla_triton_gemm`` (False where XLA's Triton GEMM emitter found no
-    tiling for a matmul without a GPU to autotune on, and cuBLAS GEMMs were compiled
-    instead: :func:`flaxlm.tools.gpu_targets.compile_for_gpus`), plus the four sizes above.
+    ``gpus_per_host``, ``dcn`` (the axis the hosts split), ``device_kind``, ``hbm_bytes``
+    (one GPU's published memory), ``fits``, ``attention_impl`` (``auto`` resolved for GPU:
+    triton), ``cudnn_kernels`` and ``cudnn_attention_kernels`` (cuDNN custom calls; those of
+    them that are fused attention), ``triton_kernels`` (Pallas GPU kernels),
+    ``xla_triton_fusions``, ``xla_triton_gemm`` (False where XLA's Triton GEMM emitter found
+    no tiling for a matmul without a GPU to autotune on, and cuBLAS GEMMs were compiled
+    instead: :func:`flaxlm.tools.gpu_targets.compile_for_gpus`), and the four sizes above.
     """
     cfg, devices = _target_devices(cfg, target, slices)
     family = family_of(cfg)
@@ -164,7 +169,8 @@ def _abstract_inputs(cfg: Config, family, ms: TrainProgram):
 def _target_devices(cfg: Config, target: str | None, slices: int):
     """``(cfg, devices)`` for ``target``: None for the local devices, a TPU topology's or
     a GPU target's abstract devices. A GPU target of several hosts with no DCN factor in
-    ``cfg`` gets ``mesh.dcn_data`` = hosts (data parallelism across hosts)."""
+    ``cfg`` gets the hosts as the outer factor of the data axis (``mesh.dcn_data`` = hosts)
+    where they divide it, else of the fsdp axis (an FSDP-only mesh such as gpt_7b's)."""
     if target is None:
         if slices != 1:
             raise ConfigError(f"--slices {slices} needs --target (a TPU topology)")
@@ -179,7 +185,11 @@ def _target_devices(cfg: Config, target: str | None, slices: int):
     _, hosts, _ = gpu_targets.parse_gpu_target(target)
     devices = gpu_targets.gpu_devices(target)
     if hosts > 1 and cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp == 1:
-        cfg = dataclasses.replace(cfg, mesh=dataclasses.replace(cfg.mesh, dcn_data=hosts))
+        data, fsdp, _, _ = resolve_mesh_shape(cfg.mesh, len(devices))
+        axis = "dcn_data" if data % hosts == 0 else "dcn_fsdp" if fsdp % hosts == 0 else None
+        if axis is not None:
+            mesh_cfg = dataclasses.replace(cfg.mesh, **{axis: hosts})
+            cfg = dataclasses.replace(cfg, mesh=mesh_cfg)
     return cfg, devices
 
 
@@ -204,6 +214,7 @@ def _gpu_fields(cfg: Config, compiled, mesh, sizes: dict[str, int], target: str)
         "target": target,
         "hosts": hosts,
         "gpus_per_host": per_host,
+        "dcn": {"data": cfg.mesh.dcn_data, "fsdp": cfg.mesh.dcn_fsdp},  # the hosts' axis
         "device_kind": devices[0].device_kind,
         "devices": len(devices),
         "hbm_bytes": hbm,
