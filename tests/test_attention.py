@@ -89,7 +89,8 @@ def test_attention_dispatches_on_impl_and_rejects_unknown_ones():
     q, k, v, dense = _inputs()
     mask = Mask.causal_segments(SEGMENTS)
     want = softmax_attention(q, k, v, dense)
-    for impl in ("xla", "flaxlm", "auto"):
+    # triton: a shape the GPU flash kernel cannot tile (12 positions), fp32: xla's path
+    for impl in ("xla", "flaxlm", "auto", "triton"):
         np.testing.assert_allclose(attention(q, k, v, mask, impl), want, atol=1e-5)
     with pytest.raises(ValueError, match=r"model.attention_impl='flash'.*auto, flaxlm, xla"):
         attention(q, k, v, mask, "flash")

@@ -50,6 +50,7 @@ def test_gpu_targets_parse_and_describe_the_published_figures():
     from flaxlm.config import ConfigError
     from flaxlm.tools import gpu_targets
 
+    assert isinstance(gpu_targets.cuda_plugin_installed(), bool)  # never raises
     assert gpu_targets.parse_gpu_target("h100:8") == ("h100", 1, 8)
     assert gpu_targets.parse_gpu_target("H100:2x8") == ("h100", 2, 8)
     assert gpu_targets.is_gpu_target("b200:8") and not gpu_targets.is_gpu_target("v5e:2x2")

@@ -123,7 +123,7 @@ def cuda_plugin_installed() -> bool:
     """Whether jax's CUDA plugin (the XLA GPU compiler) is installed."""
     return any(
         importlib.util.find_spec(name) is not None
-        for name in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_plugins.xla_cuda12")
+        for name in ("jax_cuda12_plugin", "jax_cuda13_plugin")
     )
 
 
