@@ -108,6 +108,8 @@ def test_two_hosts_put_the_data_axis_across_hosts():
     report = plan(_config("gpt_tiny", *sixteen), "h100:2x8")  # no DCN factor: hosts on data
     assert report["devices"] == 16 and report["hosts"] == 2 and report["gpus_per_host"] == 8
     assert report["mesh"]["data"] == 4 and report["fits"] and report["triton_kernels"] > 0
+    assert report["dcn"] == {"data": 2, "fsdp": 1}
+    assert "(2 x 8 NVIDIA H100 80GB HBM3; the hosts split data)" in format_plan(report)
     with pytest.raises(ConfigError, match=r"devices are in 2 slice\(s\) but mesh.dcn_data x"):
         build_mesh(_config("gpt_tiny", *sixteen, "mesh.dcn_data=4").mesh, devices)
 

@@ -294,7 +294,9 @@ def _gpu_headline(report: dict[str, Any]) -> str:
         f"{report['cudnn_attention_kernels']} cuDNN attention calls, "
         f"{report['triton_kernels']} Triton kernels"
     )
+    split = [axis for axis, n in report["dcn"].items() if n > 1]
+    hosts = f"; the hosts split {split[0]}" if split else ""
     return (
         f"GPU {report['target']} ({report['hosts']} x {report['gpus_per_host']} "
-        f"{report['device_kind']}), attention {report['attention_impl']} ({kernels})"
+        f"{report['device_kind']}{hosts}), attention {report['attention_impl']} ({kernels})"
     )
