@@ -71,10 +71,12 @@ class ModelConfig(SectionHost, path="model"):
     # parameters get a leading "layers" axis.
     scan_layers: bool = False
     remat: str = "none"  # activation recomputation per block (dots: keep matmul outputs)
-    # auto = by the platform the step is compiled for: splash on TPU, cudnn on GPU, flaxlm on
-    # CPU (flaxlm/models/attention.py). flaxlm: softmax attention with a closed-form backward;
-    # xla / cudnn: jax.nn.dot_product_attention (cudnn needs a GPU and bf16 / fp16 compute);
-    # splash: the Pallas TPU splash-attention kernel (segment ids, no dense mask)
+    # auto = by the platform the step is compiled for: splash on TPU, triton on GPU (cudnn,
+    # then xla, where it cannot tile the shape), flaxlm on CPU (flaxlm/models/attention.py).
+    # flaxlm: softmax attention with a closed-form backward; xla / cudnn:
+    # jax.nn.dot_product_attention (cudnn needs a GPU and bf16 / fp16 compute; segments become
+    # a dense mask); splash / triton: the Pallas TPU splash / GPU flash kernels (segment ids
+    # compared inside the kernel, no dense mask)
     attention_impl: str = "auto"
     # GPT (flaxlm attention): queries in blocks of this many positions, each attending only to
     # the keys up to its end, so the masked upper triangle is not computed; 0, or a length it
@@ -274,7 +276,7 @@ class ChaosConfig:
 
     spike_at_steps: list[int] = field(default_factory=list)  # LR x spike_lr_scale there
     spike_lr_scale: float = 1000.0
-    nan_at_steps: list[int] = field(default_factory=list)  # the loss becomes NaN there
+    nan_at_steps: list[int] = field(default_factory=list)  # the step starts from NaN params
     hang_at_steps: list[int] = field(default_factory=list)  # the host stalls there (watchdog)
 
 
