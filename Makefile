@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 DEMO_DATA := data/shakespeare
 DEMO_RUN := runs/gpt_demo
 
-.PHONY: install install-dev demo bert-demo finetune-demo test docs lint format clean
+.PHONY: install install-dev demo bert-demo finetune-demo test test-fast docs lint format clean
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
@@ -51,6 +51,12 @@ test: install-dev
 	$(BIN)/ruff check flaxlm tests benchmarks
 	$(BIN)/ruff format --check flaxlm tests benchmarks
 	$(BIN)/python -m pytest
+
+# The inner loop: lint and the tests not marked slow (each over ~30 s; make test runs them all).
+test-fast: install-dev
+	$(BIN)/ruff check flaxlm tests benchmarks
+	$(BIN)/ruff format --check flaxlm tests benchmarks
+	$(BIN)/python -m pytest -m "not slow"
 
 # The docs site (docs/, mkdocs.yml) into .cache/site; `$(BIN)/mkdocs serve` to browse it live.
 docs: install-dev

@@ -8,9 +8,11 @@ FSDP). Suite time keeps it to that one.
 
 from __future__ import annotations
 
+import pytest
 from test_sharding import check_layouts_match_1_device
 
 
+@pytest.mark.slow
 def test_bert_on_data_fsdp_and_tensor_at_once_matches_1_device(
     small_corpus, tiny_cache_dir, tmp_path
 ):

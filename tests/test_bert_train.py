@@ -23,6 +23,7 @@ def _lines(run_dir):
     return [json.loads(x) for x in text.splitlines() if x]
 
 
+@pytest.mark.slow
 def test_bert_run_resumes_bit_for_bit_and_evaluates(small_corpus, tiny_cache_dir, tmp_path):
     overrides = ("train.steps=12", "checkpoint.every=4", "model.dropout=0.1", "train.eval_every=0")
     straight = train(bert_tiny_config(small_corpus, tiny_cache_dir, tmp_path / "a", *overrides))

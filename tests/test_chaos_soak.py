@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_short_soak_matches_the_undisturbed_run(small_corpus, tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:

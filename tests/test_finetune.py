@@ -111,6 +111,7 @@ def _check_report_by_hand(report: dict, data: Path, max_len: int, n_train: int) 
     assert report["macro_f1"] == pytest.approx(np.mean(f1))
 
 
+@pytest.mark.slow
 def test_finetune_beats_the_majority_class(bert_run, reviews, tmp_path):
     # Fine-tuning body and head on 4000 snippets for 3 epochs beats the majority class on the
     # held-out movies by a clear margin (measured: 63.2 % vs 53.0 %, macro-F1 62.8 %).

@@ -34,6 +34,7 @@ def records(run_dir):
     return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu")} for r in lines]
 
 
+@pytest.mark.slow
 def test_a_staged_mixture_logs_each_source_and_resumes_at_the_boundary_exactly(
     small_corpus, tiny_cache_dir, tmp_path
 ):

@@ -4,11 +4,13 @@ losses, gradient norms, validation losses and final parameters (flaxlm/models/mo
 
 from __future__ import annotations
 
+import pytest
 from test_sharding import check_layouts_match_1_device
 
 MOE = ("model.moe.num_experts=8", "model.moe.top_k=2")
 
 
+@pytest.mark.slow
 def test_moe_expert_data_and_fsdp_parallel_match_1_device(small_corpus, tiny_cache_dir, tmp_path):
     overrides = ("train.steps=4", "train.eval_every=2", "checkpoint.every=2", *MOE)
     check_layouts_match_1_device(

@@ -42,6 +42,7 @@ def _metrics(run_dir: Path):
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
 def test_two_processes_match_one_process_and_restore_into_one(
     small_corpus, tiny_cache_dir, tmp_path

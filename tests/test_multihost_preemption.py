@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from conftest import REPO, tiny_config
 
 from flaxlm.checkpoint.manager import Checkpointer
@@ -41,6 +42,7 @@ def _wait_for_step(procs, run_dir: Path, step: int, timeout: float = 180) -> Non
     raise AssertionError(f"no step {step} within {timeout}s")
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_process_stops_all_at_one_step_with_a_restorable_checkpoint(
     small_corpus, tiny_cache_dir, tmp_path
 ):

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 from conftest import bert_tiny_config, tiny_config
 
 from flaxlm.checkpoint.manager import Checkpointer
@@ -103,6 +104,7 @@ def check_layouts_match_1_device(
 # tensor; the chunked head on FSDP x tensor (the vocabulary split), against the 1-device run
 # with the plain logits (the same math: tests/test_head_loss.py). One worker trains all three.
 # (Pure data parallelism is 2,2,2's data axis; tests/test_moe_sharded.py adds the expert axis.)
+@pytest.mark.slow
 def test_gpt_on_every_layout_matches_1_device(small_corpus, tiny_cache_dir, tmp_path):
     overrides = ("train.steps=6", "train.eval_every=3", "checkpoint.every=3")
     meshes = ("1,8,1", "2,2,2", "1,4,2:train.head_chunk=8")
