@@ -84,11 +84,11 @@ def test_rope_has_no_position_table_limit():
 
 def test_mesh_product_must_match_devices():
     cfg = load_config(None, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])
-    assert resolve_mesh_shape(cfg.mesh, 8) == (2, 2, 1, 2)
+    assert resolve_mesh_shape(cfg.mesh, 8) == (2, 2, 1, 1, 2)
     with pytest.raises(ConfigError, match="has 8 devices but 4 are available"):
         resolve_mesh_shape(cfg.mesh, 4)
     fill = load_config(None, ["mesh.data=-1", "mesh.tensor=2"])
-    assert resolve_mesh_shape(fill.mesh, 8) == (4, 1, 1, 2)
+    assert resolve_mesh_shape(fill.mesh, 8) == (4, 1, 1, 1, 2)
     with pytest.raises(ConfigError, match="cannot fill 6 devices"):
         resolve_mesh_shape(load_config(None, ["mesh.tensor=4"]).mesh, 6)
 

@@ -61,7 +61,7 @@ def test_a_slice_count_the_devices_do_not_have_is_one_line():
 
 def test_the_dcn_factor_must_divide_its_axis():
     cfg = MeshConfig(data=-1, fsdp=2, dcn_data=4)
-    assert resolve_mesh_shape(cfg, 16) == (8, 2, 1, 1)
+    assert resolve_mesh_shape(cfg, 16) == (8, 2, 1, 1, 1)
     with pytest.raises(ConfigError, match=r"^mesh.dcn_data=4 must divide the data axis, of "):
         resolve_mesh_shape(cfg, 12)
 

@@ -226,6 +226,7 @@ class MeshConfig:
     data: int = -1  # one axis may be -1: it takes the devices the others leave
     fsdp: int = 1
     expert: int = 1  # expert parallelism (MoE experts split over it; the batch too)
+    context: int = 1  # context parallelism: the sequence split over it (not the rows)
     tensor: int = 1
     # Multi-slice TPU (or multi-node GPU) jobs: how many slices the data / fsdp axis spans.
     # Each is the outer factor of its axis (it must divide it): devices that differ only in

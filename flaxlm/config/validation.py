@@ -245,7 +245,7 @@ def _check_ramp(cfg: Any) -> None:
 
 def _check_mesh(cfg: Any) -> None:
     """At most one axis is -1 (it fills); each dcn factor divides its axis."""
-    sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "expert", "tensor")}
+    sizes = {a: getattr(cfg.mesh, a) for a in ("data", "fsdp", "expert", "context", "tensor")}
     if sum(v == -1 for v in sizes.values()) > 1:
         raise ConfigError(f"mesh {sizes}: at most one axis may be -1")
     for axis, v in sizes.items():

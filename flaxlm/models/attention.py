@@ -16,12 +16,15 @@ batched matmuls; callers pass and get ``B, L, H, K``.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flaxlm.config import CHOICES
 from flaxlm.models import backward
+from flaxlm.models.context_parallel import context_attention, context_size
 from flaxlm.models.masks import Mask
 from flaxlm.models.platform import auto_attention, cudnn_supports
 
@@ -57,6 +60,8 @@ def attention(
       segment ids, no dense mask; for a shape it cannot tile, ``cudnn`` where cuDNN takes the
       dtype and head dim (:func:`flaxlm.models.platform.cudnn_supports`), else ``xla``.
 
+    With ``mesh.context`` > 1 the sequence is split: :func:`flaxlm.models.context_parallel.
+    context_attention` (splash or the dense kernel per shard, keys and values gathered).
     Decoding with a KV cache (queries at an offset) runs the dense path whatever ``impl``:
     one query row per token, so the mask is ``B x 1 x 1 x S``.
     ``causal_block`` and ``custom_backward``: see :func:`softmax_attention`.
@@ -70,6 +75,9 @@ def attention(
         raise ValueError(f"{kv_heads} key/value heads do not divide {heads} query heads")
     if impl == "auto":
         impl = auto_attention()
+    if context_size() > 1:  # the sequence is split over mesh.context
+        dense = functools.partial(_context_dense, impl=impl, custom_backward=custom_backward)
+        return context_attention(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask, impl, dense)
     if impl == "triton":
         impl = gpu_kernel(q_BxLxHxK, mask)
         if impl == "triton":
@@ -108,6 +116,19 @@ def gpu_kernel(q_BxLxHxK: Array, mask: Mask) -> str:
     if supports(length, head_dim):
         return "triton"
     return "cudnn" if cudnn_supports(q_BxLxHxK.dtype, head_dim) else "xla"
+
+
+def _context_dense(q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask_Bx1xLxS, impl: str, custom_backward):
+    """One context shard's queries over the whole row's keys (a dense mask): flaxlm's softmax
+    attention, else ``jax.nn.dot_product_attention`` (splash runs inside context_attention)."""
+    if impl == "flaxlm":
+        heads = q_BxLxHxK.shape[2]
+        k_BxSxHxK, v_BxSxHxK = repeat_kv(k_BxSxNxK, heads), repeat_kv(v_BxSxNxK, heads)
+        return softmax_attention(q_BxLxHxK, k_BxSxHxK, v_BxSxHxK, mask_Bx1xLxS, 0, custom_backward)
+    return jax.nn.dot_product_attention(
+        q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, mask=mask_Bx1xLxS,
+        implementation="cudnn" if impl == "cudnn" else None,
+    )  # fmt: skip
 
 
 def repeat_kv(x_BxSxNxK: Array, heads: int) -> Array:

@@ -25,6 +25,7 @@ from flax import linen as nn
 
 from flaxlm.config import ModelConfig
 from flaxlm.models import layer_stack, layers
+from flaxlm.models.context_parallel import context_size, load_balance, restore_order
 from flaxlm.models.layers import Array, constrain
 from flaxlm.models.masks import Mask
 from flaxlm.models.moe import is_moe_layer
@@ -66,6 +67,11 @@ class GPT(nn.Module):
             positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         if segment_ids_BxL is None:
             segment_ids_BxL = jnp.ones((batch, length), dtype=jnp.int32)
+        # mesh.context > 1: rows in the load-balanced order (flaxlm/models/context_parallel.py)
+        shards = 1 if decode else context_size()
+        tokens_BxL, positions_BxL, segment_ids_BxL = (
+            load_balance(a, shards) for a in (tokens_BxL, positions_BxL, segment_ids_BxL)
+        )
 
         embed = layers.token_embed(cfg)
         x_BxLxD = embed(tokens_BxL)
@@ -94,6 +100,7 @@ class GPT(nn.Module):
                 x_BxLxD = block(x_BxLxD, mask, positions_BxL, deterministic, cache_index)
 
         x_BxLxD = layers.layer_norm(cfg, name="ln_final")(x_BxLxD).astype(dtype)
+        x_BxLxD = restore_order(x_BxLxD, shards)
         if return_hidden and not self.is_initializing():
             return constrain(x_BxLxD, "act_batch", "act_length", "act_embed")
         if cfg.tie_embeddings:

@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 from jax.sharding import PartitionSpec
 
@@ -96,36 +97,69 @@ def _specs(kv_heads: int, mesh) -> tuple[PartitionSpec, PartitionSpec]:
 
 def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, q_seg_BxL, kv_seg_BxL, causal, interpret):
     """The kernel on one device's rows and heads (no mesh inside)."""
+    _, length, heads, _ = q_BxLxHxK.shape
+    kernel = _kernel(length, heads // k_BxLxNxK.shape[2], causal, interpret)
+    return run_mqa(kernel, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, q_seg_BxL, kv_seg_BxL)
+
+
+def run_mqa(kernel, q_BxLxHxK, k_BxSxNxK, v_BxSxNxK, q_seg_BxL, kv_seg_BxS) -> Array:
+    """An MQA splash ``kernel`` per row and per key/value head over its group of query heads
+    (queries already scaled). L may be a shard of S's sequence (context parallelism: the
+    kernel's block tables are then that shard's)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
     _, length, heads, _ = q_BxLxHxK.shape
-    kv_heads = k_BxLxNxK.shape[2]
+    kv_heads = k_BxSxNxK.shape[2]
     group = heads // kv_heads
-    kernel = _kernel(length, group, causal, interpret)
     dtype = q_BxLxHxK.dtype
-    # Per row, per key/value head: q (group, L, K) with k, v (L, K) — the MQA kernel.
+    # Per row, per key/value head: q (group, L, K) with k, v (S, K) — the MQA kernel.
     q_BxNxGxLxK = q_BxLxHxK.reshape(-1, length, kv_heads, group, q_BxLxHxK.shape[-1]).transpose(
         0, 2, 3, 1, 4
     )
-    k_BxNxLxK, v_BxNxLxK = k_BxLxNxK.transpose(0, 2, 1, 3), v_BxLxNxK.transpose(0, 2, 1, 3)
+    k_BxNxSxK, v_BxNxSxK = k_BxSxNxK.transpose(0, 2, 1, 3), v_BxSxNxK.transpose(0, 2, 1, 3)
 
-    def one_row(q_NxGxLxK, k_NxLxK, v_NxLxK, q_seg_L, kv_seg_L):
-        segments = sk.SegmentIds(q=q_seg_L.astype(jnp.int32), kv=kv_seg_L.astype(jnp.int32))
+    def one_row(q_NxGxLxK, k_NxSxK, v_NxSxK, q_seg_L, kv_seg_S):
+        segments = sk.SegmentIds(q=q_seg_L.astype(jnp.int32), kv=kv_seg_S.astype(jnp.int32))
         per_head = jax.vmap(lambda q, k, v: kernel(q, k.astype(dtype), v.astype(dtype), segments))
-        return per_head(q_NxGxLxK, k_NxLxK, v_NxLxK)
+        return per_head(q_NxGxLxK, k_NxSxK, v_NxSxK)
 
-    out_BxNxGxLxK = jax.vmap(one_row)(q_BxNxGxLxK, k_BxNxLxK, v_BxNxLxK, q_seg_BxL, kv_seg_BxL)
+    out_BxNxGxLxK = jax.vmap(one_row)(q_BxNxGxLxK, k_BxNxSxK, v_BxNxSxK, q_seg_BxL, kv_seg_BxS)
     return out_BxNxGxLxK.transpose(0, 3, 1, 2, 4).reshape(q_BxLxHxK.shape).astype(dtype)
 
 
+def context_kernel(
+    length: int, heads: int, causal: bool, shards: int, order: np.ndarray | None = None
+):
+    """The MQA splash kernel for a sequence split over ``shards`` context shards
+    (flaxlm/models/context_parallel.py): its block tables split by query shard
+    (``q_seq_shards``); ``order`` (causal only): the original index of each query row (the
+    load-balanced order), which the causal mask compares with the key's. Pass it through
+    ``shard_map`` with ``kernel.manual_sharding_spec``."""
+    interpret = current_platform() != "tpu"
+    return _kernel(
+        length, heads, causal, interpret, shards, None if order is None else order.tobytes()
+    )
+
+
 @functools.lru_cache(maxsize=32)
-def _kernel(length: int, heads: int, causal: bool, interpret: bool):
-    """The MQA splash kernel for ``heads`` query heads over one key/value head."""
+def _kernel(
+    length: int,
+    heads: int,
+    causal: bool,
+    interpret: bool,
+    q_shards: int = 1,
+    q_order: bytes | None = None,
+):
+    """The MQA splash kernel for ``heads`` query heads over one key/value head; ``q_order``
+    (int32 bytes): the original index of each query row, for a causal mask over reordered
+    queries; ``q_shards``: the query shards its block tables are split into."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
     one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
-    b = block_size(length)
+    if q_order is not None:
+        one.q_sequence = np.frombuffer(q_order, np.int32).copy()
+    b = block_size(length // q_shards)
     blocks = sk.BlockSizes(
         block_q=b, block_kv=b, block_kv_compute=b,
         block_q_dkv=b, block_kv_dkv=b, block_kv_dkv_compute=b,
@@ -135,6 +169,6 @@ def _kernel(length: int, heads: int, causal: bool, interpret: bool):
         sm.MultiHeadMask([one] * heads),
         block_sizes=blocks,
         head_shards=1,
-        q_seq_shards=1,
+        q_seq_shards=q_shards,
         interpret=interpret,
     )

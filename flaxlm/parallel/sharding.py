@@ -2,12 +2,15 @@
 
 Models annotate parameters and activations with logical names only (``embed``, ``vocab``,
 ``heads``, ...). This module decides where each name lives on the ``(data, fsdp, expert,
-tensor)`` mesh:
+context, tensor)`` mesh:
 
 - ``data``: pure data parallelism (parameters replicated);
 - ``fsdp``: batch split *and* parameters / optimizer state split along ``embed`` (ZeRO-3 style);
 - ``expert``: expert parallelism: the experts of an MoE layer (flaxlm/models/moe.py) are
   split over it, and so is the batch (for a dense model it is one more data axis);
+- ``context``: context (sequence) parallelism: activations' ``length`` is split over it, the
+  rows are not; attention gathers keys/values over it inside ``shard_map``
+  (flaxlm/models/context_parallel.py), and parameters are split over it as over fsdp;
 - ``tensor``: Megatron-style split of attention heads, MLP hidden units and the vocabulary.
 
 Which device sits where follows the hardware: on TPUs and GPUs ``jax.experimental.mesh_utils``
@@ -30,7 +33,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from flaxlm.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "expert", "tensor")
+MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 BATCH_AXES = ("data", "fsdp", "expert")
 
 # Logical name -> mesh axis (or axes, or None = replicated). Parameters and activations use
@@ -39,7 +42,9 @@ BATCH_AXES = ("data", "fsdp", "expert")
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # ZeRO-3 over context too: its devices hold other tokens of the same rows, so they keep
+    # other slices of the weights (gathered per layer, as over fsdp).
+    ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv", None),
     ("mlp", "tensor"),
@@ -52,7 +57,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("classes", None),  # NSP / classifier outputs
     # activations
     ("act_batch", BATCH_AXES),
-    ("act_length", None),
+    ("act_length", "context"),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_kv", None),
@@ -61,10 +66,10 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, int, int]:
-    """``(data, fsdp, expert, tensor)``: fills the one ``-1`` axis and checks that the product
-    equals ``n_devices`` and that the DCN (slice) factors divide their axes."""
-    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.expert, mesh_cfg.tensor]
+def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, ...]:
+    """``(data, fsdp, expert, context, tensor)``: fills the one ``-1`` axis and checks that
+    the product equals ``n_devices`` and that the DCN (slice) factors divide their axes."""
+    sizes = [getattr(mesh_cfg, axis) for axis in MESH_AXES]
 
     def described(values) -> str:
         return ", ".join(f"{a}={v}" for a, v in zip(MESH_AXES, values, strict=True))
@@ -89,15 +94,15 @@ def resolve_mesh_shape(mesh_cfg: MeshConfig, n_devices: int) -> tuple[int, int, 
                 f"mesh.dcn_{axis}={dcn} must divide the {axis} axis, of size {size} on "
                 f"{n_devices} devices"
             )
-    return sizes[0], sizes[1], sizes[2], sizes[3]
+    return tuple(sizes)
 
 
 def build_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A ``(data, fsdp, expert, tensor)`` mesh over ``devices`` (default: all devices of all hosts),
-    laid out by :func:`device_grid`."""
+    """A ``(data, fsdp, expert, context, tensor)`` mesh over ``devices`` (default: all
+    devices of all hosts), laid out by :func:`device_grid`."""
     devices = list(jax.devices() if devices is None else devices)
     shape = resolve_mesh_shape(mesh_cfg, len(devices))
-    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp, 1, 1)
+    dcn = (mesh_cfg.dcn_data, mesh_cfg.dcn_fsdp) + (1,) * (len(MESH_AXES) - 2)
     # Explicit Auto axis types: under jax.make_mesh's default (explicit) ones, flax.linen's
     # logical constraints fail ("with_sharding_constraint acts as an assert").
     return Mesh(

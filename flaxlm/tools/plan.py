@@ -185,7 +185,7 @@ def _target_devices(cfg: Config, target: str | None, slices: int):
     _, hosts, _ = gpu_targets.parse_gpu_target(target)
     devices = gpu_targets.gpu_devices(target)
     if hosts > 1 and cfg.mesh.dcn_data * cfg.mesh.dcn_fsdp == 1:
-        data, fsdp, _, _ = resolve_mesh_shape(cfg.mesh, len(devices))
+        data, fsdp, *_ = resolve_mesh_shape(cfg.mesh, len(devices))
         axis = "dcn_data" if data % hosts == 0 else "dcn_fsdp" if fsdp % hosts == 0 else None
         if axis is not None:
             mesh_cfg = dataclasses.replace(cfg.mesh, **{axis: hosts})
