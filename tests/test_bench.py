@@ -12,6 +12,7 @@ from conftest import REPO
 from flaxlm.cli import main
 from flaxlm.config import load_config
 from flaxlm.families import get_family
+from flaxlm.runtime.peaks import Peak
 from flaxlm.tools.bench import model_flops, peak_warning
 
 
@@ -78,22 +79,26 @@ TINY_HEAD_FLOPS = {"gpt": 6 * 32 * 128, "bert": 6 * 32 * 128 * 3 / 16}  # BERT: 
         ("configs/bert_tiny.yaml", (100e9, 105e9), False),  # 5 apart, 4.9 % of 102.5
     ],
 )
-def test_bench_json_rates_against_the_peaks_it_measured(capsys, monkeypatch, config, peaks, warns):
+def test_bench_json_rates_against_peak_and_probes(capsys, monkeypatch, config, peaks, warns):
     """The peaks are pinned to known values, so the MFU, the FLOPs and the warning can be
     checked against hand-computed figures (only the step time is the machine's)."""
     from flaxlm.tools import bench
 
     measured = iter(peaks)  # before, after; a third measurement would raise
     monkeypatch.setattr(bench, "measure_peak", lambda *args, **kwargs: next(measured))
+    used = Peak(120e9, "measured:cpu:fp32")  # the peak training would use (cache / table)
+    monkeypatch.setattr(bench, "run_peak", lambda devices, dtype: used)
     code = main(["bench", str(REPO / config), *TINY, "--json", "--steps", "2", "--warmup", "1"])
     assert code == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1
     report = json.loads(out[0])
     family = "bert" if "bert" in config else "gpt"
-    peak = (peaks[0] + peaks[1]) / 2
+    probes = (peaks[0] + peaks[1]) / 2
     assert (report["peak_gflops_before"], report["peak_gflops_after"]) == (100, peaks[1] / 1e9)
-    assert report["peak_gflops"] == pytest.approx(peak / 1e9)
+    assert (report["peak_flops"], report["peak_origin"]) == (120e9, "measured:cpu:fp32")
+    assert report["peak_gflops"] == pytest.approx(120)
+    peak = used.total
     assert report["flops_per_token"] == TINY_BODY_FLOPS == 55_296
     with_head = TINY_BODY_FLOPS + TINY_HEAD_FLOPS[family]
     assert report["flops_per_token_incl_head"] == pytest.approx(with_head)
@@ -101,6 +106,8 @@ def test_bench_json_rates_against_the_peaks_it_measured(capsys, monkeypatch, con
     assert report["tokens_per_s"] == pytest.approx(2 * 16 / report["step_s"])
     assert report["mfu"] == pytest.approx(TINY_BODY_FLOPS * report["tokens_per_s"] / peak)
     assert report["mfu_incl_head"] == pytest.approx(with_head * report["tokens_per_s"] / peak)
+    same_run = TINY_BODY_FLOPS * report["tokens_per_s"] / probes
+    assert report["mfu_same_run"] == pytest.approx(same_run)
     assert report["compile_s"] > 0 and report["peak_host_memory_mb"] > 100
     assert isinstance(report["malloc_huge_pages"], bool)
     assert ("warning" in report) == warns
@@ -141,3 +148,31 @@ def test_moe_gqa_and_gated_mlp_flops_count_active_parameters():
     active = attn * n_layers + 3 * d * f + (2 * 3 * d * f + d * 8)  # block 0 dense, block 1 MoE
     assert flops_per_token(moe, seq, False) == 6 * active + 12 * n_layers * d * seq
     assert "MoE layers*(k*M*d*F + d*E)" in model_flops(moe, seq)["flops_formula"]
+
+
+def test_bench_text_names_the_peak_and_keeps_the_formula():
+    from flaxlm.tools.bench import format_report
+
+    report = {
+        "device": "cpu", "jax": "0", "peak_host_memory_mb": 1.0, "step_s": 0.1,
+        "step_s_min": 0.1, "steps": 2, "warmup": 1, "compile_s": 1.0, "tokens_per_s": 320.0,
+        "tokens_per_step": 32, "peak_gflops": 120.0, "peak_origin": "measured:cpu:fp32",
+        "peak_gflops_before": 100.0, "peak_gflops_after": 130.0, "mfu": 0.25,
+        "mfu_incl_head": 0.3, "mfu_same_run": 0.26, "flops_per_token": 55296.0,
+        "flops_per_token_incl_head": 80000.0, "flops_formula": "6*N + 12*L*d*S",
+        "flops_formula_incl_head": "6*N + 12*L*d*S + 6*d*V",
+    }  # fmt: skip
+    text = format_report(report)
+    assert "120 GFLOP/s (measured:cpu:fp32)" in text and "before 100, after 130" in text
+    assert "= 6*N + 12*L*d*S" in text and "25.0 %" in text
+    unknown = format_report({**report, "peak_origin": None, "mfu": None, "mfu_incl_head": None})
+    assert "MFU left out" in unknown and "n/a" in unknown
+
+
+def test_a_cached_cpu_peak_below_the_probes_is_flagged():
+    from flaxlm.tools.bench import stale_cache_warning
+
+    cached = Peak(100e9, "measured:cpu:fp32")
+    assert stale_cache_warning(cached, 105e9, 108e9) is None  # within 10 %
+    assert "busier machine" in stale_cache_warning(cached, 105e9, 130e9)
+    assert stale_cache_warning(Peak(197e12, "published:TPU v5 lite:bf16", 4), 1e15, 1e15) is None

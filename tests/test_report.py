@@ -22,6 +22,8 @@ def _metrics_with_a_rollback(run_dir):
                 "grad_norm": 1.0,
                 "tokens_per_s": 1000.0 + step,
                 "mfu": 0.2,
+                "peak_flops": 150e9,
+                "peak_origin": "measured:cpu:fp32",
             }
         )
         if step == 20:
@@ -83,6 +85,7 @@ def test_report_writes_plots_and_a_summary(tmp_path, capsys):
         assert png.startswith(b"\x89PNG") and len(png) > 5000
     md = (out / "report.md").read_text()
     assert "rollbacks: 1" in md
+    assert "MFU: median 20.0% of 0.15 TFLOP/s (`measured:cpu:fp32`)" in md  # the peak named
     assert "| 30 | 20 | 600..959 | grad_norm 20.6 > mean 0.75 + 6 std |" in md
     assert "best 3.5000 at step 40" in md
     assert "| step_40.val.json | 3.5000 | 33.10 |" in md

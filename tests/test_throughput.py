@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from flaxlm.train.throughput import Throughput
 
 
@@ -63,3 +65,35 @@ def test_a_rollback_restarts_the_window():
     clock.now += 2.0
     meter.step_done(3)
     assert math.isclose(meter.rate()["tokens_per_s"], 1 / 2.0)
+
+
+def test_logged_lines_name_the_peak_their_mfu_divides_by(monkeypatch):
+    """metrics.jsonl: a line with ``mfu`` carries ``peak_flops`` and ``peak_origin``, and the
+    MFU is the step's model FLOPs over that peak (the meter's clock is faked)."""
+    from conftest import REPO
+
+    from flaxlm.config import load_config
+    from flaxlm.data.batch_ramp import BatchRamp
+    from flaxlm.families import family_of
+    from flaxlm.runtime.peaks import Peak
+    from flaxlm.train import reporter
+    from flaxlm.train.flops import flops_per_token
+
+    cfg = load_config(REPO / "configs/gpt_tiny.yaml", ["train.log_every=1"], check_paths=False)
+    monkeypatch.setattr(reporter, "run_peak", lambda devices, dtype: Peak(2e9, "measured:cpu:fp32"))
+    lines = []
+    log = type("Log", (), {"write": lambda self, record: lines.append(record)})()
+    ramp = BatchRamp([], cfg.train.batch_size)
+    report = reporter.StepReporter(cfg, family_of(cfg), log, True, 0, 3, ramp)
+    clock = FakeClock()
+    report.meter.clock, report.meter._since = clock, 0.0
+    metrics = {"loss": 2.0, "accuracy": 0.5, "lr": 1e-3, "grad_norm": 1.0}
+    for step in (1, 2, 3):
+        clock.now = float(step)  # one second per step
+        report.step_done(step, metrics)
+    report.close()
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    expected = flops_per_token(cfg.model, cfg.data.seq_len) * tokens / 2e9
+    assert lines[-1]["mfu"] == pytest.approx(expected)
+    assert (lines[-1]["peak_flops"], lines[-1]["peak_origin"]) == (2e9, "measured:cpu:fp32")
+    assert "peak_origin" not in lines[0]  # the first step only sets the reference: no rate

@@ -23,6 +23,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "MODEL:GPUS or MODEL:HOSTSxGPUS, e.g. h100:8, h100:2x8, a100:8, b200:8 (.[cuda12])",
     )
     p.add_argument("--slices", type=int, default=1, help="--target: slices of it (DCN)")
+    p.add_argument(
+        "--step-time", type=float, action="append", default=[], metavar="S",
+        help="--target: the MFU a step of S seconds would mean (repeatable)",
+    )  # fmt: skip
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=plan_command)
 
@@ -43,5 +47,9 @@ def plan_command(args: argparse.Namespace) -> int:
     from flaxlm.tools.plan import format_plan, plan
 
     report = plan(cfg, args.target or None, args.slices)
+    if args.target:  # what a step time would mean in MFU on the target's published peak
+        from flaxlm.train.flops import plan_mfu_fields
+
+        report.update(plan_mfu_fields(cfg, report, args.step_time))
     print(json.dumps(report) if args.json else format_plan(report))
     return 0

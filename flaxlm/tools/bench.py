@@ -1,11 +1,14 @@
-"""``flaxlm bench``: train-step MFU against the fp32 matmul peak measured in the same run.
+"""``flaxlm bench``: train-step speed and MFU against the same peak training uses.
 
     flaxlm bench configs/bench/gpt_small_cpu.yaml --json
     flaxlm bench configs/bench/bert_small_cpu.yaml --what all --steps 10
 
-Absolute times on a shared machine drift by 2x within seconds, so every rate is paired with
-the peak of a jitted 2048x2048 float32 ``jnp.dot`` measured right before and right after it;
-MFU is taken against the mean of the two, and a > 20 % gap between them is flagged.
+MFU divides by the peak of :mod:`flaxlm.runtime.peaks`, as the training loop's does: the
+published per-chip peak for the model's dtype on a TPU or GPU, the cached measured peak on a
+CPU; the report names it (``peak_flops``, ``peak_origin``). Absolute times on a shared
+machine drift by 2x within seconds, so every rate is also paired with a matmul probe in the
+model's dtype measured right before and right after it: a > 20 % gap between them is flagged,
+and ``mfu_same_run`` is taken against their mean.
 
 The train step runs on random tokens (no data files); ``data`` times the input pipeline alone
 (the config's ``data.paths``, else the demo corpus in a temp dir), ``decode`` the KV cache
@@ -27,6 +30,7 @@ import numpy as np
 from flaxlm.config import Config, ModelConfig
 from flaxlm.families import family_of
 from flaxlm.runtime.host_memory import huge_pages_in_force
+from flaxlm.runtime.peaks import Peak, default_cache_path, run_peak
 from flaxlm.train.flops import flops_per_token, measure_matmul_peak
 
 PEAK_TOLERANCE = 0.2  # before/after peaks further apart than this: a noisy machine
@@ -77,9 +81,10 @@ def peak_warning(before: float, after: float, tolerance: float = PEAK_TOLERANCE)
     )
 
 
-def measure_peak(repeats: int = 7) -> float:
-    """Median FLOP/s of several jitted 2048x2048 float32 dots, after warm-up."""
-    return measure_matmul_peak(2048, repeats)
+def measure_peak(dtype: str = "float32", repeats: int = 7) -> float:
+    """FLOP/s of jitted 2048x2048 matmuls in ``dtype`` (float32 accumulation) now: the best
+    of ``repeats`` rounds, uncached (the before/after probes)."""
+    return measure_matmul_peak(2048, repeats, dtype)
 
 
 def peak_host_memory_mb() -> float:
@@ -123,12 +128,12 @@ def bench_train(
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
     harness = harness or TrainHarness(cfg)
-    peak_before = measure_peak()
+    peak_before = measure_peak(cfg.model.dtype)
     compile_s = harness.step()  # the first call compiles (and runs once)
     for _ in range(warmup):
         harness.step()
     times = [harness.step() for _ in range(steps)]
-    peak_after = measure_peak()
+    peak_after = measure_peak(cfg.model.dtype)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     report = {"what": "train", "family": cfg.model.family, "tokens_per_step": tokens_per_step}
     report.update(
@@ -141,27 +146,50 @@ def bench_train(
     report["tokens_per_s"] = tokens_per_step / report["step_s"]
     predicted = harness.family.predicted_positions(cfg)
     report.update(model_flops(cfg.model, cfg.data.seq_len, predicted))
-    report.update(_against_peak(report, peak_before, peak_after))
+    peak = run_peak(jax.devices(), cfg.model.dtype)
+    report.update(_against_peak(report, peak, peak_before, peak_after))
     report["peak_host_memory_mb"] = peak_host_memory_mb()
     return report
 
 
-def _against_peak(report: dict[str, Any], before: float, after: float) -> dict[str, Any]:
-    peak = (before + after) / 2
+def _against_peak(
+    report: dict[str, Any], peak: Peak | None, before: float, after: float
+) -> dict[str, Any]:
+    """MFU against ``peak`` (None: an unknown chip, MFU left out as None) and against the
+    mean of the same-run probes; the probes' gap warning."""
+    probes = (before + after) / 2
     achieved = report["flops_per_token"] * report["tokens_per_s"]
     achieved_head = report["flops_per_token_incl_head"] * report["tokens_per_s"]
+    total = peak.total if peak is not None else None
     out = {
-        "peak_gflops": peak / 1e9,
+        "peak_flops": total,
+        "peak_origin": peak.origin if peak is not None else None,
+        "peak_gflops": total / 1e9 if total else None,
         "peak_gflops_before": before / 1e9,
         "peak_gflops_after": after / 1e9,
         "model_gflops": achieved_head / 1e9,
-        "mfu": achieved / peak,
-        "mfu_incl_head": achieved_head / peak,
+        "mfu": achieved / total if total else None,
+        "mfu_incl_head": achieved_head / total if total else None,
+        "mfu_same_run": achieved / probes if probes > 0 else None,
     }
-    warning = peak_warning(before, after)
+    warning = peak_warning(before, after) or stale_cache_warning(peak, before, after)
     if warning:
         out["warning"] = warning
     return out
+
+
+def stale_cache_warning(peak: Peak | None, before: float, after: float) -> str | None:
+    """A warning when this run's probes beat the cached CPU peak by over 10 %: the cache was
+    measured on a busier machine, and every MFU against it reads high."""
+    if peak is None or not peak.origin.startswith("measured:cpu"):
+        return None
+    if max(before, after) <= 1.1 * peak.flops:
+        return None
+    return (
+        f"the cached CPU peak ({peak.flops / 1e9:.0f} GFLOP/s) is below this run's probes "
+        f"({max(before, after) / 1e9:.0f}): it was measured on a busier machine; delete "
+        f"{default_cache_path()} (or its entry) to measure it again"
+    )
 
 
 def run_bench(
@@ -206,22 +234,36 @@ def format_report(report: dict[str, Any]) -> str:
     pages = "huge pages" if report.get("malloc_huge_pages") else "default pages"
     lines = [f"device               {report['device']} (jax {report['jax']}; malloc {pages})"]
     if "step_s" in report:
-        r = report
-        lines += [
-            f"peak fp32 matmul     {r['peak_gflops']:.0f} GFLOP/s (before "
-            f"{r['peak_gflops_before']:.0f}, after {r['peak_gflops_after']:.0f}; 2048^2 jnp.dot)",
-            f"compile              {r['compile_s']:.1f} s (first step, incl. one run)",
-            f"step                 {r['step_s'] * 1e3:.1f} ms median of {r['steps']} "
-            f"(min {r['step_s_min'] * 1e3:.1f} ms) after {r['warmup']} warm-up",
-            f"tokens/s             {r['tokens_per_s']:,.0f} ({r['tokens_per_step']} per step)",
-            f"FLOPs/token          {r['flops_per_token'] / 1e6:.1f} M = {r['flops_formula']}",
-            f"  incl. head         {r['flops_per_token_incl_head'] / 1e6:.1f} M = "
-            f"{r['flops_formula_incl_head']}",
-            f"MFU                  {100 * r['mfu']:.1f} %  (incl. head "
-            f"{100 * r['mfu_incl_head']:.1f} %) of the same-run peak",
-        ]
+        lines += _train_lines(report)
     for name in ("data", "decode", "checkpoint"):
         if name in report:
             lines.append(f"{name:<21}{report[name]['summary']}")
     lines.append(f"peak host memory     {report['peak_host_memory_mb']:,.0f} MB")
     return "\n".join(lines)
+
+
+def _train_lines(r: dict[str, Any]) -> list[str]:
+    """The train step's rows of :func:`format_report`."""
+    if r["peak_origin"] is None:
+        peak = "none: no published peak for this device kind and dtype, MFU left out"
+        mfu = "n/a"
+    else:
+        peak = f"{r['peak_gflops']:,.0f} GFLOP/s ({r['peak_origin']})"
+        mfu = f"{100 * r['mfu']:.1f} %  (incl. head {100 * r['mfu_incl_head']:.1f} %)"
+    same_run = r["mfu_same_run"]
+    lines = [
+        f"peak                 {peak}",
+        f"probes               before {r['peak_gflops_before']:.0f}, after "
+        f"{r['peak_gflops_after']:.0f} GFLOP/s (2048^2 matmul in the model's dtype, now)",
+        f"compile              {r['compile_s']:.1f} s (first step, incl. one run)",
+        f"step                 {r['step_s'] * 1e3:.1f} ms median of {r['steps']} "
+        f"(min {r['step_s_min'] * 1e3:.1f} ms) after {r['warmup']} warm-up",
+        f"tokens/s             {r['tokens_per_s']:,.0f} ({r['tokens_per_step']} per step)",
+        f"FLOPs/token          {r['flops_per_token'] / 1e6:.1f} M = {r['flops_formula']}",
+        f"  incl. head         {r['flops_per_token_incl_head'] / 1e6:.1f} M = "
+        f"{r['flops_formula_incl_head']}",
+        f"MFU                  {mfu}",
+    ]
+    if same_run is not None:
+        lines.append(f"  vs the probes      {100 * same_run:.1f} % (their mean)")
+    return lines

@@ -49,6 +49,7 @@ from flaxlm.tools.targets import (
     devices_per_chip,
     tpu_devices,
 )
+from flaxlm.train.flops import format_plan_mfu
 from flaxlm.train.program import TrainProgram
 from flaxlm.train.step import step_controls
 
@@ -286,6 +287,7 @@ def format_plan(report: dict[str, Any]) -> str:
             if estimate is not None
             else "  XLA step estimate        none (XLA gave none for this program)"
         )
+    lines += format_plan_mfu(report)
     return "\n".join(lines)
 
 

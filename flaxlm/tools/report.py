@@ -42,6 +42,9 @@ class RunMetrics:
     abandoned: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     stops: list[dict[str, Any]] = field(default_factory=list)
+    # the peaks MFU was divided by: origin ("published:TPU v5 lite:bf16", "measured:cpu:fp32")
+    # -> peak FLOP/s (the run's total), in the order first seen
+    peaks: dict[str, float] = field(default_factory=dict)
 
 
 def read_run_metrics(path: str | Path) -> RunMetrics:
@@ -58,6 +61,8 @@ def read_run_metrics(path: str | Path) -> RunMetrics:
         step = record.get("step")
         if step is None:
             continue
+        if isinstance(record.get("peak_origin"), str):
+            out.peaks[record["peak_origin"]] = record.get("peak_flops")
         if "val_loss" in record:  # an evaluation line: its accuracy is not the train accuracy
             record = {k if k.startswith("val_") else f"val_{k}": v for k, v in record.items()}
         for key, value in record.items():
@@ -153,6 +158,12 @@ def _save(fig, path: Path, plt) -> Path:
     return path
 
 
+def _peak_text(item: tuple[str, Any]) -> str:
+    origin, flops = item
+    size = f"{flops / 1e12:,.3g} TFLOP/s" if isinstance(flops, int | float) else "?"
+    return f"{size} (`{origin}`)"
+
+
 def summary_markdown(run_dir: Path, metrics: RunMetrics, images: list[str]) -> str:
     s = metrics.series
     lines = [f"# Run report: `{run_dir}`", ""]
@@ -177,7 +188,10 @@ def summary_markdown(run_dir: Path, metrics: RunMetrics, images: list[str]) -> s
     ):
         values = [v for _, v in s.get(key, [])]
         if values:
-            lines.append(f"- {label}: median {fmt.format(float(np.median(values)))}")
+            line = f"- {label}: median {fmt.format(float(np.median(values)))}"
+            if key == "mfu" and metrics.peaks:
+                line += " of " + ", ".join(map(_peak_text, metrics.peaks.items()))
+            lines.append(line)
     lines.append(f"- rollbacks: {len(metrics.rollbacks)}")
     lines.append("")
     if metrics.rollbacks:

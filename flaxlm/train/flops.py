@@ -1,15 +1,14 @@
-"""Model FLOPs and the machine's matmul peak, for MFU (model-FLOPs utilisation)."""
+"""Model FLOPs per token and step, for MFU (model-FLOPs utilisation); the peak they are
+divided by comes from :mod:`flaxlm.runtime.peaks`."""
 
 from __future__ import annotations
 
-import time
+from collections.abc import Sequence
+from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-
-from flaxlm.config import ModelConfig
+from flaxlm.config import Config, ModelConfig
 from flaxlm.models.moe import is_moe_layer
+from flaxlm.runtime.peaks import dtype_name, measure_cpu_peak, published_peak
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, include_head: bool = True) -> float:
@@ -38,16 +37,63 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, include_head: bool = True) -
     return flops
 
 
-def measure_matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Median FLOP/s of a jitted float32 ``n x n`` matmul on the default device."""
-    key_a, key_b = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(key_a, (n, n), jnp.float32)
-    b = jax.random.normal(key_b, (n, n), jnp.float32)
-    matmul = jax.jit(jnp.dot)
-    matmul(a, b).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        times.append(time.perf_counter() - t0)
-    return 2.0 * n**3 / float(np.median(times))
+def measure_matmul_peak(n: int = 2048, repeats: int = 5, dtype: Any = "float32") -> float:
+    """FLOP/s of the model's kind of ``n x n`` matmul in ``dtype`` on the default device, now
+    (not cached): the best of ``repeats`` rounds (:func:`flaxlm.runtime.peaks.measure_cpu_peak`).
+    ``flaxlm bench`` takes one before and one after its timed steps to see the machine move."""
+    return measure_cpu_peak(dtype, n=n, rounds=repeats)
+
+
+def plan_mfu_fields(
+    cfg: Config, report: dict[str, Any], step_times: Sequence[float] = ()
+) -> dict[str, Any]:
+    """What a compiled target's step would mean in MFU (``flaxlm plan --target``), from the
+    plan ``report`` of a TPU or GPU target (its ``device_kind`` picks the row of the published
+    table; ``devices`` / ``devices_per_chip`` give the chips: v4 topologies have two devices
+    per chip).
+
+    ``model_flops_per_step`` (:func:`flops_per_token`, head included, times the global batch's
+    tokens), ``peak_flops_per_device`` and ``peak_origin`` (the published per-chip peak in
+    ``model.dtype``; None, with a ``peak_unknown`` sentence, where the table has none),
+    ``chips``, ``step_s_at_full_peak`` (the step time at 100 % MFU) and ``mfu_at_step_s``
+    (``{step time: MFU}`` for each of ``step_times``)."""
+    device_kind = report["device_kind"]
+    n_chips = max(report["devices"] // report.get("devices_per_chip", 1), 1)
+    tokens = cfg.train.batch_size * cfg.data.seq_len
+    step_flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+    peak = published_peak(device_kind, cfg.model.dtype)  # None: said in the report, no warning
+    out: dict[str, Any] = {
+        "model_flops_per_step": step_flops,
+        "peak_flops_per_device": None if peak is None else peak.flops,
+        "peak_origin": None if peak is None else peak.origin,
+        "chips": n_chips,
+        "step_s_at_full_peak": None if peak is None else step_flops / (peak.flops * n_chips),
+    }
+    if peak is None:
+        out["peak_unknown"] = (
+            f"no published {dtype_name(cfg.model.dtype)} peak for {device_kind}: no MFU"
+        )
+    if step_times:
+        out["mfu_at_step_s"] = {
+            f"{t:g}": None if peak is None else step_flops / t / (peak.flops * n_chips)
+            for t in step_times
+        }
+    return out
+
+
+def format_plan_mfu(report: dict[str, Any]) -> list[str]:
+    """``flaxlm plan``'s rows for :func:`plan_mfu_fields` (none without a target)."""
+    if "model_flops_per_step" not in report:
+        return []
+    flops = report["model_flops_per_step"]
+    if report["peak_origin"] is None:
+        return [f"  model FLOPs/step    {flops:.4g}; {report['peak_unknown']}"]
+    lines = [
+        f"  model FLOPs/step    {flops:.4g} (6*N + 12*L*d*S per token, head included)",
+        f"  peak                {report['peak_flops_per_device'] / 1e12:,.1f} TFLOP/s per chip "
+        f"({report['peak_origin']}) x {report['chips']} chips",
+        f"  step at 100% MFU    {report['step_s_at_full_peak']:.4g} s",
+    ]
+    for step_s, mfu in report.get("mfu_at_step_s", {}).items():
+        lines.append(f"  MFU at {step_s} s step  {100 * mfu:.1f} %")
+    return lines

@@ -1,6 +1,8 @@
 """What a run shows and writes while it trains: one metrics.jsonl line per logged step (and per
 eval and rollback), the progress bar with loss, tokens/s and MFU, and the honest throughput
-meter (flaxlm/train/throughput.py) behind both."""
+meter (flaxlm/train/throughput.py) behind both. A line with ``mfu`` also carries the peak it
+was divided by, ``peak_flops`` (per chip times chips; a CPU: the machine), and where that peak
+comes from, ``peak_origin`` (``published:<device kind>:<dtype>`` or ``measured:cpu:<dtype>``)."""
 
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ from tqdm.auto import tqdm
 from flaxlm.config import Config
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.families import Family, summary_line
+from flaxlm.runtime.peaks import run_peak
 from flaxlm.train import moe_terms
-from flaxlm.train.flops import flops_per_token, measure_matmul_peak
+from flaxlm.train.flops import flops_per_token
 from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.throughput import Throughput
 
@@ -43,7 +46,11 @@ class StepReporter:
         self.ramp = ramp
         tokens = cfg.train.batch_size * cfg.data.seq_len
         flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
-        self.meter = Throughput(tokens, flops, measure_matmul_peak() if show else float("nan"))
+        # The peak MFU divides by (flaxlm/runtime/peaks.py): published for TPUs and GPUs,
+        # measured once per machine and dtype and cached on a CPU; None for an unknown chip.
+        self.peak = run_peak(jax.devices(), cfg.model.dtype) if show else None
+        total = self.peak.total if self.peak is not None else float("nan")
+        self.meter = Throughput(tokens, flops, total)
         self.bar = tqdm(total=last_step, initial=step, disable=not show, unit="step",
                         dynamic_ncols=True)  # fmt: skip
         self.history: list[dict[str, Any]] = []
@@ -64,6 +71,8 @@ class StepReporter:
         if self.ramp.ramped:
             record["batch_size"] = rows
         record.update(self.meter.rate())
+        if "mfu" in record and self.peak is not None:
+            record.update(peak_flops=self.peak.total, peak_origin=self.peak.origin)
         record.update(self.family.log_fields(self.cfg, metrics))
         record.update(moe_terms.log_fields(metrics))
         self.log.write(record)
