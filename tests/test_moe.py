@@ -162,16 +162,17 @@ def test_an_moe_run_rolls_back_and_resumes_exactly(
     small_corpus, tiny_cache_dir, tmp_path, monkeypatch
 ):
     """Rollback and exact resume need nothing MoE-specific: a spike is rolled back, and a run
-    killed after it, then resumed, ends bit-identical to the straight one (routing included)."""
+    killed after it, then resumed, ends bit-identical to the straight one (routing included,
+    with the sigmoid router's bias, which the step moves outside the gradient)."""
     from test_exact_resume import Killed, kill_once, metrics
 
     from flaxlm.tools.load import load_checkpoint
     from flaxlm.train.chaos import train_with_chaos as train  # chaos.* faults: the harness
     from flaxlm.train.reporter import StepReporter
 
-    run = ("model.moe.num_experts=4", "train.steps=10", "train.eval_every=10",
-           "checkpoint.every=3", "checkpoint.asynchronous=false", "guard.warmup=3",
-           "guard.known_good_after=2", "chaos.spike_at_steps=[6]")  # fmt: skip
+    run = ("model.moe.num_experts=4", "model.moe.router=sigmoid", "train.steps=10",
+           "train.eval_every=10", "checkpoint.every=3", "checkpoint.asynchronous=false",
+           "guard.warmup=3", "guard.known_good_after=2", "chaos.spike_at_steps=[6]")  # fmt: skip
     straight = train(tiny_config(small_corpus, tiny_cache_dir, tmp_path / "straight", *run))
     assert len(straight.rollbacks) == 1
     cfg = tiny_config(small_corpus, tiny_cache_dir, tmp_path / "killed", *run)
@@ -183,3 +184,7 @@ def test_an_moe_run_rolls_back_and_resumes_exactly(
     a, b = load_checkpoint(tmp_path / "killed"), load_checkpoint(tmp_path / "straight")
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params), strict=True):
         np.testing.assert_array_equal(x, y)
+    flat = jax.tree_util.tree_flatten_with_path(a.params)[0]
+    bias = np.concatenate([np.ravel(v) for p, v in flat if "router_bias" in str(p[-1])])
+    assert len(bias) == 2 * 4  # moved by +-1e-3 per step
+    assert np.abs(bias).max() > 0 and np.allclose(bias / 1e-3, np.round(bias / 1e-3), atol=1e-3)

@@ -37,6 +37,13 @@ class MoEConfig:
     every: int = 1  # MoE in every n-th block (the others dense); 1 = all
     router_z_loss: float = 1.0e-3  # weight of mean(logsumexp(router logits)^2)
     load_balance_loss: float = 1.0e-2  # weight of E * sum_e f_e * P_e
+    shared_experts: int = 0  # always-on experts beside the routed ones (DeepSeek-MoE)
+    d_expert: int = 0  # hidden width of each expert (fine-grained experts); 0 = model.d_ff
+    # softmax: Mixtral's router. sigmoid: DeepSeek-V3's: sigmoid scores, top-k chosen on scores
+    # + a per-expert bias that gets no gradient; the train step moves it by bias_update_rate
+    # toward balance (+ for underloaded experts, - for overloaded) from each step's load.
+    router: str = "softmax"
+    bias_update_rate: float = 1.0e-3
 
 
 @dataclass(unsafe_hash=True)  # hashable: modules holding it can be static jit arguments
@@ -321,6 +328,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm_placement": ("pre", "post"),
     "model.positions": ("learned", "sinusoidal", "rope"),
     "model.activation": ("gelu", "gelu_exact", "relu", "swiglu"),
+    "model.moe.router": ("softmax", "sigmoid"),
     "model.norm": ("layernorm", "rmsnorm"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),

@@ -104,9 +104,16 @@ def _check_moe(cfg: Any) -> None:
             f"model.moe.top_k={moe.top_k} must be between 1 and model.moe.num_experts="
             f"{moe.num_experts}"
         )
-    for key in ("capacity_factor", "router_z_loss", "load_balance_loss"):
+    for key in ("capacity_factor", "router_z_loss", "load_balance_loss", "shared_experts",
+                "d_expert", "bias_update_rate"):  # fmt: skip
         if getattr(moe, key) < 0:
             raise ConfigError(f"model.moe.{key}={getattr(moe, key)} must be >= 0")
+    expert_shards = getattr(cfg.mesh, "expert", 1)
+    if expert_shards > 1 and moe.num_experts % expert_shards:
+        raise ConfigError(
+            f"model.moe.num_experts={moe.num_experts} must be a multiple of mesh.expert="
+            f"{expert_shards} (each expert shard holds the same number of experts)"
+        )
     if moe.every < 1:
         raise ConfigError(f"model.moe.every={moe.every} must be >= 1 (1 = every block)")
     if moe.every > 1 and m.scan_layers:

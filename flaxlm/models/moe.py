@@ -7,15 +7,21 @@
   router probability of e; 1 when perfectly balanced; Switch Transformer / Mixtral) and the
   router z-loss ``mean(logsumexp(logits)^2)`` (ST-MoE), weighted by ``load_balance_loss`` and
   ``router_z_loss``.
-- **Dropless** (``capacity_factor: 0``, the default): the T*k (token, expert) pairs are sorted
-  by expert and each expert's rows go through its weights as one grouped matmul
-  (``jax.lax.ragged_dot``); nothing is dropped and nothing is padded.
+- **Sigmoid router** (``router: sigmoid``, DeepSeek-V3): scores ``sigmoid(x W_router)``; the
+  top-k is chosen on scores plus a per-expert ``router_bias`` that gets no gradient (the train
+  step moves it toward balance, flaxlm/train/moe_terms.py), and the chosen scores, renormalised,
+  weight the experts. The bias lives among the parameters, so checkpoints carry it.
+- **Shared experts** (``shared_experts`` n) run on every token beside the routed ones, as one
+  MLP n times an expert's width; **fine-grained experts**: ``d_expert`` sets the experts' width.
+- **Dropless** (``capacity_factor: 0``, the default): every (token, expert) pair goes through
+  its expert; nothing is dropped.
 - **Capacity** (``capacity_factor`` c > 0): each expert takes at most ``ceil(c * T * k / E)``
-  tokens (first choices first, then in token order), dispatched with one-hot einsums
-  (GShard); the rest of a dropped token's output is its other experts' (or zero: the
-  residual carries it). The share dropped is reported.
+  tokens of the global batch (first choices first, then in token order); the rest of a
+  dropped token's output is its other experts' (or zero: the residual carries it). The share
+  dropped is reported.
 - **Experts** are stacked along a leading ``expert`` axis, which the rules table maps to the
-  ``expert`` mesh axis (expert parallelism).
+  ``expert`` mesh axis; flaxlm/models/moe_dispatch.py sends each kept pair to the device holding
+  its expert (all-to-all inside ``shard_map``) and runs the local experts as grouped matmuls.
 
 Per layer the module sows into the ``moe`` collection: the weighted auxiliary loss, the
 tokens per expert and the tokens dropped; :func:`collect` sums them over the layers.
@@ -23,6 +29,7 @@ tokens per expert and the tokens dropped; :func:`collect` sums them over the lay
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -31,6 +38,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from flaxlm.config import ModelConfig
+from flaxlm.models.moe_dispatch import expert_parallel_mlp
 from flaxlm.models.norm_act import activation_fn
 
 Array = jax.Array
@@ -51,112 +59,123 @@ class MoEMLP(nn.Module):
     @nn.compact
     def __call__(self, x_BxLxD: Array) -> Array:
         cfg, moe = self.cfg, self.cfg.moe
-        n_exp, k, d, f = moe.num_experts, moe.top_k, cfg.d_model, cfg.d_ff
-        dtype, pdtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        batch, length, _ = x_BxLxD.shape
-        x_TxD = x_BxLxD.reshape(-1, d)
+        n_exp, k, d = moe.num_experts, moe.top_k, cfg.d_model
+        f = moe.d_expert or cfg.d_ff
+        dtype = jnp.dtype(cfg.dtype)
+        tokens = x_BxLxD.shape[0] * x_BxLxD.shape[1]
+        router_DxE = self._weight("router", (d, n_exp), ("embed", None), cfg.init_std)
+        weights = self._expert_weights(n_exp, f)
 
-        def weight(name: str, shape: tuple[int, ...], names: tuple[str, ...], std: float):
-            init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
-            return self.param(name, init, shape, pdtype)
-
-        router_DxE = weight("router", (d, n_exp), ("embed", None), cfg.init_std)
-        gated = cfg.activation == "swiglu"
-        w_up = weight("up", (n_exp, d, f), ("expert", "embed", "mlp"), cfg.init_std)
-        w_gate = (
-            weight("gate", (n_exp, d, f), ("expert", "embed", "mlp"), cfg.init_std)
-            if gated
-            else None
-        )
-        down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        w_down = weight("down", (n_exp, f, d), ("expert", "mlp", "embed"), down_std)
-
-        logits_TxE = jnp.dot(x_TxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
-        probs_TxE = jax.nn.softmax(logits_TxE, axis=-1)
-        top_p_TxK, top_e_TxK = jax.lax.top_k(probs_TxE, k)
-        top_p_TxK = top_p_TxK / jnp.sum(top_p_TxK, axis=-1, keepdims=True)
-
-        def expert_ffn(x_NxD, up, gate, down, matmul):
-            h = matmul(x_NxD, up)
-            if gated:
-                h = jax.nn.silu(matmul(x_NxD, gate).astype(jnp.float32)) * h.astype(jnp.float32)
-            else:
-                h = activation_fn(cfg.activation)(h.astype(jnp.float32))
-            return matmul(h.astype(dtype), down)
-
-        args = (
-            w_up.astype(dtype),
-            None if w_gate is None else w_gate.astype(dtype),
-            w_down.astype(dtype),
-        )
+        logits_BxLxE = jnp.dot(x_BxLxD.astype(jnp.float32), router_DxE.astype(jnp.float32))
+        probs_BxLxE, top_p_BxLxK, top_e_BxLxK = self._route(logits_BxLxE)
         if moe.capacity_factor > 0:
-            y_TxD, kept = _capacity_route(x_TxD.astype(dtype), top_p_TxK, top_e_TxK, n_exp,
-                                          moe.capacity_factor, expert_ffn, args)  # fmt: skip
+            keep_BxLxK = _within_capacity(top_e_BxLxK, n_exp, moe.capacity_factor)
         else:
-            y_TxD, kept = _dropless_route(x_TxD.astype(dtype), top_p_TxK, top_e_TxK, n_exp,
-                                          expert_ffn, args)  # fmt: skip
+            keep_BxLxK = jnp.ones(top_e_BxLxK.shape, bool)
+        y_BxLxD = expert_parallel_mlp(
+            x_BxLxD.astype(dtype),
+            jnp.where(keep_BxLxK, top_e_BxLxK, n_exp),
+            jnp.where(keep_BxLxK, top_p_BxLxK, 0.0),
+            tuple(None if w is None else w.astype(dtype) for w in weights),
+            functools.partial(_grouped_ffn, activation=cfg.activation, dtype=dtype),
+        )
+        if moe.shared_experts:
+            y_BxLxD = y_BxLxD + self._shared(x_BxLxD.astype(dtype), f * moe.shared_experts)
 
-        assigned_E = jnp.sum(jax.nn.one_hot(top_e_TxK, n_exp, dtype=jnp.float32), axis=(0, 1))
-        balance = n_exp * jnp.sum(assigned_E / (x_TxD.shape[0] * k) * jnp.mean(probs_TxE, axis=0))
-        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_TxE, axis=-1)))
+        assigned_E = jnp.sum(jax.nn.one_hot(top_e_BxLxK, n_exp, dtype=jnp.float32), axis=(0, 1, 2))
+        mean_p_E = jnp.mean(probs_BxLxE, axis=(0, 1))
+        balance = n_exp * jnp.sum(assigned_E / (tokens * k) * mean_p_E)
+        z = jnp.mean(jnp.square(jax.nn.logsumexp(logits_BxLxE, axis=-1)))
         aux = moe.load_balance_loss * balance + moe.router_z_loss * z
         self.sow(COLLECTION, "aux_loss", aux)
         self.sow(COLLECTION, "expert_tokens", assigned_E)
-        self.sow(COLLECTION, "dropped", x_TxD.shape[0] * k - kept)
-        return y_TxD.reshape(batch, length, d).astype(dtype)
+        self.sow(COLLECTION, "dropped", jnp.sum(~keep_BxLxK).astype(jnp.float32))
+        return y_BxLxD.astype(dtype)
+
+    def _route(self, logits_BxLxE: Array) -> tuple[Array, Array, Array]:
+        """(router probabilities for the balance loss, top-k weights summing to 1, top-k
+        experts). softmax: top-k of the probabilities. sigmoid (DeepSeek-V3): top-k of the
+        scores plus ``router_bias`` (selection only: no gradient, moved by the train step),
+        weighted by their scores."""
+        moe = self.cfg.moe
+        if moe.router == "sigmoid":
+            scores_BxLxE = jax.nn.sigmoid(logits_BxLxE)
+            bias_E = self.param(
+                "router_bias",
+                nn.with_logical_partitioning(nn.initializers.zeros, (None,)),
+                (moe.num_experts,),
+                jnp.float32,
+            )
+            _, top_e = jax.lax.top_k(scores_BxLxE + jax.lax.stop_gradient(bias_E), moe.top_k)
+            top_p = jnp.take_along_axis(scores_BxLxE, top_e, axis=-1)
+            probs_BxLxE = scores_BxLxE / jnp.sum(scores_BxLxE, axis=-1, keepdims=True)
+        else:
+            probs_BxLxE = jax.nn.softmax(logits_BxLxE, axis=-1)
+            top_p, top_e = jax.lax.top_k(probs_BxLxE, moe.top_k)
+        return probs_BxLxE, top_p / jnp.sum(top_p, axis=-1, keepdims=True), top_e
+
+    def _weight(self, name: str, shape: tuple[int, ...], names: tuple, std: float) -> Array:
+        init = nn.with_logical_partitioning(nn.initializers.normal(stddev=std), names)
+        return self.param(name, init, shape, jnp.dtype(self.cfg.param_dtype))
+
+    def _expert_weights(self, n_exp: int, f: int) -> tuple[Array, Array | None, Array]:
+        """up_ExDxF, gate_ExDxF (SwiGLU only), down_ExFxD, stacked along ``expert``."""
+        cfg, d = self.cfg, self.cfg.d_model
+        up = self._weight("up", (n_exp, d, f), ("expert", "embed", "mlp"), cfg.init_std)
+        gate = None
+        if cfg.activation == "swiglu":
+            gate = self._weight("gate", (n_exp, d, f), ("expert", "embed", "mlp"), cfg.init_std)
+        down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        down = self._weight("down", (n_exp, f, d), ("expert", "mlp", "embed"), down_std)
+        return up, gate, down
+
+    def _shared(self, x_BxLxD: Array, width: int) -> Array:
+        """The always-on shared experts: one MLP of ``shared_experts * d_expert`` hidden units
+        (the same as that many experts of width d_expert, each with weight 1)."""
+        cfg, d, dtype = self.cfg, self.cfg.d_model, x_BxLxD.dtype
+        down_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        up = self._weight("shared_up", (d, width), ("embed", "mlp"), cfg.init_std)
+        down = self._weight("shared_down", (width, d), ("mlp", "embed"), down_std)
+
+        def mm(x, w):
+            return jnp.dot(x, w.astype(dtype), preferred_element_type=jnp.float32)
+
+        h = mm(x_BxLxD, up)
+        if cfg.activation == "swiglu":
+            gate = self._weight("shared_gate", (d, width), ("embed", "mlp"), cfg.init_std)
+            h = jax.nn.silu(mm(x_BxLxD, gate)) * h
+        else:
+            h = activation_fn(cfg.activation)(h)
+        return mm(h.astype(dtype), down)
 
 
-def _ragged(x_NxI: Array, w_ExIxO: Array, group_sizes_E: Array) -> Array:
-    return jax.lax.ragged_dot(x_NxI, w_ExIxO, group_sizes_E, preferred_element_type=jnp.float32)
+def _grouped_ffn(x_RxD, sizes_G, up, gate, down, *, activation: str, dtype) -> Array:
+    """The expert MLP on rows sorted by expert (``sizes_G`` rows each) as grouped matmuls.
+    The hidden activations stay in ``dtype`` (float32 only inside the fused activation): at
+    pod scale they are the layer's largest buffers (rows x d_expert per device)."""
+
+    def mm(x, w, out_dtype=dtype):
+        return jax.lax.ragged_dot(x, w, sizes_G, preferred_element_type=out_dtype)
+
+    h = mm(x_RxD, up).astype(jnp.float32)
+    if gate is not None:
+        h = jax.nn.silu(mm(x_RxD, gate).astype(jnp.float32)) * h
+    else:
+        h = activation_fn(activation)(h)
+    return mm(h.astype(dtype), down, jnp.float32)
 
 
-def _dropless_route(x_TxD, top_p_TxK, top_e_TxK, n_exp, expert_ffn, args):
-    """Every (token, expert) pair, sorted by expert, through grouped matmuls."""
-    tokens, k = top_e_TxK.shape
-    flat_e = top_e_TxK.reshape(-1)
-    order = jnp.argsort(flat_e, stable=True)
-    token_of = order // k
-    group_sizes_E = jnp.bincount(flat_e, length=n_exp).astype(jnp.int32)
-    up, gate, down = args
-
-    def matmul(x, w):
-        return _ragged(x, w, group_sizes_E).astype(x_TxD.dtype)
-
-    y_NxD = expert_ffn(x_TxD[token_of], up, gate, down, matmul).astype(jnp.float32)
-    weights_N = top_p_TxK.reshape(-1)[order]
-    y_TxD = (
-        jnp.zeros((tokens, x_TxD.shape[1]), jnp.float32)
-        .at[token_of]
-        .add(y_NxD * weights_N[:, None])
-    )
-    return y_TxD, jnp.asarray(tokens * k, jnp.float32)
-
-
-def _capacity_route(x_TxD, top_p_TxK, top_e_TxK, n_exp, factor, expert_ffn, args):
-    """At most C tokens per expert (first choices first), dispatched by one-hot einsums."""
-    tokens, k = top_e_TxK.shape
+def _within_capacity(top_e_BxLxK: Array, n_exp: int, factor: float) -> Array:
+    """Which (token, choice) pairs an expert takes: at most ``ceil(c * T * k / E)`` each, first
+    choices before second ones, each in token order over the global batch."""
+    k = top_e_BxLxK.shape[-1]
+    top_e_TxK = top_e_BxLxK.reshape(-1, k)
+    tokens = top_e_TxK.shape[0]
     capacity = max(1, math.ceil(factor * tokens * k / n_exp))
-    onehot_KxTxE = jax.nn.one_hot(top_e_TxK.T, n_exp, dtype=jnp.int32)
-    position_KxTxE = (
-        jnp.cumsum(onehot_KxTxE.reshape(k * tokens, n_exp), axis=0).reshape(k, tokens, n_exp) - 1
-    )
-    keep_KxTxE = onehot_KxTxE * (position_KxTxE < capacity)
-    slot_KxTxExC = (
-        jax.nn.one_hot(position_KxTxE, capacity, dtype=jnp.float32) * keep_KxTxE[..., None]
-    )
-    dispatch_TxExC = jnp.sum(slot_KxTxExC, axis=0)
-    combine_TxExC = jnp.sum(slot_KxTxExC * top_p_TxK.T[:, :, None, None], axis=0)
-    x_ExCxD = jnp.einsum("tec,td->ecd", dispatch_TxExC.astype(x_TxD.dtype), x_TxD)
-    up, gate, down = args
-
-    def matmul(x, w):
-        return jnp.einsum("eci,eio->eco", x, w, preferred_element_type=jnp.float32).astype(
-            x_TxD.dtype
-        )
-
-    y_ExCxD = expert_ffn(x_ExCxD, up, gate, down, matmul).astype(jnp.float32)
-    y_TxD = jnp.einsum("tec,ecd->td", combine_TxExC, y_ExCxD)
-    return y_TxD, jnp.sum(keep_KxTxE).astype(jnp.float32)
+    onehot_KTxE = jax.nn.one_hot(top_e_TxK.T.reshape(-1), n_exp, dtype=jnp.int32)
+    position_KT = jnp.sum((jnp.cumsum(onehot_KTxE, axis=0) - 1) * onehot_KTxE, axis=-1)
+    keep_TxK = (position_KT < capacity).reshape(k, tokens).T
+    return keep_TxK.reshape(top_e_BxLxK.shape)
 
 
 def collect(state: dict[str, Any]) -> dict[str, Array]:

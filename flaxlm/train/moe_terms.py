@@ -7,6 +7,13 @@ needs no MoE code of its own (GPT, Llama-style and BERT encoders alike).
 
 Each micro-batch's auxiliary loss is a mean over its tokens; the step adds ``aux / A`` for
 ``A`` equal micro-batches, so accumulation gives the loss of one big batch.
+
+The sigmoid router's ``router_bias`` (``model.moe.router: sigmoid``) is balanced without a
+loss, as DeepSeek-V3 does: each step counts the tokens every MoE layer sent to each expert
+(``moe_layer_tokens``, summed over micro-batches) and :func:`update_router_bias` moves the bias
+by ``bias_update_rate`` up for experts below the mean load and down for those above, in place
+of whatever the optimizer did to it. The bias is a parameter leaf, so checkpoints carry it and
+a resumed run continues exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from flaxlm.models import moe
 
 # What the metrics of an MoE step carry, summed over micro-batches (and eval batches).
 MOE_KEYS = ("moe_aux_loss", "moe_expert_tokens", "moe_dropped", "moe_batches")
+BIAS = "router_bias"
 
 
 class Capture:
@@ -30,12 +38,14 @@ class Capture:
     def __init__(self, model: Any):
         self.model = model
         self.stats: list[dict[str, jax.Array]] = []
+        self.states: list[Any] = []
 
     def apply(self, variables: Any, *args: Any, **kwargs: Any) -> Any:
         if "mutable" in kwargs:
             return self.model.apply(variables, *args, **kwargs)
         out, state = self.model.apply(variables, *args, mutable=[moe.COLLECTION], **kwargs)
         self.stats.append(moe.collect(state))
+        self.states.append(state.get(moe.COLLECTION, {}))
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -46,12 +56,63 @@ def enabled(cfg: Config) -> bool:
     return cfg.model.moe.num_experts > 0
 
 
+def updates_bias(cfg: Config) -> bool:
+    """Whether the step moves a sigmoid router's bias (flaxlm/models/moe.py)."""
+    return enabled(cfg) and cfg.model.moe.router == "sigmoid" and cfg.model.moe.bias_update_rate > 0
+
+
 def zero_metrics(cfg: Config) -> dict[str, jax.Array]:
     if not enabled(cfg):
         return {}
+    n_exp = cfg.model.moe.num_experts
     zeros = {k: jnp.zeros((), jnp.float32) for k in MOE_KEYS}
-    zeros["moe_expert_tokens"] = jnp.zeros((cfg.model.moe.num_experts,), jnp.float32)
+    zeros["moe_expert_tokens"] = jnp.zeros((n_exp,), jnp.float32)
+    if updates_bias(cfg):
+        layers = sum(moe.is_moe_layer(cfg.model, i) for i in range(cfg.model.n_layers))
+        zeros["moe_layer_tokens"] = jnp.zeros((layers, n_exp), jnp.float32)
     return zeros
+
+
+def _name(key: Any) -> str:
+    return str(getattr(key, "key", key))
+
+
+def _layer_tokens(params: Any, states: list[Any], n_exp: int) -> jax.Array:
+    """(MoE layers, E): the tokens each biased router sent to each expert, in the order of
+    the ``router_bias`` leaves of ``params`` (a scanned stack gives one row per layer)."""
+    rows = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if _name(path[-1]) != BIAS:
+            continue
+        total = jnp.zeros((), jnp.float32)
+        for state in states:
+            node = state
+            for key in (*path[:-1], "expert_tokens"):
+                node = node[_name(key)]
+            total = total + node[0]
+        rows.append(total.reshape(-1, n_exp))
+    return jnp.concatenate(rows)
+
+
+def update_router_bias(old_params: Any, new_state: Any, metrics: dict[str, Any], cfg: Config):
+    """``new_state`` with every ``router_bias`` = its value before the step + ``rate *
+    sign(mean load - load)`` from this step's ``moe_layer_tokens`` (unchanged for other
+    routers)."""
+    if not updates_bias(cfg):
+        return new_state
+    loads_MxE = metrics["moe_layer_tokens"]
+    delta_MxE = cfg.model.moe.bias_update_rate * jnp.sign(
+        jnp.mean(loads_MxE, axis=-1, keepdims=True) - loads_MxE
+    )
+    flat, treedef = jax.tree_util.tree_flatten_with_path(new_state.params)
+    row, leaves = 0, []
+    for (path, new), old in zip(flat, jax.tree.leaves(old_params), strict=True):
+        if _name(path[-1]) == BIAS:
+            n = old.size // loads_MxE.shape[-1]
+            new = old + delta_MxE[row : row + n].reshape(old.shape).astype(old.dtype)
+            row += n
+        leaves.append(new)
+    return new_state.replace(params=jax.tree_util.tree_unflatten(treedef, leaves))
 
 
 def with_moe(loss_fn: Callable, cfg: Config, n_micro: int = 1) -> Callable:
@@ -72,6 +133,9 @@ def with_moe(loss_fn: Callable, cfg: Config, n_micro: int = 1) -> Callable:
         )
         metrics["moe_dropped"] = sum((s["dropped"] for s in capture.stats), jnp.zeros(()))
         metrics["moe_batches"] = jnp.ones((), jnp.float32)
+        if updates_bias(cfg):
+            n_exp = cfg.model.moe.num_experts
+            metrics["moe_layer_tokens"] = _layer_tokens(params, capture.states, n_exp)
         return objective + aux / n_micro, metrics
 
     return loss

@@ -60,6 +60,7 @@ def make_train_step(
         else:
             (grads, metrics), _ = jax.lax.scan(micro, zeros, (jnp.arange(n_micro), batch))
         new_state, grad_norm = apply_update(state, grads, controls["lr_factor"])
+        new_state = moe_terms.update_router_bias(state.params, new_state, metrics, cfg)
         out = family.summarize(cfg, metrics, jnp) | moe_terms.summarize(metrics)
         out["grad_norm"] = grad_norm
         out["lr"] = learning_rate(state.step, controls["lr_factor"])
