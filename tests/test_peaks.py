@@ -140,8 +140,9 @@ def test_probe_estimator_holds_still_where_single_timings_do_not():
 
 
 def test_real_cpu_probe_repeats():
-    """Three short real probes of this machine agree (loosely: the test suite shares the CPU
-    with other work; a quiet machine does within 5 %, docs/benchmarks.md)."""
+    """Three short real probes of this machine agree, loosely: the suite shares the CPU with
+    other work (under a load of ~10 on 2 cores, full probes spread 40-60 %: docs/benchmarks.md);
+    the 5 % bar is the estimator's, checked above on the simulated machine."""
     values = [peaks.measure_cpu_peak("float32", n=512, rounds=4, round_s=0.05) for _ in range(3)]
     assert min(values) > 0
     assert max(values) / min(values) < 3.0

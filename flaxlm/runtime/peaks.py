@@ -178,8 +178,9 @@ def measure_cpu_peak(
 
     Why the best round, not one timing or the median: a single 2048^2 matmul takes tens of
     milliseconds, so one timing moves with every scheduler hiccup; other load only ever slows
-    a round, so the fastest of several long rounds is what the machine can do, and it repeats
-    (two runs agree within a few percent on a quiet machine; docs/benchmarks.md)."""
+    a round, so the fastest of several long rounds is what the machine can do whenever some
+    round runs undisturbed (tests/test_peaks.py checks the estimator on a simulated loaded
+    machine; under steady heavy load no round is undisturbed: docs/benchmarks.md)."""
     import jax
     import jax.numpy as jnp
 

@@ -95,5 +95,5 @@ def format_plan_mfu(report: dict[str, Any]) -> list[str]:
         f"  step at 100% MFU    {report['step_s_at_full_peak']:.4g} s",
     ]
     for step_s, mfu in report.get("mfu_at_step_s", {}).items():
-        lines.append(f"  MFU at {step_s} s step  {100 * mfu:.1f} %")
+        lines.append(f"  MFU at {step_s} s step  {100 * mfu:.3g} %")
     return lines
