@@ -151,7 +151,9 @@ class _Exchange:
         local_R = self._local_expert_of_rows(recv_RxD.shape[0], block_start_S)
         order_R = jnp.argsort(local_R, stable=True)
         sizes_L = jnp.bincount(local_R, length=self.n_local + 1)[: self.n_local].astype(jnp.int32)
-        y_sorted_RxD = ffn(recv_RxD[order_R], sizes_L, up, gate, down)
+        # back in the compute dtype: the buffers of the reverse exchange are the size of the
+        # worst case (every peer's every pair here), halved in bf16
+        y_sorted_RxD = ffn(recv_RxD[order_R], sizes_L, up, gate, down).astype(recv_RxD.dtype)
         y_RxD = jnp.zeros_like(y_sorted_RxD).at[order_R].set(y_sorted_RxD)
         return self.backward(y_RxD)
 
