@@ -126,7 +126,7 @@ def test_other_gpus_compile(target):
     [
         (("--target", "h100:0"), "hosts and GPUs per host must be >= 1"),
         (("--target", "h100:8", "--slices", "2"), "a GPU target names its hosts"),
-        (("--target", "h100:8", "mesh.tensor=3"), "mesh (data=2, fsdp=2, expert=1, tensor=3)"),
+        (("--target", "h100:8", "mesh.tensor=3"), "mesh (data=2, fsdp=2, expert=1, context=1"),
     ],
 )
 def test_errors_are_one_line(argv, message):

@@ -65,6 +65,7 @@ def test_train_step_compiles_for_v5e_2x2(name):
         "data": 1,
         "fsdp": 2,
         "expert": 1,
+        "context": 1,
         "tensor": 2,
     }
     assert report["attention_impl"] == ("splash" if ATTENTION == "auto" else ATTENTION)
@@ -92,7 +93,9 @@ def test_splash_is_compiled_under_remat_and_scan():
 def test_mesh_minus_one_fills_the_topology():
     cfg = _config("gpt_tiny", "mesh.data=-1", "mesh.fsdp=1", "mesh.tensor=2")
     devices = targets.tpu_devices("v5p:2x2x1")
-    assert build_mesh(cfg.mesh, devices).shape == {"data": 2, "fsdp": 1, "expert": 1, "tensor": 2}
+    assert build_mesh(cfg.mesh, devices).shape == {
+        "data": 2, "fsdp": 1, "expert": 1, "context": 1, "tensor": 2,
+    }  # fmt: skip
     assert targets.chip_hbm_bytes(devices[0].device_kind) == 95 * 2**30  # "TPU v5" = v5p
     v4 = targets.tpu_devices("v4:2x2x1")  # one device per TensorCore: 2 per chip
     assert len(v4) == 8 and targets.devices_per_chip(v4) == 2
@@ -107,7 +110,7 @@ def test_mesh_minus_one_fills_the_topology():
         (("--target", "v5e:2x2", "--devices", "4"), "give --devices"),
         (
             ("--target", "v5e:2x2", "mesh.tensor=3"),
-            "mesh (data=1, fsdp=2, expert=1, tensor=3) has 6",
+            "mesh (data=1, fsdp=2, expert=1, context=1, tensor=3) has 6",
         ),
     ],
 )
@@ -170,3 +173,50 @@ def _optax_sgd():
     import optax
 
     return optax.sgd(0.1)
+
+
+# Activations dominate this shape (4 layers of 256 x 1024 SwiGLU over 2,048 tokens a device).
+REMAT_SHAPE = (
+    "data.seq_len=256", "model.max_seq_len=256", "model.d_model=256", "model.n_heads=4",
+    "model.n_kv_heads=2", "model.d_ff=1024", "model.n_layers=4", "model.scan_layers=true",
+    "model.dtype=bfloat16", "mesh.data=1", "mesh.fsdp=4", "mesh.tensor=1", "train.batch_size=32",
+)  # fmt: skip
+
+
+@pytest.mark.slow
+def test_remat_policies_trade_device_memory_for_recomputation():
+    """none keeps every activation; save_all_proj the projections' outputs (more than full,
+    which keeps only the blocks' inputs); offload_all_proj moves those to host memory."""
+    reports = {
+        remat: plan(load_config(REPO / "configs/llama_tiny.yaml",
+                                [*REMAT_SHAPE, f"model.remat={remat}"], False), "v5e:2x2")
+        for remat in ("none", "full", "save_all_proj", "offload_all_proj")
+    }  # fmt: skip
+    temps = {remat: r["activations_bytes"] for remat, r in reports.items()}
+    assert temps["full"] < temps["save_all_proj"] < temps["none"], temps
+    # The kept projections: per layer, q/k/v/attention (bf16, 768 wide) and up/gate (f32,
+    # 1024 wide each) and the hidden activation (bf16, 1024 wide), for 2,048 tokens.
+    kept = 4 * 2048 * (768 * 2 + 2 * 1024 * 4 + 1024 * 2)
+    assert reports["save_all_proj"]["host_temp_bytes"] == 0
+    assert kept <= reports["offload_all_proj"]["host_temp_bytes"] < 1.1 * kept, reports
+    assert temps["offload_all_proj"] < temps["save_all_proj"] + kept / 2
+
+
+def test_a_program_that_does_not_fit_reports_the_bytes_the_compiler_asked_for():
+    """65,536 sequences of 128 tokens on a 16 GiB v5e: the compiler stops in seconds with
+    RESOURCE_EXHAUSTED; plan reports fits false and the temporaries it asked for."""
+    code, out, err = cli("plan", REPO / "configs/gpt_tiny.yaml", *TPU_TINY, "mesh.tensor=1",
+                         "mesh.fsdp=1", "mesh.data=4", "train.batch_size=65536",
+                         "--target", "v5e:2x2", "--json")  # fmt: skip
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["fits"] is False and report["compiler"] == "tpu"
+    assert "RESOURCE_EXHAUSTED" in report["compiler_message"]
+    asked = report["activations_bytes"]
+    assert asked > report["hbm_bytes"] > 10 * 2**30, report
+    # 16,384 rows x 128 positions x 384 vocab of float32 logits a device, at the least.
+    assert asked > 16384 * 128 * 384 * 4
+    batch = 16384 * 128 * 4 * 4  # int32 tokens, targets, positions, segments a device
+    assert report["batch_bytes"] >= batch
+    assert report["bytes_per_device"] == report["arguments_bytes"] + asked
+    assert "does NOT fit" in format_plan(report) and "RESOURCE_EXHAUSTED" in format_plan(report)
