@@ -77,7 +77,9 @@ class ModelConfig(SectionHost, path="model"):
     # Scan over layers (nn.scan): one compiled block, so compile time stays flat with depth;
     # parameters get a leading "layers" axis.
     scan_layers: bool = False
-    remat: str = "none"  # activation recomputation per block (dots: keep matmul outputs)
+    # activation recomputation per block (dots: keep matmul outputs; save_* / offload_*: keep
+    # named projection outputs on the device / in host memory: flaxlm/models/layer_stack.py)
+    remat: str = "none"
     # auto = by the platform the step is compiled for: splash on TPU, triton on GPU (cudnn,
     # then xla, where it cannot tile the shape), flaxlm on CPU (flaxlm/models/attention.py).
     # flaxlm: softmax attention with a closed-form backward; xla / cudnn:
@@ -332,7 +334,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
-    "model.remat": ("none", "full", "dots"),
+    "model.remat": (
+        "none", "full", "dots", "save_qkv_proj", "save_attention", "save_all_proj",
+        "offload_qkv_proj", "offload_all_proj",
+    ),  # fmt: skip
     "model.attention_impl": ("auto", "flaxlm", "xla", "cudnn", "splash", "triton"),
     "model.custom_backward": ("auto", "on", "off"),
     "data.tokenizer_type": ("bpe", "unigram", "byte_bpe"),

@@ -9,12 +9,45 @@ from flax import linen as nn
 from flaxlm.config import ModelConfig
 from flaxlm.models.layers import Block
 
+# The activations a block names (flaxlm/models/layers.py, ``checkpoint_name``) that its
+# backward pass reads: the q/k/v projections' outputs, the attention's output (the out
+# projection's input), the MLP's up and gate outputs (float32: the activation reads them so)
+# and its hidden activation (the down projection's input). The out and down projections'
+# outputs are only added to the residual stream, which the backward pass never reads back.
+QKV_PROJ = ("query_proj", "key_proj", "value_proj")
+ATTENTION = (*QKV_PROJ, "attention_out")
+ALL_PROJ = (*ATTENTION, "mlp_up", "mlp_gate", "mlp_hidden")
+
+# ``model.remat`` values that keep named activations: (names, offloaded to host memory).
+# Kept activations are not recomputed in the backward pass; offloaded ones are copied to the
+# host's pinned memory after the forward pass and back before the backward pass, so they cost
+# no device memory in between (TPU and GPU; the CPU has only one memory, and refuses them).
+NAMED_POLICIES: dict[str, tuple[tuple[str, ...], bool]] = {
+    "save_qkv_proj": (QKV_PROJ, False),
+    "save_attention": (ATTENTION, False),
+    "save_all_proj": (ALL_PROJ, False),
+    "offload_qkv_proj": (QKV_PROJ, True),
+    "offload_all_proj": (ALL_PROJ, True),
+}
+
 
 def remat_policy(cfg: ModelConfig):
-    """What a rematerialised block keeps from its forward pass: nothing ("full"), or the
-    matmul outputs without a batch dimension ("dots": weights-side products)."""
+    """What a rematerialised block keeps from its forward pass: nothing ("full"), the matmul
+    outputs without a batch dimension ("dots": weights-side products), or the named
+    projection outputs of :data:`NAMED_POLICIES` (on the device, or offloaded to the host).
+    Whatever is kept, the math is the same: the rest is recomputed from the block's input."""
     if cfg.remat == "dots":
         return jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+    if cfg.remat in NAMED_POLICIES:
+        names, offload = NAMED_POLICIES[cfg.remat]
+        if not offload:
+            return jax.checkpoint_policies.save_only_these_names(*names)
+        return jax.checkpoint_policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=list(names),
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
     return None
 
 

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
+from jax.ad_checkpoint import checkpoint_name
 
 from flaxlm.config import ModelConfig
 from flaxlm.models.attention import attention
@@ -241,7 +242,9 @@ class Attention(nn.Module):
                 cfg, (heads, head_dim), ("embed", "heads", "kv"), ("heads", "kv"), name=name
             )
             y_BxLxHxK = layer(x_BxLxD).astype(dtype)
-            return constrain(y_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
+            y_BxLxHxK = constrain(y_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
+            # A name remat policies can keep (flaxlm/models/layer_stack.py): "query_proj", ...
+            return checkpoint_name(y_BxLxHxK, f"{name}_proj")
 
         kv_heads = kv_heads_of(cfg)
         q_BxLxHxK = project("query", cfg.n_heads)
@@ -258,6 +261,7 @@ class Attention(nn.Module):
             use_custom_backward(cfg),
         )  # fmt: skip
         out_BxLxHxK = constrain(out_BxLxHxK, "act_batch", "act_length", "act_heads", "act_kv")
+        out_BxLxHxK = checkpoint_name(out_BxLxHxK, "attention_out")  # the out projection's input
         out = Dense(
             cfg,
             (cfg.d_model,),
@@ -299,14 +303,17 @@ class MLP(nn.Module):
         cfg = self.cfg
         dtype = dtype_of(cfg.dtype)
         h_BxLxF = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), ("mlp",), name="up")(x_BxLxD)
+        h_BxLxF = checkpoint_name(h_BxLxF, "mlp_up")  # float32: the activation reads it so
         if cfg.activation == "swiglu":
             gate = Dense(cfg, (cfg.d_ff,), ("embed", "mlp"), ("mlp",), name="gate")(x_BxLxD)
+            gate = checkpoint_name(gate, "mlp_gate")
             h_BxLxF = jax.nn.silu(gate.astype(jnp.float32)) * h_BxLxF.astype(jnp.float32)
             h_BxLxF = h_BxLxF.astype(dtype)
         else:
             act = activation_fn(cfg.activation, use_custom_backward(cfg))
             h_BxLxF = act(h_BxLxF).astype(dtype)
         h_BxLxF = constrain(h_BxLxF, "act_batch", "act_length", "act_mlp")
+        h_BxLxF = checkpoint_name(h_BxLxF, "mlp_hidden")  # the down projection's input
         down = Dense(
             cfg, (cfg.d_model,), ("mlp", "embed"), ("embed",), std=residual_std(cfg), name="down"
         )

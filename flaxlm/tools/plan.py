@@ -42,7 +42,7 @@ from flaxlm.parallel.sharding import (
     replicated,
     resolve_mesh_shape,
 )
-from flaxlm.tools import gpu_targets
+from flaxlm.tools import compile_oom, gpu_targets
 from flaxlm.tools.targets import (
     ESTIMATE_LEAVES_OUT,
     chip_hbm_bytes,
@@ -111,10 +111,12 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
     gpu = target is not None and gpu_targets.is_gpu_target(target)
     lowered = ms.train_step.lower(state_in, batch, controls)
     t0 = time.perf_counter()
-    if gpu:
-        compiled, triton_gemm = gpu_targets.compile_for_gpus(lowered)
-    else:
-        compiled, triton_gemm = lowered.compile(), None
+    try:
+        compiled, triton_gemm = _compile(lowered, gpu)
+    except Exception as exc:  # the compiler's JaxRuntimeError
+        if target is None or not compile_oom.is_out_of_memory(exc):
+            raise
+        return _does_not_fit(cfg, ms, batch, (target, slices, gpu), exc, time.perf_counter() - t0)
     compile_s = time.perf_counter() - t0
 
     params_bytes = _bytes_per_device(abstract.params, state_sh.params)
@@ -122,7 +124,7 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
     memory = compiled.memory_analysis()
     sizes = {
         name: int(getattr(memory, f"{name}_size_in_bytes", 0)) if memory is not None else 0
-        for name in ("temp", "argument", "output", "alias", "generated_code")
+        for name in ("temp", "argument", "output", "alias", "generated_code", "host_temp")
     }
     temp, arguments = sizes["temp"], sizes["argument"]
     state_and_batch = max(arguments, params_bytes + opt_bytes)
@@ -144,6 +146,48 @@ def plan(cfg: Config, target: str | None = None, slices: int = 1) -> dict[str, A
         report["xla_triton_gemm"] = triton_gemm
         return {**_gpu_fields(cfg, compiled, ms.mesh, sizes, target), **report}
     return {**_tpu_fields(cfg, compiled, ms.mesh, sizes, target, slices), **report}
+
+
+def _compile(lowered, gpu: bool):
+    """The compiled program, and whether XLA's Triton GEMM was kept (GPU only; else None)."""
+    return gpu_targets.compile_for_gpus(lowered) if gpu else (lowered.compile(), None)
+
+
+def _does_not_fit(cfg: Config, ms: TrainProgram, batch, where: tuple, exc, compile_s: float):
+    """The report of a program the compiler refused for memory (RESOURCE_EXHAUSTED):
+    ``fits: false``, ``activations_bytes`` = the temporaries it asked for, and
+    ``bytes_per_device`` = the arguments (state and batch shards) + those temporaries (None
+    where the message names no figure); ``compiler_message`` is its line."""
+    target, slices, gpu = where
+    params_bytes = _bytes_per_device(ms.abstract.params, ms.shardings.params)
+    opt_bytes = _bytes_per_device(ms.abstract.opt_state, ms.shardings.opt_state)
+    batch_bytes = _bytes_per_device(batch, jax.tree.map(lambda b: b.sharding, batch))
+    arguments, asked = params_bytes + opt_bytes + batch_bytes, compile_oom.asked_bytes(str(exc))
+    devices = list(ms.mesh.devices.flat)
+    kind, per_chip = devices[0].device_kind, devices_per_chip(devices)
+    hbm = gpu_targets.gpu_spec(target).memory_bytes if gpu else chip_hbm_bytes(kind)
+    impl = cfg.model.attention_impl
+    return {
+        "compiler": "gpu" if gpu else "tpu",
+        "target": target,
+        "slices": slices,
+        "device_kind": kind,
+        "devices": len(devices),
+        "devices_per_chip": per_chip,
+        "hbm_bytes": None if hbm is None else hbm // per_chip,
+        "fits": False,
+        "compiler_message": compile_oom.first_line(exc),
+        "attention_impl": auto_attention("gpu" if gpu else "tpu") if impl == "auto" else impl,
+        "arguments_bytes": arguments,
+        "bytes_per_device": None if asked is None else arguments + asked,
+        "params_bytes": params_bytes,
+        "opt_state_bytes": opt_bytes,
+        "activations_bytes": asked,
+        "batch_bytes": batch_bytes,
+        "compile_s": compile_s,
+        "n_params": count_params(ms.abstract.params),
+        "mesh": dict(ms.mesh.shape),
+    }
 
 
 def _abstract_inputs(cfg: Config, family, ms: TrainProgram):
@@ -200,6 +244,8 @@ def _compiled_sizes(sizes: dict[str, int]) -> dict[str, int]:
         "outputs_bytes": sizes["output"],
         "aliased_bytes": sizes["alias"],
         "generated_code_bytes": sizes["generated_code"],
+        # Activations a remat policy offloads (model.remat: offload_*) live in host memory.
+        "host_temp_bytes": sizes["host_temp"],
     }
 
 
@@ -254,9 +300,29 @@ def _tpu_fields(cfg: Config, compiled, mesh, sizes: dict[str, int], target: str,
     }
 
 
+def _gib(n: int) -> str:
+    return f"{n / GIB:9.3f} GiB" if n >= GIB // 10 else f"{n / 2**20:9.3f} MiB"
+
+
+def _format_does_not_fit(report: dict[str, Any]) -> str:
+    """The text of a plan the compiler refused for memory (see :func:`_does_not_fit`)."""
+    asked, total = report["activations_bytes"], report["bytes_per_device"]
+    return "\n".join([
+        f"{report['compiler'].upper()} {report['target']} ({report['device_kind']}), "
+        f"mesh {report['mesh']}, {report['n_params']:,} parameters: does NOT fit",
+        f"  parameters          {_gib(report['params_bytes'])} per device",
+        f"  optimizer state     {_gib(report['opt_state_bytes'])} per device",
+        f"  batch               {_gib(report['batch_bytes'])} per device",
+        f"  temporaries asked   {_gib(asked) if asked is not None else '    unknown'} per device",
+        f"  total               {_gib(total) if total is not None else '    unknown'} per device",
+        f"  compiler            {report['compiler_message']}",
+    ])  # fmt: skip
+
+
 def format_plan(report: dict[str, Any]) -> str:
-    def gib(n: int) -> str:
-        return f"{n / GIB:9.3f} GiB" if n >= GIB // 10 else f"{n / 2**20:9.3f} MiB"
+    if "compiler_message" in report:
+        return _format_does_not_fit(report)
+    gib = _gib
 
     lines = [
         f"mesh {report['mesh']} on {report['devices']} devices, {report['n_params']:,} parameters",
