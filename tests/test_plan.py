@@ -74,3 +74,20 @@ def test_gpu_targets_parse_and_describe_the_published_figures():
         "triton_kernels": 1,
         "xla_triton_fusions": 0,
     }
+
+
+def test_the_bytes_a_resource_exhausted_message_asks_for():
+    """The TPU compiler's figure is GiB ("15.75G" is v5e's 16 GiB less the reserve); a
+    message without one gives None, and only RESOURCE_EXHAUSTED counts as out of memory."""
+    from flaxlm.tools import compile_oom
+
+    tpu = RuntimeError(
+        "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+        "temporaries (44.26G) exceeds available HBM (15.75G).\n=== Source Location Trace ==="
+    )
+    assert compile_oom.is_out_of_memory(tpu)
+    assert compile_oom.asked_bytes(str(tpu)) == round(44.26 * GIB)
+    assert compile_oom.first_line(tpu).endswith("exceeds available HBM (15.75G).")
+    assert compile_oom.asked_bytes("RESOURCE_EXHAUSTED: failed to allocate 123456 bytes") == 123456
+    assert compile_oom.asked_bytes("RESOURCE_EXHAUSTED: something else") is None
+    assert not compile_oom.is_out_of_memory(RuntimeError("INVALID_ARGUMENT: bad shape"))
