@@ -220,3 +220,15 @@ def test_a_program_that_does_not_fit_reports_the_bytes_the_compiler_asked_for():
     assert report["batch_bytes"] >= batch
     assert report["bytes_per_device"] == report["arguments_bytes"] + asked
     assert "does NOT fit" in format_plan(report) and "RESOURCE_EXHAUSTED" in format_plan(report)
+
+
+def test_remat_comparison_plans_once_per_policy():
+    argv = ("plan", REPO / "configs/gpt_tiny.yaml", *TPU_TINY, "--target", "v5e:2x2")
+    code, out, err = cli(*argv, "--remat", "full,none", "--json")
+    assert code == 0, err
+    reports = json.loads(out)
+    assert list(reports) == ["full", "none"]
+    assert all(r["fits"] and r["bytes_per_device"] > 0 for r in reports.values())
+    code, out, _ = cli(*argv, "--remat", "full,save_qkv_proj")
+    assert code == 0 and out.splitlines()[0].startswith("remat")
+    assert [line.split()[0] for line in out.splitlines()[1:]] == ["full", "save_qkv_proj"]
