@@ -335,9 +335,15 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.dtype": ("float32", "bfloat16"),
     "model.param_dtype": ("float32", "bfloat16"),
     "model.remat": (
-        "none", "full", "dots", "save_qkv_proj", "save_attention", "save_all_proj",
-        "offload_qkv_proj", "offload_all_proj",
-    ),  # fmt: skip
+        "none",
+        "full",
+        "dots",
+        "save_qkv_proj",
+        "save_attention",
+        "save_all_proj",
+        "offload_qkv_proj",
+        "offload_all_proj",
+    ),
     "model.attention_impl": ("auto", "flaxlm", "xla", "cudnn", "splash", "triton"),
     "model.custom_backward": ("auto", "on", "off"),
     "data.tokenizer_type": ("bpe", "unigram", "byte_bpe"),
