@@ -170,6 +170,16 @@ def test_cpu_peak_is_cached_per_machine_and_dtype(tmp_path):
     assert json.loads(path.read_text())[peaks.machine_key("float32")]["flops"] == 100e9
 
 
+def test_a_faster_probe_raises_a_peak_cached_on_a_busy_machine(tmp_path):
+    path = tmp_path / "peaks.json"
+    cpu_peak("float32", path, lambda dtype: 35e9)  # probed while the machine was loaded
+    assert not peaks.raise_cpu_peak("float32", 30e9, path)  # a slower probe changes nothing
+    assert cpu_peak("float32", path, lambda dtype: 0.0).flops == 35e9
+    assert peaks.raise_cpu_peak("float32", 110e9, path)  # a quieter machine's probe heals it
+    assert cpu_peak("float32", path, lambda dtype: 0.0).flops == 110e9
+    assert cpu_peak("bfloat16", path, lambda dtype: 250e9).flops == 250e9  # per dtype
+
+
 def test_cpu_devices_count_the_machine_once(tmp_path):
     cpus = [SimpleNamespace(platform="cpu", device_kind="cpu")] * 8
     path = tmp_path / "peaks.json"

@@ -268,6 +268,23 @@ def cpu_peak(
     return Peak(flops, origin)
 
 
+def raise_cpu_peak(dtype: Any, flops: float, cache_path: Path | None = None) -> bool:
+    """Records a probe of ``flops`` in ``dtype`` taken on this machine (``flaxlm bench``'s
+    before/after probes): the cached peak becomes the larger of the two. Other load only ever
+    slows a probe, so the best one seen is the closest to what the machine can do, and a peak
+    cached on a busy machine (MFU reading high) heals with the next bench on a quieter one.
+    Returns whether the cache changed."""
+    path = Path(cache_path) if cache_path is not None else default_cache_path()
+    key = machine_key(dtype)
+    entry = _read_cache(path).get(key)
+    cached = entry.get("flops") if isinstance(entry, dict) else None
+    if isinstance(cached, int | float) and cached >= flops:
+        return False
+    when = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    _write_cache(path, key, {"flops": float(flops), "measured_at": when})
+    return True
+
+
 def _read_cache(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
