@@ -50,7 +50,7 @@ test: install-dev
 	$(BIN)/mkdocs build --strict --quiet --site-dir .cache/site
 	$(BIN)/ruff check flaxlm tests benchmarks
 	$(BIN)/ruff format --check flaxlm tests benchmarks
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=25
 
 # The inner loop: lint and the tests not marked slow (each over ~30 s; make test runs them all).
 test-fast: install-dev
