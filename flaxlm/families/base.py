@@ -59,6 +59,29 @@ class ReportField:
 
 
 @dataclass(frozen=True)
+class TaskScoring:
+    """How a family scores lm-evaluation-harness requests (``flaxlm eval --tasks``,
+    flaxlm/tasks). ``kind`` names the batch layout ``token_log_probs`` takes and so how the
+    requests are laid out:
+
+    - ``"causal"`` (a decoder): rows ``tokens``, ``targets`` (the next token), ``positions``,
+      ``segment_ids`` (0 = padding), all ``(B, L)``; returns ``(log_probs_BxL, greedy_BxL)``,
+      the log-probability of each target and whether it is the argmax. Generation runs the
+      model's KV cache (``model.apply(..., decode=True)``).
+    - ``"masked"`` (an encoder): pseudo-log-likelihood, one row per continuation token with
+      that token masked: ``tokens``, ``positions``, ``segment_ids``, ``token_types`` ``(B, L)``,
+      ``masked_positions`` and ``targets`` ``(B, 1)``; returns the same pair ``(B, 1)``.
+    - ``"seq2seq"`` (an encoder-decoder): targets given inputs; the t5 family defines its layout.
+
+    ``requests``: the request types it can run (``loglikelihood``, ``loglikelihood_rolling``,
+    ``generate_until``); a task needing another is refused in one line."""
+
+    kind: str
+    token_log_probs: Callable[..., Any]
+    requests: tuple[str, ...] = ("loglikelihood",)
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family (see the module doc for the loss contract). Fields:
 
@@ -86,6 +109,8 @@ class Family:
       exports a config; empty for none.
     - ``generates``: a decoder ``flaxlm generate`` can sample from; ``classifies``: has a
       ``[CLS]`` pooler that ``flaxlm finetune`` puts a classifier on.
+    - ``task_scoring``: how it scores benchmark tasks (:class:`TaskScoring`); None for a
+      family that cannot.
     - ``check_config(cfg)``: the family's own config checks (raise ConfigError).
     - ``config_sections``: the config sections the family owns (``ConfigSection``: a path such
       as ``objective`` or ``model.<name>``, a dataclass, its checks and choices), registered
@@ -115,6 +140,7 @@ class Family:
     classifies: bool = False
     check_config: Callable[[Config], None] = lambda cfg: None
     config_sections: tuple[ConfigSection, ...] = ()
+    task_scoring: TaskScoring | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

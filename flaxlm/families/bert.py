@@ -26,7 +26,7 @@ from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.inspection import masked_sample
 from flaxlm.data.masked_batches import OBJECTIVES, batch_keys, layout_of, make_masked_batches
 from flaxlm.data.mlm_masks import OBJECTIVE_SECTION, resolve_max_predictions
-from flaxlm.families.base import Baseline, Family, ReportField
+from flaxlm.families.base import Baseline, Family, ReportField, TaskScoring
 from flaxlm.hf.bert import BERT as BERT_CONVERTER
 from flaxlm.losses.objectives import mlm_loss, nsp_loss, objective_lm_loss
 from flaxlm.models.bert import BERT
@@ -280,6 +280,26 @@ def check_config(cfg: Config) -> None:
         )
 
 
+def masked_log_probs(model, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Task scoring (``TaskScoring`` kind ``masked``, pseudo-log-likelihood): each row has one
+    token masked at ``masked_positions`` ``(B, 1)``; returns ``log p(targets_Bx1)`` there and
+    whether the target is the argmax."""
+    out = model.apply(
+        {"params": params},
+        batch["tokens"],
+        batch["positions"],
+        batch["segment_ids"],
+        batch["token_types"],
+        batch["masked_positions"],
+        with_nsp=False,
+    )
+    logits_BxPxV = out["mlm_logits"].astype(jnp.float32)
+    log_p_BxPxV = jax.nn.log_softmax(logits_BxPxV, axis=-1)
+    targets_BxP = batch["targets"]
+    log_p_BxP = jnp.take_along_axis(log_p_BxPxV, targets_BxP[..., None], axis=-1)[..., 0]
+    return log_p_BxP, jnp.argmax(logits_BxPxV, axis=-1) == targets_BxP
+
+
 BERT_FAMILY = Family(
     name="bert",
     build_model=BERT,
@@ -311,4 +331,5 @@ BERT_FAMILY = Family(
     classifies=True,
     check_config=check_config,
     config_sections=(OBJECTIVE_SECTION,),  # cfg.objective (flaxlm/data/mlm_masks.py)
+    task_scoring=TaskScoring("masked", masked_log_probs),  # multiple choice only
 )

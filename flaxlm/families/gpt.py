@@ -25,7 +25,7 @@ from flaxlm.data import (
 )
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.inspection import causal_sample
-from flaxlm.families.base import Baseline, Family, ReportField
+from flaxlm.families.base import Baseline, Family, ReportField, TaskScoring
 from flaxlm.hf.gpt2 import GPT2
 from flaxlm.hf.llama import LLAMA, MIXTRAL
 from flaxlm.losses.head_loss import fused_lm_loss
@@ -161,6 +161,18 @@ def check_config(cfg: Config) -> None:
         )
 
 
+def token_log_probs(model, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Task scoring (``TaskScoring`` kind ``causal``): ``log p(targets_BxL | tokens up to
+    each position)`` and whether each target is the argmax, both ``(B, L)``."""
+    logits_BxLxV = model.apply(
+        {"params": params}, batch["tokens"], batch["positions"], batch["segment_ids"]
+    )
+    log_p_BxLxV = jax.nn.log_softmax(logits_BxLxV.astype(jnp.float32), axis=-1)
+    targets_BxL = batch["targets"]
+    log_p_BxL = jnp.take_along_axis(log_p_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+    return log_p_BxL, jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+
+
 GPT_FAMILY = Family(
     name="gpt",
     build_model=GPT,
@@ -186,4 +198,7 @@ GPT_FAMILY = Family(
     converters=(MIXTRAL, LLAMA, GPT2),
     generates=True,
     check_config=check_config,
+    task_scoring=TaskScoring(
+        "causal", token_log_probs, ("loglikelihood", "loglikelihood_rolling", "generate_until")
+    ),
 )
