@@ -198,9 +198,9 @@ def test_tokenize_documents_reads_any_source_through_a_given_tokenizer(tmp_path,
 
 def test_too_few_documents(tmp_path):
     (tmp_path / "corpus").mkdir()
-    (tmp_path / "corpus" / "one.txt").write_text("a single play")
+    (tmp_path / "corpus" / "one.txt").write_text("a single line")
     with pytest.raises(DataError, match="found 1 non-empty document"):
-        prepare_data(config(tmp_path), progress=False)
+        prepare_data(config(tmp_path, doc_split="lines"), progress=False)
 
 
 def test_unigram_cross_entropy_by_hand():
@@ -236,8 +236,9 @@ def test_shakespeare_demo_corpus(tmp_path):
 
 @pytest.mark.parametrize("name", ["book.txt", "book.txt.gz"])
 def test_one_big_file_is_a_corpus_with_doc_split(tmp_path, name):
-    """One large .txt (or .txt.gz), the usual way to hold a corpus: refused as one document,
-    naming data.doc_split; cut into paragraphs with it, it gets a validation split."""
+    """One large .txt (or .txt.gz), the usual way to hold a corpus: cut into paragraphs on
+    its own (tests/test_one_file_corpus.py) or with data.doc_split, it gets a validation
+    split."""
     import gzip
 
     rng = np.random.default_rng(1)
@@ -245,8 +246,8 @@ def test_one_big_file_is_a_corpus_with_doc_split(tmp_path, name):
     text = ("\n\n".join(paragraphs) + "\n").encode()
     path = tmp_path / name
     path.write_bytes(gzip.compress(text) if name.endswith(".gz") else text)
-    with pytest.raises(DataError, match="1 non-empty document.*data.doc_split"):
-        prepare_data(config(tmp_path, paths=[str(path)]), progress=False)
+    auto = prepare_data(config(tmp_path, paths=[str(path)]), progress=False)
+    assert auto.train.n_docs + auto.val.n_docs == 40
     data = prepare_data(
         config(tmp_path, paths=[str(path)], doc_split="blank_lines"), progress=False
     )

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from flaxlm.config import ConfigError, DataConfig
 from flaxlm.data.build_folders import build_atomically, remove_stale_builds
 from flaxlm.data.corpus import SPLITS, PreparedData, SourceData
-from flaxlm.data.documents import split_document
+from flaxlm.data.documents import auto_split, split_document
 from flaxlm.data.encode import encode_documents, token_dtype, train_tokenizer_on_documents
 from flaxlm.data.fingerprints import FORMAT_VERSION, cache_key, content_sha256, sources_files
 from flaxlm.data.sources import (
@@ -193,6 +193,27 @@ def _source_documents(
                     source_stats.n_empty += 1
 
 
+def _list_documents(
+    data_cfg: DataConfig, specs: list[SourceSpec]
+) -> tuple[list[SourceStats], str, list[int], list[str]]:
+    """(per-source stats, the doc split used, each document's source, each document's id).
+    A corpus of one document (one big ``input.txt``) under ``data.doc_split=none`` is cut
+    by :func:`auto_split` instead, and a line says so: it could not be split otherwise."""
+    split, tfds_dir = data_cfg.doc_split, data_cfg.tfds_data_dir
+    while True:  # a second round only for a one-document corpus
+        stats = [SourceStats() for _ in specs]
+        sources_of_docs, doc_ids, first = [], [], None
+        for s, doc in _source_documents(specs, tfds_dir, stats, split):
+            sources_of_docs.append(s)
+            doc_ids.append(doc.doc_id)
+            first = doc if first is None else first
+        if len(doc_ids) != 1 or split != "none":
+            return stats, split, sources_of_docs, doc_ids
+        split = auto_split(first)
+        print(f"data: one document ({first.doc_id}); cut with data.doc_split={split} "
+              "(set data.doc_split to choose)")  # fmt: skip
+
+
 def _build(
     data_cfg: DataConfig,
     specs: list[SourceSpec],
@@ -200,15 +221,10 @@ def _build(
     out: Path,
     progress: bool,
 ) -> None:
-    stats = [SourceStats() for _ in specs]
-    sources_of_docs, doc_ids = [], []
-    for s, doc in _source_documents(specs, data_cfg.tfds_data_dir, stats, data_cfg.doc_split):
-        sources_of_docs.append(s)
-        doc_ids.append(doc.doc_id)
+    stats, split, sources_of_docs, doc_ids = _list_documents(data_cfg, specs)
     is_val = assign_splits(doc_ids, data_cfg.val_fraction)
 
     def all_docs() -> Iterator[Document]:
-        split = data_cfg.doc_split
         return (doc for _, doc in _source_documents(specs, data_cfg.tfds_data_dir, None, split))
 
     if given is None:

@@ -81,6 +81,20 @@ def split_document(doc: Document, how: str) -> Iterator[Document]:
         yield Document(f"{doc.doc_id}#{i}", part)
 
 
+AUTO_CHUNK_CHARS = 4096  # the pieces of a one-document corpus with no line breaks
+
+
+def auto_split(doc: Document) -> str:
+    """How to cut the only document of a corpus (one big ``input.txt``) into documents: the
+    first of ``blank_lines``, ``lines`` that gives two non-empty pieces, else ``chars:N``
+    (pieces of 4096 characters; of half the text when it is shorter)."""
+    for how in ("blank_lines", "lines"):
+        pieces = (p for p in split_document(doc, how) if p.text.strip())
+        if next(pieces, None) is not None and next(pieces, None) is not None:
+            return how
+    return f"chars:{max(1, min(AUTO_CHUNK_CHARS, len(doc.text) // 2))}"
+
+
 def _chunks(text: str, size: int) -> Iterator[str]:
     while len(text) > size:
         head = text[:size]
