@@ -108,7 +108,9 @@ class Family:
     - ``converters``: the HF converters (``flaxlm convert``), the first whose ``accepts(cfg)``
       exports a config; empty for none.
     - ``generates``: a decoder ``flaxlm generate`` can sample from; ``classifies``: has a
-      ``[CLS]`` pooler that ``flaxlm finetune`` puts a classifier on.
+      ``[CLS]`` pooler that ``flaxlm finetune`` puts a classifier on; ``encoder_decoder``: the
+      prompt is the encoder input (flaxlm/tools/seq2seq_generate.py decodes it, and
+      ``flaxlm finetune`` trains it on (input, target) pairs, flaxlm/tools/seq2seq_finetune.py).
     - ``task_scoring``: how it scores benchmark tasks (:class:`TaskScoring`); None for a
       family that cannot.
     - ``check_config(cfg)``: the family's own config checks (raise ConfigError).
@@ -138,6 +140,7 @@ class Family:
     converters: tuple[Any, ...] = ()
     generates: bool = False
     classifies: bool = False
+    encoder_decoder: bool = False
     check_config: Callable[[Config], None] = lambda cfg: None
     config_sections: tuple[ConfigSection, ...] = ()
     task_scoring: TaskScoring | None = None
