@@ -19,7 +19,7 @@ install: $(BIN)/python
 
 # tpu: libtpu, so that the TPU compile tests (tests/test_tpu_compile.py) run on any machine.
 install-dev: install
-	$(BIN)/pip install -q -e '.[dev,hf,tpu,cuda12]'
+	$(BIN)/pip install -q -e '.[dev,hf,tpu,cuda12,cloud]'
 	# A real 32k sentencepiece BPE (tokenizer.model.v1) for the foreign-tokenizer tests.
 	$(BIN)/pip install -q --no-deps mistral-common==1.13.1
 	# Rotten Tomatoes snippets for the fine-tuning tests.
