@@ -46,9 +46,12 @@ def block_size(length: int) -> int | None:
 
 def splash_attention(q_BxLxHxK: Array, k_BxLxNxK: Array, v_BxLxNxK: Array, mask: Mask) -> Array:
     """``softmax(q k^T / sqrt(K) masked) v`` through the splash kernel; ``out_BxLxHxK``."""
-    length = q_BxLxHxK.shape[1]
-    if block_size(length) is None:
-        raise ValueError(f"splash attention tiles lengths that are multiples of 128, not {length}")
+    length, kv_length = q_BxLxHxK.shape[1], k_BxLxNxK.shape[1]
+    if block_size(length) is None or block_size(kv_length) is None:
+        raise ValueError(
+            f"splash attention tiles lengths that are multiples of 128, not {length} "
+            f"(queries) and {kv_length} (keys)"
+        )
     if mask.prefix_len_B is not None:
         causal, within_prefix, use_prefix_BxL = mask.split_prefix()
         both = [
@@ -96,9 +99,12 @@ def _specs(kv_heads: int, mesh) -> tuple[PartitionSpec, PartitionSpec]:
 
 
 def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, q_seg_BxL, kv_seg_BxL, causal, interpret):
-    """The kernel on one device's rows and heads (no mesh inside)."""
+    """The kernel on one device's rows and heads (no mesh inside). The keys may be a
+    different length than the queries (T5's cross-attention: full mask, segment ids)."""
     _, length, heads, _ = q_BxLxHxK.shape
-    kernel = _kernel(length, heads // k_BxLxNxK.shape[2], causal, interpret)
+    kv_length = k_BxLxNxK.shape[1]
+    kv_length = None if kv_length == length else kv_length
+    kernel = _kernel(length, heads // k_BxLxNxK.shape[2], causal, interpret, kv_length=kv_length)
     return run_mqa(kernel, q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, q_seg_BxL, kv_seg_BxL)
 
 
@@ -149,21 +155,25 @@ def _kernel(
     interpret: bool,
     q_shards: int = 1,
     q_order: bytes | None = None,
+    kv_length: int | None = None,
 ):
     """The MQA splash kernel for ``heads`` query heads over one key/value head; ``q_order``
     (int32 bytes): the original index of each query row, for a causal mask over reordered
-    queries; ``q_shards``: the query shards its block tables are split into."""
+    queries; ``q_shards``: the query shards its block tables are split into; ``kv_length``:
+    keys of another length than the queries (None: the same)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
-    one = sm.CausalMask((length, length)) if causal else sm.FullMask((length, length))
+    shape = (length, kv_length or length)
+    one = sm.CausalMask(shape) if causal else sm.FullMask(shape)
     if q_order is not None:
         one.q_sequence = np.frombuffer(q_order, np.int32).copy()
     b = block_size(length // q_shards)
+    kb = b if kv_length is None else block_size(kv_length)
     blocks = sk.BlockSizes(
-        block_q=b, block_kv=b, block_kv_compute=b,
-        block_q_dkv=b, block_kv_dkv=b, block_kv_dkv_compute=b,
-        block_q_dq=b, block_kv_dq=b,
+        block_q=b, block_kv=kb, block_kv_compute=kb,
+        block_q_dkv=b, block_kv_dkv=kb, block_kv_dkv_compute=kb,
+        block_q_dq=b, block_kv_dq=kb,
     )  # fmt: skip
     return sk.make_splash_mqa(
         sm.MultiHeadMask([one] * heads),
