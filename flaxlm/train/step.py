@@ -41,7 +41,7 @@ def make_train_step(
     def train_step(state: TrainState, batch: dict[str, jax.Array], controls: dict[str, jax.Array]):
         step_rng = jax.random.fold_in(jax.random.fold_in(base_rng, 1), state.step)
         scales = family.loss_scales(cfg, batch)
-        n_micro = batch["inputs"].shape[0]
+        n_micro = next(iter(batch.values())).shape[0]  # every key: (micro-batches, b, ...)
         grad_fn = jax.value_and_grad(moe_terms.with_moe(family.loss, cfg, n_micro), has_aux=True)
 
         def micro(carry, xs):
