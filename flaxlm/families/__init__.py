@@ -1,4 +1,4 @@
-"""The family table (see flaxlm/families/base.py): ``gpt`` and ``bert`` are registered here;
+"""The family table (see flaxlm/families/base.py): ``gpt``, ``bert`` and ``t5`` are registered here;
 users register their own with :func:`register_family`."""
 
 from flaxlm.families.base import (
@@ -16,13 +16,16 @@ from flaxlm.families.base import (
 )
 from flaxlm.families.bert import BERT_FAMILY
 from flaxlm.families.gpt import GPT_FAMILY
+from flaxlm.families.t5 import T5_FAMILY
 
 register_family(GPT_FAMILY, replace=True)
 register_family(BERT_FAMILY, replace=True)
+register_family(T5_FAMILY, replace=True)
 
 __all__ = [
     "BERT_FAMILY",
     "GPT_FAMILY",
+    "T5_FAMILY",
     "Baseline",
     "Family",
     "ReportField",
