@@ -247,9 +247,14 @@ class MeshConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500
+    every: int = 500  # steps between saves to the run dir (train.run_dir: a folder or a bucket)
     keep: int = 3
     asynchronous: bool = True
+    # A fast tier on node-local disk (docs/storage.md): every local_every steps a checkpoint
+    # goes to local_dir only; every `every` steps it also goes to the run dir. A restart takes
+    # the newest intact step of either. None / 0 = off.
+    local_dir: str | None = None
+    local_every: int = 0
 
 
 @dataclass

@@ -271,6 +271,14 @@ def _check_mesh(cfg: Any) -> None:
 def _check_checkpoint(cfg: Any) -> None:
     c = cfg.checkpoint
     require({"checkpoint.keep": c.keep, "checkpoint.every": c.every}, _positive, "> 0")
+    if c.local_every < 0:
+        raise ConfigError(
+            f"checkpoint.local_every={c.local_every} must be >= 0 (0 = no local tier)"
+        )
+    if c.local_every and not c.local_dir:
+        raise ConfigError(
+            f"checkpoint.local_every={c.local_every} needs checkpoint.local_dir (a node-local folder)"
+        )
 
 
 def _check_guard(cfg: Any) -> None:
