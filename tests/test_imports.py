@@ -125,6 +125,7 @@ LAYERS: list[set[str]] = [
     {"runtime", "tokenizers", "models", "parallel"},
     {"losses", "data", "checkpoint", "hf"},
     {"families"},
+    {"tasks"},  # task evaluation: the trainer runs it (train.eval_tasks), tools/commands too
     {"train"},
     {"tools"},
     {"commands"},
