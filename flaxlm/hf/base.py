@@ -48,6 +48,9 @@ class Converter:
     # Whether this converter exports ``cfg`` (a family may have several, e.g. GPT-2 and
     # Llama for GPT); the family's last converter takes the rest, refusing what it cannot do.
     accepts: Callable[[ModelConfig], bool] = lambda cfg: True
+    # Adds to the tokenizer files ``to-hf`` wrote in a folder (e.g. T5's sentinel tokens):
+    # ``(folder, tokenizer, cfg)``.
+    tokenizer_files: Callable[[Any, Any, ModelConfig], Any] = lambda out, tok, cfg: None
 
 
 def refuse_options(cfg: ModelConfig, model: str, supported: dict[str, tuple[Any, ...]]) -> None:

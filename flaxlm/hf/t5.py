@@ -256,4 +256,5 @@ T5_CONVERTER = Converter(
     from_config=t5_model_config,
     to_tensors=t5_tensors,
     from_tensors=t5_params,
+    tokenizer_files=lambda out, tok, cfg: add_sentinels(out, tok.vocab_size, cfg.vocab_size),
 )

@@ -135,6 +135,7 @@ def export_hf(
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     if tokenizer is not None:
         write_tokenizer_files(tokenizer, out, seq_len)
+        conv.tokenizer_files(out, tokenizer, cfg)
     return out
 
 
