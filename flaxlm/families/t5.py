@@ -251,6 +251,8 @@ T5_FAMILY = Family(
     headline=("perplexity",),
     predicted_positions=predicted_positions,
     converters=(T5_CONVERTER,),
+    generates=True,  # flaxlm generate: the prompt is the encoder input
+    encoder_decoder=True,  # (flaxlm/tools/seq2seq_generate.py; finetune: seq2seq_finetune.py)
     check_config=lambda cfg: None,
     config_sections=(T5_SECTION, SEQ2SEQ_SECTION),
 )

@@ -101,6 +101,13 @@ def bench_decode(
     model = family.build_model(dataclasses.replace(cfg.model, dropout=0.0))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     params = nn.meta.unbox(variables)["params"]
+    if family.encoder_decoder:  # the prompt is the encoder input: decode context - prompt
+        from flaxlm.tools.seq2seq_generate import bench_seq2seq_decode
+
+        out = bench_seq2seq_decode(
+            model, params, batch, prompt, context - prompt, cfg.model.vocab_size, repeats
+        )
+        return {**out, "context": context, "summary": _decode_summary(out, context)}
     opts = GenerateOptions(max_new_tokens=context - prompt, stop_at_eos=False)
     prompts = np.random.default_rng(0).integers(7, cfg.model.vocab_size, (batch, prompt))
     times, ids = {}, {}
@@ -129,12 +136,16 @@ def bench_decode(
         "speedup": times[False] / times[True],
         "same_tokens": ids[True] == ids[False],
     }
-    out["summary"] = (
+    out["summary"] = _decode_summary(out, context)
+    return out
+
+
+def _decode_summary(out: dict[str, Any], context: int) -> str:
+    return (
         f"KV cache {out['kv_tokens_per_s']:,.0f} tokens/s, re-running the {context}-token "
         f"window {out['recompute_tokens_per_s']:,.0f} tokens/s: {out['speedup']:.1f}x "
-        f"(batch {batch}, prompt {prompt}, same tokens: {out['same_tokens']})"
+        f"(batch {out['batch']}, prompt {out['prompt']}, same tokens: {out['same_tokens']})"
     )
-    return out
 
 
 def bench_checkpoint(

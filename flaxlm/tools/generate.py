@@ -314,7 +314,12 @@ def generate(
     opts = dataclasses.replace(opts or GenerateOptions(), **kw)
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     out = generate_for(loaded, [loaded.tokenizer.encode(t) for t in texts], opts)
-    decoded = [loaded.tokenizer.decode(row) for row in out.ids]
+    decode = loaded.tokenizer.decode
+    if family_of(loaded.cfg).encoder_decoder:  # sentinel ids read <extra_id_i>
+        from flaxlm.tools.seq2seq_generate import text_decoder
+
+        decode = text_decoder(loaded)
+    decoded = [decode(row) for row in out.ids]
     return decoded[0] if isinstance(prompts, str) else decoded
 
 
@@ -328,8 +333,13 @@ def generate_for(
             f"generation needs a decoder: model.family={loaded.cfg.model.family!r} is not one"
         )
     tok = loaded.tokenizer
-    prompts = [list(p) or [tok.eos_id] for p in prompts]
     context = min(loaded.cfg.data.seq_len, loaded.cfg.model.max_seq_len)
+    if family_of(loaded.cfg).encoder_decoder:  # the prompt is the encoder input
+        from flaxlm.tools.seq2seq_generate import generate_seq2seq_ids
+
+        args = (loaded.model, loaded.params, prompts, opts, tok.eos_id, tok.pad_id, context)
+        return Generation(*generate_seq2seq_ids(*args))
+    prompts = [list(p) or [tok.eos_id] for p in prompts]
     return generate_ids(
         loaded.model, loaded.params, prompts, opts, tok.eos_id, tok.pad_id, context=context
     )
