@@ -6,10 +6,17 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import object_stores
 import pytest
 
 from flaxlm import storage
-from tests.object_stores import bucket, gcs_server, s3_server  # noqa: F401
+
+# the servers' fixtures (tests/object_stores.py)
+bucket, s3_server, gcs_server = (
+    object_stores.bucket,
+    object_stores.s3_server,
+    object_stores.gcs_server,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -18,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def where(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "store")
-    from tests.object_stores import make_bucket
+    from object_stores import make_bucket
 
     request.getfixturevalue("s3_server" if request.param == "s3" else "gcs_server")
     return make_bucket(request.param) + "/run"
@@ -40,7 +47,8 @@ def test_the_operations_agree_on_every_store(where):
     assert not storage.create(lock, b"second")
     assert storage.read_bytes(lock) == b"first"
     version = storage.info(lock).version
-    assert storage.replace(lock, b"third", version)
+    new = storage.replace(lock, b"third", version)
+    assert new and new == storage.info(lock).version
     assert not storage.replace(lock, b"fourth", version)  # it changed since
     assert storage.read_bytes(lock) == b"third"
     storage.write_bytes(storage.join(where, "ckpt", "1", "x.bin"), b"12345")
@@ -79,7 +87,7 @@ def test_a_bad_url_is_one_line_naming_it(url, said):
 
 def test_an_unreachable_endpoint_is_one_line_naming_the_url(monkeypatch):
     pytest.importorskip("boto3")
-    from tests.object_stores import _forget_clients, free_port
+    from object_stores import _forget_clients, free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
@@ -97,7 +105,7 @@ def test_an_unreachable_endpoint_is_one_line_naming_the_url(monkeypatch):
 
 def test_missing_credentials_are_one_line_naming_the_url(monkeypatch, tmp_path):
     pytest.importorskip("boto3")
-    from tests.object_stores import _forget_clients, free_port
+    from object_stores import _forget_clients, free_port
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE"):

@@ -17,6 +17,10 @@ is walked past, so nothing gets deleted. A save that fails (a full disk) is a on
 CheckpointError too, raised by ``save`` or, for an asynchronous save, by the next ``save``,
 ``wait`` or ``close``. The manifest, the retries and the sorting of I/O errors are in
 :mod:`flaxlm.checkpoint.files`.
+
+A run dir on an object store, or a fast local tier (``local_dir``), puts Orbax's folder on
+local disk and copies the sealed checkpoints into the run dir (:mod:`flaxlm.checkpoint.tiers`):
+``steps`` and a restore see both tiers alike, newest first.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
 # CheckpointError and MANIFEST are defined there and imported from here by the rest of flaxlm.
+from flaxlm import storage
 from flaxlm.checkpoint.files import (
     MANIFEST,
     CheckpointError,
@@ -46,6 +51,7 @@ from flaxlm.checkpoint.files import (
     retrying,
     write_manifest,
 )
+from flaxlm.checkpoint.tiers import PersistentTier
 
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of the folders Orbax writes into
 SEAL_POLL_S = 0.05  # how often the sealing thread looks whether an asynchronous save is done
@@ -59,8 +65,26 @@ class Checkpointer:
     has somewhere to go).
     """
 
-    def __init__(self, run_dir: str | Path, keep: int = 3, asynchronous: bool = True):
-        self.directory = Path(run_dir).absolute() / "checkpoints"
+    def __init__(
+        self,
+        run_dir: str | Path,
+        keep: int = 3,
+        asynchronous: bool = True,
+        local_dir: str | Path | None = None,
+    ):
+        # Orbax writes into ``directory`` (always local); ``tier`` is the run dir's copy when
+        # that is elsewhere (an object store, or the persistent side of a local tier).
+        self.location = storage.join(str(run_dir), "checkpoints")
+        self.tier: PersistentTier | None = None
+        self.local_tier = False
+        if local_dir is None and storage.is_posix(self.location):
+            self.directory = Path(self.location).absolute()
+        else:
+            self.tier = PersistentTier(self.location)
+            local = Path(local_dir) if local_dir else storage.local_cache(self.location)
+            self.directory = local.absolute()
+        # A staging folder's copies are a cache: only a local tier's own saves count.
+        self.local_tier = local_dir is not None
         self.keep = keep
         self.is_writer = jax.process_index() == 0
         # Damaged steps the last restore skipped, newest first: what a resume may delete.
@@ -71,6 +95,8 @@ class Checkpointer:
         self._last_started: int | None = None
         self._cleaned = False  # leftovers of killed saves removed (at the first save)
         self._intact: dict[int, dict[str, tuple]] = {}  # verified step -> saved array shapes
+        self._persist: set[int] = set()  # saved steps the sealing copies into the tier
+        self._seal_error: BaseException | None = None  # from the sealing thread
         options = ocp.CheckpointManagerOptions(
             max_to_keep=None,  # retention is ours: it must spare the known-good checkpoint
             enable_async_checkpointing=asynchronous,
@@ -84,13 +110,17 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps of complete checkpoints (with a manifest), oldest first. Cheap: no reads."""
+        out = set(self.tier.steps()) if self.tier is not None else set()
+        if self.tier is None or self.local_tier:
+            out.update(self.local_steps())
+        return sorted(out)
+
+    def local_steps(self) -> list[int]:
+        """Steps sealed in the local folder (all of them when there is no second tier)."""
         if not self.directory.is_dir():
             return []
-        out = []
-        for path in self.directory.iterdir():
-            if path.name.isdigit() and (path / MANIFEST).is_file():
-                out.append(int(path.name))
-        return sorted(out)
+        names = (p.name for p in self.directory.iterdir() if (p / MANIFEST).is_file())
+        return sorted(int(n) for n in names if n.isdigit())
 
     def latest_step(self) -> int | None:
         steps = self.steps()
@@ -132,8 +162,11 @@ class Checkpointer:
         """``step`` if that checkpoint has no verified damage, else a CheckpointError saying
         what is wrong with it (no walking back: it was asked for by name)."""
         folder = self.directory / str(step)
-        if not folder.is_dir():
-            raise CheckpointError(f"no checkpoint {folder} (have: {self.steps() or 'none'})")
+        if step not in self.steps():
+            raise CheckpointError(
+                f"no checkpoint {storage.join(self.location, str(step))} "
+                f"(have: {self.steps() or 'none'})"
+            )
         problem = self._damage(step)
         if problem is not None:
             raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
@@ -147,6 +180,7 @@ class Checkpointer:
         folder = self.directory / str(step)
 
         def check() -> str | None:
+            self._fetch(step)
             problem = self.verify(step)
             if problem is not None:
                 return problem
@@ -169,8 +203,10 @@ class Checkpointer:
         meta: dict[str, Any],
         tokenizer_bytes: bytes,
         protect: set[int] | frozenset[int] = frozenset(),
+        persistent: bool = True,
     ) -> None:
         """Starts saving ``state`` at ``state.step``; returns before the write finishes.
+        ``persistent=False`` keeps it in the local tier only (``local_dir``).
 
         Raises CheckpointError when this save, or the previous asynchronous one, failed to
         write (e.g. the disk is full); the checkpoints saved before are left intact.
@@ -186,12 +222,16 @@ class Checkpointer:
         if folder.exists() and self.is_writer:
             # A stale folder from before a rollback, or an unsealed leftover: replace it.
             shutil.rmtree(folder)
+        if self.tier is not None and self.is_writer and persistent:
+            self.tier.delete(step)
         self._intact.pop(step, None)
         _sync(f"flaxlm-checkpoint-save-{step}")  # every process sees the same folders
         self._manager.reload()
         meta = dict(meta, step=step, tokenizer_b64=base64.b64encode(tokenizer_bytes).decode())
         with self._lock:
             self._unsealed.append(step)
+            if self.tier is not None and persistent:
+                self._persist.add(step)
         self._in_flight = self._last_started = step
         try:
             self._manager.save(
@@ -216,9 +256,12 @@ class Checkpointer:
         thread), so a kill any time after that finds the checkpoint complete — not only after
         the next save or :meth:`wait`. Orbax's own post-finalization callback runs before the
         folder is renamed, too early to seal."""
-        while self._manager.is_saving_in_progress():
-            time.sleep(SEAL_POLL_S)
-        self._seal_pending()
+        try:
+            while self._manager.is_saving_in_progress():
+                time.sleep(SEAL_POLL_S)
+            self._seal_pending()
+        except Exception as exc:  # raised as one line by the next save, wait or close
+            self._seal_error = exc
 
     def _seal_pending(self) -> None:
         """Writes the manifest of every finished save: sizes and checksums, written last.
@@ -233,6 +276,9 @@ class Checkpointer:
                     continue  # not renamed into place yet
                 if self.is_writer:
                     write_manifest(folder, step)
+                    if step in self._persist:
+                        self.tier.upload(folder, step)
+                self._persist.discard(step)
                 self._unsealed.remove(step)
 
     def _save_failed(self, step: int | None, exc: Exception) -> None:
@@ -241,11 +287,12 @@ class Checkpointer:
         What the save left (Orbax may still be unwinding it) goes at the next save."""
         with self._lock:
             self._unsealed = [s for s in self._unsealed if s != step]
-        self._in_flight = None
+            self._persist.discard(step)
+        self._in_flight, self._seal_error = None, None
         self._cleaned = False
         if not is_io_error(exc):
             raise exc
-        run_dir = self.directory.parent
+        run_dir = storage.parent_of(self.location)
         intact = f"the checkpoints before it are intact ({self.steps() or 'none'})"
         if is_disk_full(exc):
             raise CheckpointError(
@@ -265,8 +312,29 @@ class Checkpointer:
         keep = set(steps[max(len(steps) - room, 0) :] if room else []) | set(protect)
         for step in steps:
             if step not in keep:
-                self._intact.pop(step, None)
-                shutil.rmtree(self.directory / str(step), ignore_errors=True)
+                self._remove(step)
+
+    def _remove(self, step: int) -> None:
+        """Deletes ``step`` from both tiers (the persistent copy's manifest first)."""
+        self._intact.pop(step, None)
+        shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        if self.tier is not None:
+            self.tier.delete(step)
+
+    def _fetch(self, step: int) -> None:
+        """Makes the local folder hold ``step``: fetched from the persistent tier unless the
+        local copy is sealed with the same manifest (or only the local tier has it)."""
+        if self.tier is None:
+            return
+        local = self.directory / str(step)
+        remote = self.tier.manifest(step)
+        if remote is None:
+            return  # local-tier only, or gone: verify says which
+        if (local / MANIFEST).is_file() and (local / MANIFEST).read_bytes() == remote:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tier.fetch(step, local)
+        self._manager.reload()
 
     def remove_incomplete(self) -> list[str]:
         """Removes what killed saves leave behind: Orbax temporary folders
@@ -279,9 +347,14 @@ class Checkpointer:
         if self.is_writer and self.directory.is_dir():
             for path in self.directory.iterdir():
                 unsealed = path.name.isdigit() and not (path / MANIFEST).exists()
-                if path.is_dir() and (ORBAX_TMP in path.name or unsealed):
+                fetching = path.name.endswith(".fetching")
+                if path.is_dir() and (ORBAX_TMP in path.name or unsealed or fetching):
                     shutil.rmtree(path, ignore_errors=True)
                     removed.append(path.name)
+        if self.is_writer and self.tier is not None:
+            for step in self.tier.unsealed():
+                self.tier.delete(step)
+                removed.append(str(step))
         self._cleaned = True
         _sync("flaxlm-checkpoint-remove-incomplete")
         self._manager.reload()
@@ -296,8 +369,7 @@ class Checkpointer:
         if self.is_writer:
             for s in self.steps():
                 if s > step and (chosen is None or s in chosen):
-                    self._intact.pop(s, None)
-                    shutil.rmtree(self.directory / str(s), ignore_errors=True)
+                    self._remove(s)
         _sync(f"flaxlm-checkpoint-delete-after-{step}")
         self._manager.reload()
 
@@ -373,8 +445,15 @@ class Checkpointer:
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         path = self.directory / str(step) / "meta" / "metadata"
+        read = path.read_text
+        if self.tier is not None and not (path.parent.parent / MANIFEST).is_file():
+            path = storage.join(self.location, str(step), "meta", "metadata")
+
+            def read() -> str:
+                return self.tier.read_meta(step)
+
         try:
-            return json.loads(retrying(f"reading {path}", path.read_text))
+            return json.loads(retrying(f"reading {path}", read))
         except (OSError, ValueError) as exc:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} has no readable metadata: "
@@ -387,6 +466,8 @@ class Checkpointer:
         try:
             self._manager.wait_until_finished()
             self._seal_pending()
+            if self._seal_error is not None:
+                raise self._seal_error
         except Exception as exc:
             # At most one save runs at a time: a failure here is the last one started (an
             # asynchronous save that failed at once has already left _in_flight).

@@ -252,8 +252,8 @@ class CheckpointConfig:
     asynchronous: bool = True
     # A fast tier on node-local disk (docs/storage.md): every local_every steps a checkpoint
     # goes to local_dir only; every `every` steps it also goes to the run dir. A restart takes
-    # the newest intact step of either. None / 0 = off.
-    local_dir: str | None = None
+    # the newest intact step of either. "" / 0 = off.
+    local_dir: str = ""
     local_every: int = 0
 
 

@@ -38,6 +38,7 @@ __all__ = [
     "join",
     "local_cache",
     "make_dirs",
+    "native",
     "name_of",
     "parent_of",
     "read_bytes",
@@ -146,14 +147,16 @@ def write_text(url: str, text: str) -> None:
     write_bytes(url, text.encode("utf-8"))
 
 
-def create(url: str, data: bytes) -> bool:
-    """Writes ``url`` only if it does not exist yet; False if it does."""
+def create(url: str, data: bytes) -> str | None:
+    """Writes ``url`` only if it does not exist yet and returns its version (:func:`info`);
+    None if it exists."""
     store, key = store_of(url)
     return store.create(key, data)
 
 
-def replace(url: str, data: bytes, version: str) -> bool:
-    """Overwrites ``url`` only while it is at ``version`` (:func:`info`); False if not."""
+def replace(url: str, data: bytes, version: str) -> str | None:
+    """Overwrites ``url`` only while it is at ``version`` (:func:`info`); returns the new
+    version, or None if it had changed."""
     store, key = store_of(url)
     return store.replace(key, data, version)
 
@@ -235,3 +238,9 @@ def local_cache(url: str, *parts: str) -> Path:
         return Path(key, *parts)
     root = Path(os.environ.get("FLAXLM_CACHE") or Path.home() / ".cache" / "flaxlm")
     return root.joinpath(scheme, bucket, *key.split("/"), *parts)
+
+
+def native(url: str | Path) -> Path | str:
+    """A local path as a :class:`~pathlib.Path`, a URL as the string it is (a Path would fold
+    its ``//``)."""
+    return Path(url) if is_posix(os.fspath(url)) else os.fspath(url)

@@ -45,12 +45,14 @@ class Store:
         """Writes the whole object at once: a reader sees the old bytes or the new ones."""
         raise NotImplementedError
 
-    def create(self, key: str, data: bytes) -> bool:
-        """Writes ``key`` only if it does not exist; False (nothing written) if it does."""
+    def create(self, key: str, data: bytes) -> str | None:
+        """Writes ``key`` only if it does not exist and returns its version; None (nothing
+        written) if it exists."""
         raise NotImplementedError
 
-    def replace(self, key: str, data: bytes, version: str) -> bool:
-        """Overwrites ``key`` only if it is still at ``version``; False if it changed."""
+    def replace(self, key: str, data: bytes, version: str) -> str | None:
+        """Overwrites ``key`` only if it is still at ``version`` and returns the new version;
+        None if it changed."""
         raise NotImplementedError
 
     def info(self, key: str) -> ObjectInfo | None:

@@ -75,20 +75,21 @@ class GcsStore(Store):
         with self._errors(key):
             self._blob(key).upload_from_string(data, timeout=60)
 
-    def _upload_if(self, key: str, data: bytes, generation: int) -> bool:
+    def _upload_if(self, key: str, data: bytes, generation: int) -> str | None:
         from google.api_core import exceptions as gx
 
+        blob = self._blob(key)
         with self._errors(key):
             try:
-                self._blob(key).upload_from_string(data, if_generation_match=generation)
+                blob.upload_from_string(data, if_generation_match=generation)
             except gx.PreconditionFailed:
-                return False
-        return True
+                return None
+        return str(blob.generation)
 
-    def create(self, key: str, data: bytes) -> bool:
+    def create(self, key: str, data: bytes) -> str | None:
         return self._upload_if(key, data, 0)
 
-    def replace(self, key: str, data: bytes, version: str) -> bool:
+    def replace(self, key: str, data: bytes, version: str) -> str | None:
         return self._upload_if(key, data, int(version))
 
     def info(self, key: str) -> ObjectInfo | None:

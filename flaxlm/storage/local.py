@@ -30,7 +30,7 @@ class LocalStore(Store):
         os.replace(tmp, path)
         _sync_folder(path.parent)
 
-    def create(self, key: str, data: bytes) -> bool:
+    def create(self, key: str, data: bytes) -> str | None:
         # A hard link fails if the name exists, and the linked file already holds all of
         # ``data``: no reader ever sees the lock (or manifest) half written.
         path = Path(key)
@@ -39,18 +39,18 @@ class LocalStore(Store):
         try:
             os.link(tmp, path)
         except FileExistsError:
-            return False
+            return None
         finally:
             os.unlink(tmp)
         _sync_folder(path.parent)
-        return True
+        return self.info(key).version
 
-    def replace(self, key: str, data: bytes, version: str) -> bool:
+    def replace(self, key: str, data: bytes, version: str) -> str | None:
         current = self.info(key)
         if current is None or current.version != version:
-            return False
+            return None
         self.write(key, data)
-        return True
+        return self.info(key).version
 
     def info(self, key: str) -> ObjectInfo | None:
         try:

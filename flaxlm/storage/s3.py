@@ -81,23 +81,23 @@ class S3Store(Store):
         with self._errors(key):
             _client().put_object(Bucket=self.bucket, Key=key, Body=data)
 
-    def create(self, key: str, data: bytes) -> bool:
+    def create(self, key: str, data: bytes) -> str | None:
         return self._put_if(key, data, IfNoneMatch="*")
 
-    def replace(self, key: str, data: bytes, version: str) -> bool:
+    def replace(self, key: str, data: bytes, version: str) -> str | None:
         return self._put_if(key, data, IfMatch=version)
 
-    def _put_if(self, key: str, data: bytes, **condition: str) -> bool:
+    def _put_if(self, key: str, data: bytes, **condition: str) -> str | None:
         from botocore import exceptions as bx
 
         with self._errors(key):
             try:
-                _client().put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
+                put = _client().put_object(Bucket=self.bucket, Key=key, Body=data, **condition)
             except bx.ClientError as exc:
                 if str(exc.response.get("Error", {}).get("Code", "")) in _CONFLICT:
-                    return False
+                    return None
                 raise
-        return True
+        return put["ETag"]
 
     def info(self, key: str) -> ObjectInfo | None:
         try:

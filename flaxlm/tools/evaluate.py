@@ -17,6 +17,7 @@ from typing import Any
 import jax
 from tqdm import tqdm
 
+from flaxlm import storage
 from flaxlm.data import prepare_data, tokenize_documents
 from flaxlm.families import Baseline, family_of
 from flaxlm.tools.load import LoadedModel, load_checkpoint, resolve_checkpoint
@@ -123,7 +124,7 @@ def add_timing(report: dict[str, Any], n_batches: int, seq_len: int, start: floa
     report["tokens_per_s"] = report["tokens"] / max(seconds, 1e-9)
 
 
-def report_path(report: dict[str, Any], checkpoint: str | Path) -> Path:
+def report_path(report: dict[str, Any], checkpoint: str | Path) -> Path | str:
     """Where ``flaxlm eval`` writes its JSON by default: ``RUN_DIR/evals/step_<N>.<what>.json``
     with ``<what>`` the split, or ``data-<hash>`` of the sources evaluated."""
     run_dir, _ = resolve_checkpoint(checkpoint)
@@ -132,14 +133,12 @@ def report_path(report: dict[str, Any], checkpoint: str | Path) -> Path:
         what = f"data-{digest}"
     else:
         what = report["split"]
-    return run_dir / "evals" / f"step_{report['step']}.{what}.json"
+    return storage.native(storage.join(str(run_dir), "evals", f"step_{report['step']}.{what}.json"))
 
 
 def save_report(report: dict[str, Any], checkpoint: str | Path, out: str | Path | None = None):
     """Writes ``report`` as JSON to ``out`` (default :func:`report_path`); returns the path."""
-    path = Path(out) if out else report_path(report, checkpoint)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    tmp.replace(path)
+    path = storage.native(out) if out else report_path(report, checkpoint)
+    storage.make_dirs(storage.parent_of(str(path)))
+    storage.write_text(str(path), json.dumps(report, indent=2) + "\n")  # whole or not at all
     return path

@@ -10,6 +10,7 @@ import jax
 from flax import linen as nn
 from jax.sharding import Mesh
 
+from flaxlm import storage
 from flaxlm.checkpoint.manager import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import Config, MeshConfig, from_dict, save_config, to_dict
 from flaxlm.families import build_model
@@ -31,13 +32,15 @@ class LoadedModel:
     meta: dict[str, Any]
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, int | None]:
-    """``RUN_DIR`` -> (run dir, None = newest); ``RUN_DIR/checkpoints/N`` -> (run dir, N)."""
-    path = Path(path)
-    if (path / "checkpoints").is_dir():
-        return path, None
-    if path.parent.name == "checkpoints" and path.name.isdigit() and path.is_dir():
-        return path.parent.parent, int(path.name)
+def resolve_checkpoint(path: str | Path) -> tuple[Path | str, int | None]:
+    """``RUN_DIR`` -> (run dir, None = newest); ``RUN_DIR/checkpoints/N`` -> (run dir, N).
+    A run dir in a bucket stays a URL (str); a local one is a Path."""
+    path = str(path).rstrip("/")
+    if storage.exists(storage.join(path, "checkpoints")):
+        return storage.native(path), None
+    parent, name = storage.parent_of(path), storage.name_of(path)
+    if storage.name_of(parent) == "checkpoints" and name.isdigit() and storage.exists(path):
+        return storage.native(storage.parent_of(parent)), int(name)
     raise CheckpointError(
         f"{str(path)!r} is neither a run directory (with checkpoints/) "
         "nor a checkpoint RUN_DIR/checkpoints/<step>"

@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import yaml
 
-from flaxlm.config import Config, save_config
+from flaxlm import storage
+from flaxlm.config import Config, to_dict
 from flaxlm.data import PreparedData, prepare_data
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.families import family_of
@@ -143,7 +145,7 @@ class _Run:
 
 def _open_run(cfg: Config, stop_at_step: int | None, controls: type[StepControls]) -> _Run:
     """Data, model, state (fresh or resumed) and the loop's collaborators."""
-    family, run_dir = family_of(cfg), Path(cfg.train.run_dir)
+    family, run_dir = family_of(cfg), storage.native(cfg.train.run_dir)  # a folder or a URL
     is_main, proc = jax.process_index() == 0, (jax.process_index(), jax.process_count())
     show = is_main and cfg.train.progress
     wandb = WandbLog.for_run(cfg, is_main)  # logging.wandb: fails now if wandb is missing
@@ -186,6 +188,7 @@ def _eval_and_save(run: _Run, state: Any, step: int, data_index: int) -> None:
     if run.ckpts.due(step, run.last_step):
         run.watchdog.enter("checkpoint", step)
         with run.report.paused():
+            run.log.flush()  # the lines the checkpoint counts are in the run dir
             run.ckpts.save(state, step, data_index, run.healing, run.log.lines)
 
 
@@ -193,6 +196,7 @@ def _finish(run: _Run, state: Any, step: int, data_index: int) -> TrainResult:
     """The end: a checkpoint of the last step, a final evaluation, the plots."""
     result, ckpts = run.result, run.ckpts
     if ckpts.latest_step() != step:
+        run.log.flush()
         ckpts.save(state, step, data_index, run.healing, run.log.lines)
     if step == run.cfg.train.steps and (not result.evals or result.evals[-1]["step"] != step):
         final = run.evaluator.run(state.params, step)
@@ -207,12 +211,13 @@ def _finish(run: _Run, state: Any, step: int, data_index: int) -> TrainResult:
     return result
 
 
-def _write_run_files(run_dir: Path, cfg: Config, data: PreparedData) -> None:
+def _write_run_files(run_dir: Path | str, cfg: Config, data: PreparedData) -> None:
     """The resolved config, the tokenizer and the data's fingerprints, beside the
-    checkpoints."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "tokenizer.model").write_bytes(data.tokenizer.model_bytes)
+    checkpoints (each written whole: flaxlm.storage)."""
+    storage.make_dirs(run_dir)
+    config = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    storage.write_text(storage.join(run_dir, "config.yaml"), config)
+    storage.write_bytes(storage.join(run_dir, "tokenizer.model"), data.tokenizer.model_bytes)
     write_fingerprints(run_dir, data.fingerprints)
 
 
@@ -245,5 +250,6 @@ def _roll_back(bad: _Pending, reason: str, run: _Run) -> tuple[Any, int, int]:
     run.result.rollbacks.append(event)
     report.rolled_back(event, plan.restore_step)
     data_index = healing.next_data_index(plan.restore_data_index)
+    report.log.flush()  # the rollback record counts the lines written so far
     state = run.ckpts.roll_back(plan, data_index, healing, report.log.lines)
     return state, plan.restore_step, data_index

@@ -1,15 +1,21 @@
 """Where metrics go: ``metrics.jsonl`` (one JSON object per line), TensorBoard events,
 ``loss.png`` and, with ``logging.wandb``, a Weights & Biases run (flaxlm/train/wandb_log.py).
-Only process 0 writes; the others get a logger that does nothing."""
+Only process 0 writes; the others get a logger that does nothing. In a run dir on an object
+store the lines go into segments merged on read (flaxlm/train/metrics_segments.py), and the
+TensorBoard events and the plot are written locally and copied there when the log closes."""
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+from flaxlm import storage
+from flaxlm.train.metrics_segments import SegmentedLog, segment_lines
 
 if TYPE_CHECKING:
     from flaxlm.train.wandb_log import WandbLog
@@ -31,18 +37,26 @@ class MetricsLog:
         keep_lines: int | None = None,
         wandb: WandbLog | None = None,
     ):
-        self.run_dir = Path(run_dir)
-        self.path = self.run_dir / "metrics.jsonl"
+        self.run_dir = storage.native(run_dir)  # a Path, or a URL (str) on an object store
+        self.path = storage.native(storage.join(str(run_dir), "metrics.jsonl"))
         self.enabled = enabled
         self.lines = 0
         self._tb = None
         self._file = None
+        self._segments = None if storage.is_posix(str(run_dir)) else SegmentedLog(str(run_dir))
+        self._local = self.run_dir  # TensorBoard and the plot; a temporary folder for a URL
         self._wandb = wandb if enabled else None
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._truncate(resume_from_step, keep_lines)
-        self._file = self.path.open("a")
+        if self._segments is not None:
+            self._local = Path(tempfile.mkdtemp(prefix="flaxlm-metrics-"))
+            self.lines = self._segments.open(
+                lambda lines: _kept(lines, resume_from_step, keep_lines)
+            )
+        else:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._truncate(resume_from_step, keep_lines)
+            self._file = self.path.open("a")
         if self._wandb is not None:  # the events kept so far seed its events table
             self._wandb.start(_events(self.path))
 
@@ -50,11 +64,7 @@ class MetricsLog:
         """Rewritten atomically: a kill here leaves the old file or the new one."""
         if not self.path.exists():
             return
-        lines = [line for line in self.path.read_text().splitlines() if _parses(line)]
-        if keep_lines is not None:
-            kept = lines[:keep_lines]
-        else:
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        kept = _kept(self.path.read_text().splitlines(), step, keep_lines)
         tmp = self.path.with_suffix(".jsonl.tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -64,8 +74,11 @@ class MetricsLog:
         if not self.enabled:
             return
         clean = {k: _plain(v) for k, v in record.items()}
-        self._file.write(json.dumps(clean) + "\n")
-        self._file.flush()
+        if self._segments is not None:
+            self._segments.append(json.dumps(clean))
+        else:
+            self._file.write(json.dumps(clean) + "\n")
+            self._file.flush()
         self.lines += 1
         if self._wandb is not None:
             self._wandb.write(clean)
@@ -85,14 +98,24 @@ class MetricsLog:
         if self._tb is None:
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self._tb = SummaryWriter(str(self._local / "tensorboard"))
         return self._tb
 
     def plot(self) -> Path | None:
         """Writes ``loss.png`` (train and validation loss against step)."""
         if not self.enabled:
             return None
-        return plot_loss(self.path, self.run_dir / "loss.png")
+        self.flush()
+        out = plot_loss(self.path, self._local / "loss.png")
+        if out is not None and self._segments is not None:
+            storage.write_bytes(storage.join(str(self.run_dir), "loss.png"), out.read_bytes())
+            return None
+        return out
+
+    def flush(self) -> None:
+        """Makes every line written so far readable in the run dir (a checkpoint counts them)."""
+        if self._segments is not None:
+            self._segments.flush()
 
     def close(self, summary: dict[str, Any] | None = None) -> None:
         """Closes the file and TensorBoard; ends the W&B run with ``summary`` in its summary."""
@@ -104,12 +127,18 @@ class MetricsLog:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._segments is not None and self.enabled:
+            self._segments.flush()
+            if (self._local / "tensorboard").is_dir():
+                tensorboard = storage.join(str(self.run_dir), "tensorboard")
+                storage.upload_tree(self._local / "tensorboard", tensorboard)
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All records of a metrics.jsonl; a torn last line (crash mid-write) is ignored."""
+    """All records of a metrics.jsonl (or of its segments, in a run dir on an object store);
+    a torn last line (crash mid-write) is ignored."""
     records = []
-    for line in Path(path).read_text().splitlines():
+    for line in metric_lines(path):
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -145,9 +174,32 @@ def plot_loss(metrics_path: str | Path, out_path: str | Path) -> Path | None:
     return Path(out_path)
 
 
-def _events(path: Path) -> list[dict[str, Any]]:
+def metric_lines(path: str | Path) -> list[str]:
+    """The lines of ``RUN_DIR/metrics.jsonl``: the file, or its segments merged; a
+    FileNotFoundError naming ``path`` when there is neither."""
+    try:
+        return storage.read_text(str(path)).splitlines()
+    except FileNotFoundError:
+        lines = segment_lines(storage.parent_of(str(path)))
+        if not lines:
+            raise FileNotFoundError(f"{path} does not exist") from None
+        return lines
+
+
+def _kept(lines: list[str], step: int, keep_lines: int | None) -> list[str]:
+    """The lines of an earlier attempt that a resume at ``step`` keeps (see MetricsLog)."""
+    lines = [line for line in lines if _parses(line)]
+    if keep_lines is not None:
+        return lines[:keep_lines]
+    return [line for line in lines if json.loads(line).get("step", 0) <= step]
+
+
+def _events(path: Path | str) -> list[dict[str, Any]]:
     """The event records of a metrics.jsonl (only their lines are parsed)."""
-    lines = path.read_text().splitlines() if path.exists() else []
+    try:
+        lines = metric_lines(path)
+    except FileNotFoundError:
+        lines = []
     records = [json.loads(line) for line in lines if '"event"' in line and _parses(line)]
     return [r for r in records if "event" in r]
 

@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from flaxlm import storage
 from flaxlm.checkpoint.manager import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
 from flaxlm.config import Config, ConfigError, section_items, to_dict
 from flaxlm.tokenizers.sentencepiece import Tokenizer
@@ -41,6 +42,8 @@ SAFE_KEYS = (
     "train.log_every",
     "train.eval_every",
     "train.eval_batches",
+    "train.eval_tasks",
+    "train.eval_tasks_every",
     "train.progress",
     "train.watchdog_factor",
     "train.watchdog_min_s",
@@ -117,8 +120,8 @@ class ResumeCheck:
     """The checks of one start of ``cfg.train.run_dir``; a fresh run passes them all."""
 
     def __init__(self, cfg: Config):
-        self.cfg, self.run_dir = cfg, Path(cfg.train.run_dir)
-        meta = newest_meta(self.run_dir)
+        self.cfg, self.run_dir = cfg, storage.native(cfg.train.run_dir)
+        meta = newest_meta(self.run_dir, cfg.checkpoint.local_dir or None)
         self.resuming = meta is not None
         self.tokenizer = (
             Tokenizer.from_bytes(tokenizer_bytes_from_meta(meta), "of the checkpoint")
@@ -163,12 +166,13 @@ def refusal(run_dir: str | Path, changes: dict[str, tuple[Any, Any]]) -> str:
     )
 
 
-def newest_meta(run_dir: Path) -> dict[str, Any] | None:
-    """The metadata of the newest checkpoint whose metadata is readable, or None. Cheap: no
-    checksums (the restore verifies the checkpoint; its config is the run's either way)."""
-    if not (run_dir / "checkpoints").is_dir():
+def newest_meta(run_dir: Path | str, local_dir: str | None = None) -> dict[str, Any] | None:
+    """The metadata of the newest checkpoint whose metadata is readable (in the run dir or
+    the local tier ``local_dir``), or None. Cheap: no checksums (the restore verifies the
+    checkpoint; its config is the run's either way)."""
+    if local_dir is None and not storage.exists(storage.join(str(run_dir), "checkpoints")):
         return None
-    ckpt = Checkpointer(run_dir, asynchronous=False)
+    ckpt = Checkpointer(run_dir, asynchronous=False, local_dir=local_dir)
     try:
         for step in reversed(ckpt.steps()):
             try:
@@ -180,19 +184,18 @@ def newest_meta(run_dir: Path) -> dict[str, Any] | None:
         ckpt.close()
 
 
-def read_fingerprints(run_dir: Path) -> dict[str, str] | None:
-    path = Path(run_dir) / FINGERPRINTS_FILE
+def read_fingerprints(run_dir: Path | str) -> dict[str, str] | None:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
+        return json.loads(storage.read_text(storage.join(str(run_dir), FINGERPRINTS_FILE)))
+    except FileNotFoundError:
         return None  # a run dir from before fingerprints: nothing to compare
+    except ValueError:
+        return None
 
 
-def write_fingerprints(run_dir: Path, fingerprints: dict[str, str]) -> None:
-    path = Path(run_dir) / FINGERPRINTS_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(fingerprints, indent=1, sort_keys=True))
-    tmp.replace(path)
+def write_fingerprints(run_dir: Path | str, fingerprints: dict[str, str]) -> None:
+    text = json.dumps(fingerprints, indent=1, sort_keys=True)
+    storage.write_text(storage.join(str(run_dir), FINGERPRINTS_FILE), text)
 
 
 _MISSING = object()

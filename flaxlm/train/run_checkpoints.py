@@ -19,14 +19,13 @@ and decides as the uninterrupted run would.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import jax
 from flax.training.train_state import TrainState
 
+from flaxlm import storage
 from flaxlm.checkpoint.manager import Checkpointer, CheckpointError
 from flaxlm.config import Config, to_dict
 from flaxlm.train.guard_rules import RollbackPlan
@@ -51,10 +50,14 @@ class Start:
 class RunCheckpoints:
     def __init__(self, cfg: Config, model_state: TrainProgram, tokenizer_bytes: bytes):
         self.cfg, self.model_state, self.tokenizer_bytes = cfg, model_state, tokenizer_bytes
-        self.run_dir = Path(cfg.train.run_dir)
+        self.run_dir = str(cfg.train.run_dir)  # a folder or a bucket URL (flaxlm.storage)
         self.checkpointer = Checkpointer(
-            self.run_dir, cfg.checkpoint.keep, cfg.checkpoint.asynchronous
+            self.run_dir,
+            cfg.checkpoint.keep,
+            cfg.checkpoint.asynchronous,
+            cfg.checkpoint.local_dir or None,
         )
+        self._local_only = False  # the save ``due`` asked for goes to the local tier only
 
     def resume_or_start(self, announce: bool = False) -> Start:
         """The newest intact checkpoint with the run's position and guard state (newer ones
@@ -67,6 +70,11 @@ class RunCheckpoints:
         step = int(meta["step"])
         # Newer checkpoints that failed verification go; anything intact stays.
         self.checkpointer.delete_after(step, only=self.checkpointer.walked_past)
+        if self.checkpointer.local_tier and step not in self.checkpointer.local_steps():
+            print(
+                f"checkpoint.local_dir {self.checkpointer.directory} holds no intact checkpoint "
+                f"of step {step} or later: resuming from {self.checkpointer.location}"
+            )
         healing = GuardState.from_meta(self.cfg.guard, meta)
         data_index, lines = int(meta["data_index"]), meta.get("metrics_lines")
         record = self._rollback_record()
@@ -100,7 +108,10 @@ class RunCheckpoints:
             "metrics_lines": metrics_lines,
             "config": to_dict(self.cfg),
         }
-        self.checkpointer.save(state, meta, self.tokenizer_bytes, protect=healing.protected())
+        persistent, self._local_only = not self._local_only, False
+        self.checkpointer.save(
+            state, meta, self.tokenizer_bytes, protect=healing.protected(), persistent=persistent
+        )
 
     def roll_back(
         self, plan: RollbackPlan, data_index: int, healing: GuardState, metrics_lines: int
@@ -117,8 +128,10 @@ class RunCheckpoints:
                 "metrics_lines": metrics_lines,
                 "guard": healing.to_meta(),
             }
-            _write_durably(self.run_dir / ROLLBACK_FILE, json.dumps(record))
-            _write_durably(self.run_dir / "skip_ledger.json", json.dumps(healing.ledger.to_json()))
+            # Whole or not at all: a synced rename on disk, one PUT on an object store.
+            storage.write_text(storage.join(self.run_dir, ROLLBACK_FILE), json.dumps(record))
+            ledger = json.dumps(healing.ledger.to_json())
+            storage.write_text(storage.join(self.run_dir, "skip_ledger.json"), ledger)
         return self._restore_exactly(plan.restore_step)
 
     def _restore_exactly(self, step: int) -> TrainState:
@@ -128,18 +141,23 @@ class RunCheckpoints:
         return self.checkpointer.restore(ms.abstract, ms.shardings, step)[0]
 
     def _rollback_record(self) -> dict[str, Any] | None:
-        path = self.run_dir / ROLLBACK_FILE
-        if not path.is_file():
-            return None
+        path = storage.join(self.run_dir, ROLLBACK_FILE)
         try:
-            return json.loads(path.read_text())
+            return json.loads(storage.read_text(path))
+        except FileNotFoundError:
+            return None
         except json.JSONDecodeError as exc:  # written atomically: this is outside damage
             raise CheckpointError(f"{path} is not valid JSON ({exc}); remove it to resume") from exc
 
     def due(self, step: int, last_step: int) -> bool:
-        """Save after ``step``? Every ``checkpoint.every`` steps; the last step is saved once
-        the loop ends."""
-        return step % self.cfg.checkpoint.every == 0 and step != last_step
+        """Save after ``step``? Every ``checkpoint.every`` steps to the run dir, and every
+        ``checkpoint.local_every`` steps to the local tier only; the last step is saved once
+        the loop ends (to the run dir)."""
+        c = self.cfg.checkpoint
+        persistent = step % c.every == 0
+        local = bool(c.local_every) and step % c.local_every == 0
+        self._local_only = local and not persistent and step != last_step
+        return (persistent or local) and step != last_step
 
     def steps(self) -> set[int]:
         """Steps of the complete checkpoints, after any save in flight has finished (an async
@@ -153,18 +171,3 @@ class RunCheckpoints:
     def close(self) -> None:
         """Waits until every checkpoint is durable, manifests included."""
         self.checkpointer.close()
-
-
-def _write_durably(path: Path, text: str) -> None:
-    """Writes ``text`` to ``path`` atomically and syncs it (and the folder) to disk."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -12,6 +12,11 @@ restart); from another host when the holder has not touched the lock for ``stale
 (a live holder touches it every ``heartbeat_s`` from a background thread). A holder on
 another host that has missed two heartbeats is waited for rather than refused, so a job
 requeued on another node after a crash starts once the old lock is stale.
+
+On an object store (a run dir in a bucket) :class:`ObjectRunLock` keeps the same promises with
+conditional writes instead of ``O_EXCL`` and renames: the lock object is created only if
+absent, taken over from a stale holder only at the version judged stale, and touched by the
+heartbeat only while it is still this holder's.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flaxlm import storage
 from flaxlm.runtime.pids import pid_alive
 
 LOCK_NAME = "train.lock"
@@ -81,7 +87,7 @@ class RunLock:
                     if not waited:
                         print(
                             f"waiting for the lock of {self.run_dir} ({_describe(holder)}): "
-                            f"untouched for {_age(self.path):.0f}s, stale after "
+                            f"untouched for {self._age():.0f}s, stale after "
                             f"{self.stale_after_s:.0f}s",
                             flush=True,
                         )
@@ -122,7 +128,7 @@ class RunLock:
 
     def _stale_because(self, holder: dict[str, Any] | None) -> str | None:
         """Why the lock's holder is gone, or None while it may be alive."""
-        age = _age(self.path)
+        age = self._age()
         if holder is None:
             return f"it is unreadable and {age:.0f}s old" if age > _UNREADABLE_GRACE_S else None
         if holder.get("host") != socket.gethostname():
@@ -143,7 +149,7 @@ class RunLock:
     def _silent(self, holder: dict[str, Any] | None) -> bool:
         """Another host's holder that has missed two heartbeats."""
         other_host = holder is not None and holder.get("host") != socket.gethostname()
-        return other_host and _age(self.path) > 2 * self.heartbeat_s
+        return other_host and self._age() > 2 * self.heartbeat_s
 
     def _in_use_message(self, holder: dict[str, Any] | None) -> str:
         return (
@@ -151,6 +157,10 @@ class RunLock:
             f"{self.path}): two trainers on one run dir overwrite each other's checkpoints; "
             "stop that one first, or use another train.run_dir"
         )
+
+    def _age(self) -> float:
+        """Seconds since the holder last touched the lock."""
+        return _age(self.path)
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
@@ -170,10 +180,99 @@ def holds_run_lock(train_fn):
     def locked(cfg, *args, **kwargs):
         import jax
 
-        with RunLock(cfg.train.run_dir, enabled=jax.process_index() == 0):
+        run_dir = cfg.train.run_dir
+        lock = RunLock if storage.is_posix(run_dir) else ObjectRunLock
+        with lock(run_dir, enabled=jax.process_index() == 0):
             return train_fn(cfg, *args, **kwargs)
 
     return locked
+
+
+class ObjectRunLock(RunLock):
+    """``RUN_DIR/train.lock`` as an object: created with If-None-Match / generation 0, taken
+    over and touched with a write conditioned on the version last seen."""
+
+    def __init__(self, run_dir: str, enabled: bool = True, **kwargs: float):
+        super().__init__(run_dir, enabled, **kwargs)
+        self.run_dir = run_dir  # a URL: no Path (it would fold the //)
+        self.path = storage.join(run_dir, LOCK_NAME)
+        self._version: str | None = None
+        self._seen_age = 0.0
+
+    def acquire(self) -> None:
+        deadline, waited = time.monotonic() + 2 * _UNREADABLE_GRACE_S, False
+        holder_bytes = json.dumps(_this_holder()).encode()
+        while True:
+            self._version = storage.create(self.path, holder_bytes)
+            if self._version is not None:
+                break
+            found = storage.info(self.path)
+            if found is None:
+                continue  # released meanwhile
+            self._seen_age = max(time.time() - found.mtime, 0.0)
+            holder = _parse(self.path)
+            why = self._stale_because(holder)
+            if why is None and holder is None and time.monotonic() < deadline:
+                time.sleep(0.1)
+                continue
+            if why is None and self._silent(holder):
+                if not waited:
+                    print(f"waiting for the lock of {self.run_dir} ({_describe(holder)})")
+                waited = True
+                time.sleep(min(self.heartbeat_s, 5.0))
+                continue
+            if why is None:
+                raise RunLockError(self._in_use_message(holder))
+            warnings.warn(
+                f"taking over the lock of {self.run_dir}: {why} ({_describe(holder)})",
+                stacklevel=3,
+            )
+            self._version = storage.replace(self.path, holder_bytes, found.version)
+            if self._version is not None:
+                break
+        _HELD.add(self.path)
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._heartbeat, name="flaxlm-run-lock", daemon=True)
+        self._thread.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None
+        if self._version is not None:
+            found = storage.info(self.path)
+            if found is not None and found.version == self._version:
+                storage.delete(self.path)
+            _HELD.discard(self.path)
+            self._version = None
+
+    def _heartbeat(self) -> None:
+        holder_bytes = json.dumps(_this_holder()).encode()
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._version = storage.replace(self.path, holder_bytes, self._version)
+            except OSError:
+                continue  # a store that did not answer: try at the next beat
+            if self._version is None:
+                return  # taken over: nothing of ours left to touch
+
+    def _stale_because(self, holder: dict[str, Any] | None) -> str | None:
+        same = holder is not None and holder.get("host") == socket.gethostname()
+        if same and int(holder.get("pid", -1)) == os.getpid():
+            return None if self.path in _HELD else "it was left by an earlier process with this pid"
+        return super()._stale_because(holder)
+
+    def _age(self) -> float:
+        return self._seen_age
+
+
+def _parse(url: str) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(storage.read_bytes(url))
+    except (FileNotFoundError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
 
 
 def _this_holder() -> dict[str, Any]:

@@ -1,0 +1,69 @@
+"""The persistent tier: a run's checkpoints in its run dir when Orbax writes them somewhere
+else first.
+
+Orbax (0.12) writes arrays through TensorStore to a local folder or, for GCS buckets only,
+to GCS; it has no S3 path, and its GCS path cannot be pointed at an emulator. So every
+checkpoint is written by Orbax to a local folder — ``checkpoint.local_dir`` (the fast
+node-local tier) or a staging folder under ``$FLAXLM_CACHE`` — sealed there with its
+manifest, and copied to the run dir through :mod:`flaxlm.storage`: every file first, the
+manifest last. On an object store the manifest is the seal: a step whose upload was cut
+short has no manifest and does not count. Deleting goes the other way, manifest first, so a
+half-deleted step never looks complete. A restore of a step this host does not hold fetches
+it into the local folder (``<step>.fetching``, renamed when whole) and checks it there
+against its manifest, sizes and SHA-256s, before Orbax reads it.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from flaxlm import storage
+from flaxlm.checkpoint.files import MANIFEST
+
+
+class PersistentTier:
+    """The checkpoints folder of a run dir (``RUN_DIR/checkpoints``), any store."""
+
+    def __init__(self, url: str):
+        self.url = url
+
+    def _step(self, step: int, *parts: str) -> str:
+        return storage.join(self.url, str(step), *parts)
+
+    def steps(self) -> list[int]:
+        """Sealed steps (with a manifest), oldest first."""
+        names = [n for n in storage.children(self.url) if n.isdigit()]
+        return sorted(int(n) for n in names if storage.info(self._step(int(n), MANIFEST)))
+
+    def unsealed(self) -> list[int]:
+        """Step folders without a manifest: uploads that were cut short."""
+        names = [n for n in storage.children(self.url) if n.isdigit()]
+        return sorted(int(n) for n in names if not storage.info(self._step(int(n), MANIFEST)))
+
+    def upload(self, folder: Path, step: int) -> None:
+        """Copies a sealed local checkpoint folder: its files, then its manifest."""
+        storage.upload_tree(folder, self._step(step), skip=(MANIFEST,))
+        storage.write_bytes(self._step(step, MANIFEST), (folder / MANIFEST).read_bytes())
+
+    def fetch(self, step: int, folder: Path) -> None:
+        """Downloads ``step`` into ``folder`` (replacing what is there), whole or not at all."""
+        partial = folder.with_name(folder.name + ".fetching")
+        shutil.rmtree(partial, ignore_errors=True)
+        storage.download_tree(self._step(step), partial)
+        shutil.rmtree(folder, ignore_errors=True)
+        partial.rename(folder)
+
+    def manifest(self, step: int) -> bytes | None:
+        try:
+            return storage.read_bytes(self._step(step, MANIFEST))
+        except FileNotFoundError:
+            return None
+
+    def read_meta(self, step: int) -> str:
+        return storage.read_text(self._step(step, "meta", "metadata"))
+
+    def delete(self, step: int) -> None:
+        """Removes ``step``: its manifest first, so what is left of it does not count."""
+        storage.delete(self._step(step, MANIFEST))
+        storage.delete_tree(self._step(step))
