@@ -27,7 +27,7 @@ RUN = (
     "guard.known_good_after=5",
     "chaos.spike_at_steps=[23]",  # step 24's loss explodes: back to checkpoint 15
 )
-TIMING = ("tokens_per_s", "mfu")
+TIMING = ("tokens_per_s", "mfu", "goodput")
 
 
 class Killed(BaseException):

@@ -20,6 +20,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--decode-batch", type=int, default=1, help="rows decoded at once")
     p.add_argument("--json", action="store_true", help="print one JSON line")
+    p.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="a jax.profiler trace of the timed steps into DIR (*.xplane.pb: TensorBoard, XProf)",
+    )
     p.set_defaults(func=bench_command)
 
 
@@ -28,7 +33,7 @@ def bench_command(args: argparse.Namespace) -> int:
     from flaxlm.tools.bench import format_report, run_bench
 
     cfg = load_config(args.config, args.overrides, check_paths=False)  # random tokens
-    report = run_bench(cfg, args.what, args.steps, args.warmup, args.decode_batch)
+    report = run_bench(cfg, args.what, args.steps, args.warmup, args.decode_batch, args.profile)
     if report.get("warning"):
         print(f"flaxlm bench: warning: {report['warning']}", file=sys.stderr)
     print(json.dumps(report) if args.json else format_report(report))

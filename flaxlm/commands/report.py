@@ -14,6 +14,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def report_command(args: argparse.Namespace) -> int:
     from flaxlm.tools.report import write_report
+    from flaxlm.tools.report_goodput import goodput_table
 
     print(f"wrote {write_report(args.run_dir, args.out)}")
+    print("\n".join(goodput_table(args.run_dir)), end="")  # the goodput table, if any
     return 0

@@ -228,6 +228,10 @@ class TrainConfig:
     # refused unless this is true; the accepted change is then an event in metrics.jsonl.
     allow_config_change: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    # [start, stop]: a jax.profiler trace of steps start..stop into RUN_DIR/profile/
+    # (TensorBoard's profile plugin / XProf read it; docs/profiling.md); [] = no trace.
+    profile_steps: list[int] = field(default_factory=list)
+    profile_hosts: list[int] = field(default_factory=list)  # processes that trace; [] = all
 
 
 @dataclass

@@ -219,6 +219,13 @@ def _check_train(cfg: Any) -> None:
         )
     if t.head_chunk < 0:
         raise ConfigError(f"train.head_chunk={t.head_chunk} must be >= 0 (0 = plain logits)")
+    p = t.profile_steps
+    if p and not (len(p) == 2 and 1 <= p[0] < p[1]):
+        raise ConfigError(
+            f"train.profile_steps={p} must be [start, stop] with 1 <= start < stop ([] = no trace)"
+        )
+    if any(h < 0 for h in t.profile_hosts):
+        raise ConfigError(f"train.profile_hosts={t.profile_hosts} must hold process indices >= 0")
     if t.batch_size % t.grad_accum:
         raise ConfigError(
             f"train.batch_size={t.batch_size} is not divisible by train.grad_accum={t.grad_accum}"

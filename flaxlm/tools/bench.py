@@ -17,6 +17,7 @@ against re-running the prefix (:mod:`flaxlm.tools.bench_phases`).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import resource
 import statistics
@@ -32,6 +33,7 @@ from flaxlm.families import family_of
 from flaxlm.runtime.host_memory import huge_pages_in_force
 from flaxlm.runtime.peaks import Peak, default_cache_path, raise_cpu_peak, run_peak
 from flaxlm.train.flops import flops_per_token, measure_matmul_peak
+from flaxlm.train.profiling import STEP_NAME
 
 PEAK_TOLERANCE = 0.2  # before/after peaks further apart than this: a noisy machine
 WHATS = ("train", "data", "decode", "checkpoint", "all")
@@ -112,27 +114,36 @@ class TrainHarness:
         self.batch = put_train_batch(local, self.mesh, cfg.train.grad_accum)
         self.controls = step_controls()
 
-    def step(self) -> float:
-        """Runs one step to completion; returns its wall time in seconds."""
+    def step(self, number: int = 0) -> float:
+        """Runs one step to completion; returns its wall time in seconds. ``number``: its
+        step number in a trace (flaxlm/train/profiling.py names the train steps alike)."""
         t0 = time.perf_counter()
-        self.state, metrics = self.step_fn(self.state, self.batch, self.controls)
-        jax.block_until_ready(metrics)
+        with jax.profiler.StepTraceAnnotation(STEP_NAME, step_num=number):
+            self.state, metrics = self.step_fn(self.state, self.batch, self.controls)
+            jax.block_until_ready(metrics)
         return time.perf_counter() - t0
 
 
 def bench_train(
-    cfg: Config, steps: int = 10, warmup: int = 3, harness: TrainHarness | None = None
+    cfg: Config,
+    steps: int = 10,
+    warmup: int = 3,
+    harness: TrainHarness | None = None,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """Peak, compile, ``warmup`` steps, ``steps`` timed steps, peak. Returns the report dict
-    (``step_s`` is the median step; MFU is against the mean of the two peaks)."""
+    (``step_s`` is the median step; MFU is against the mean of the two peaks). ``profile``: a
+    folder for a ``jax.profiler`` trace of the timed steps (``*.xplane.pb``, for TensorBoard's
+    profile plugin / XProf); their times then include the tracer's overhead."""
     if steps < 1 or warmup < 0:
         raise ValueError(f"--steps {steps} must be >= 1 and --warmup {warmup} >= 0")
     harness = harness or TrainHarness(cfg)
     peak_before = measure_peak(cfg.model.dtype)
-    compile_s = harness.step()  # the first call compiles (and runs once)
-    for _ in range(warmup):
-        harness.step()
-    times = [harness.step() for _ in range(steps)]
+    compile_s = harness.step(1)  # the first call compiles (and runs once)
+    for i in range(warmup):
+        harness.step(2 + i)
+    with jax.profiler.trace(profile) if profile else contextlib.nullcontext():
+        times = [harness.step(warmup + 2 + i) for i in range(steps)]
     peak_after = measure_peak(cfg.model.dtype)
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len
     report = {"what": "train", "family": cfg.model.family, "tokens_per_step": tokens_per_step}
@@ -143,6 +154,8 @@ def bench_train(
         steps=steps,
         warmup=warmup,
     )
+    if profile:
+        report["profile"] = str(profile)
     report["tokens_per_s"] = tokens_per_step / report["step_s"]
     predicted = harness.family.predicted_positions(cfg)
     report.update(model_flops(cfg.model, cfg.data.seq_len, predicted))
@@ -201,7 +214,12 @@ def stale_cache_warning(peak: Peak | None, before: float, after: float) -> str |
 
 
 def run_bench(
-    cfg: Config, what: str = "train", steps: int = 10, warmup: int = 3, decode_batch: int = 1
+    cfg: Config,
+    what: str = "train",
+    steps: int = 10,
+    warmup: int = 3,
+    decode_batch: int = 1,
+    profile: str | None = None,
 ) -> dict[str, Any]:
     """The benchmarks named by ``what`` (one of :data:`WHATS`); the train report at the top
     level, the others under ``data``, ``decode``, ``checkpoint`` (with ratios to the step)."""
@@ -218,7 +236,7 @@ def run_bench(
     step_rate, harness = None, None
     if what in ("train", "all", "data", "checkpoint"):
         harness = TrainHarness(cfg)
-        report.update(bench_train(cfg, steps, warmup, harness))
+        report.update(bench_train(cfg, steps, warmup, harness, profile))
         step_rate = report["tokens_per_s"]
     if what in ("data", "all"):
         report["data"] = bench_io.bench_data(cfg, step_rate)
@@ -274,4 +292,6 @@ def _train_lines(r: dict[str, Any]) -> list[str]:
     ]
     if same_run is not None:
         lines.append(f"  vs the probes      {100 * same_run:.1f} % (their mean)")
+    if r.get("profile"):
+        lines.append(f"trace                {r['profile']} (the timed steps; tensorboard/xprof)")
     return lines

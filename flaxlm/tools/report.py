@@ -3,7 +3,8 @@
 Writes ``RUN_DIR/report/`` (or ``--out``): ``loss.png`` (train and validation), ``lr.png``,
 ``grad_norm.png``, ``throughput.png`` (tokens/s), for MoE runs ``moe_load.png`` (each
 expert's share of the routed tokens) and ``moe_aux.png`` (the router's auxiliary loss),
-``overview.png`` (all of them) and ``report.md``. Rollback events (``{"event": "rollback",
+``overview.png`` (all of them), ``goodput.png`` and ``report.md`` with a goodput table
+(flaxlm/tools/report_goodput.py). Rollback events (``{"event": "rollback",
 "step", "restored_step", "skipped", "reason"}`` lines) are drawn on every plot: a red line at
 the step where the spike was seen and a shaded span back to the step restored. Steps trained
 again after a rollback replace the abandoned ones; the abandoned values are drawn faint, so
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxlm.tools.report_goodput import goodput_table, plot_goodput
 from flaxlm.train.metrics_log import read_metrics
 
 PANELS = {  # file stem -> (title, [(metric key, label)], y label, log scale)
@@ -96,6 +98,8 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     md.write_text(summary_markdown(run_dir, metrics, [p.name for p in images]))
     return md
 
+    goodput_plot = plot_goodput(run_dir, out)  # goodput.jsonl: where the time went
+    images += [goodput_plot] if goodput_plot is not None else []
 
 def plot_run(metrics: RunMetrics, out: Path) -> list[Path]:
     import matplotlib
@@ -216,3 +220,4 @@ def summary_markdown(run_dir: Path, metrics: RunMetrics, images: list[str]) -> s
         lines.append("")
     lines += [f"![{Path(name).stem}]({name})" for name in images]
     return "\n".join(lines) + "\n"
+    lines += goodput_table(run_dir)

@@ -34,6 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flaxlm import storage
+
 LEDGER = "goodput.jsonl"
 PARTS = (
     "productive", "compile", "data", "eval", "checkpoint_save", "checkpoint_restore", "startup",
@@ -72,8 +74,12 @@ class GoodputClock:
 
     @classmethod
     def open(cls, run_dir: str | Path, write: bool = True, log_every: int = 1) -> GoodputClock:
-        """The clock of a new attempt on ``run_dir`` (a fresh run, or a restart)."""
+        """The clock of a new attempt on ``run_dir`` (a fresh run, or a restart). A run dir on
+        an object store (no appends) keeps the account in memory only: each attempt's
+        figures start afresh there."""
         now = time.time()
+        if not storage.is_posix(str(run_dir)):
+            return cls(None, [], now, log_every)
         path = Path(run_dir) / LEDGER
         return cls(path if write else None, _read(path), now, log_every)
 

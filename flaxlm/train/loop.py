@@ -17,6 +17,7 @@ in chaos.py swaps in its fault-injecting one), evaluation (evaluator.py), metric
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,12 @@ from flaxlm.families import family_of
 from flaxlm.train.batches import put_train_batch
 from flaxlm.train.controls import StepControls
 from flaxlm.train.evaluator import Evaluator
+from flaxlm.train.goodput import GoodputClock
 from flaxlm.train.guard_rules import TrainingDiverged
 from flaxlm.train.guard_state import GuardState
 from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.preemption import PreemptionGuard
+from flaxlm.train.profiling import StepProfiler
 from flaxlm.train.program import TrainProgram
 from flaxlm.train.reporter import StepReporter, scalars
 from flaxlm.train.resume_checks import ResumeCheck, write_fingerprints
@@ -86,7 +89,7 @@ def train(
     next_local = run.next_batch(data_index)
     with PreemptionGuard() as preempt, run.watchdog:
         while True:
-            run.watchdog.enter("step", step + 1)
+            run.phase("step", step + 1)
             finished = step >= last_step or preempt.stop_at(step)
             if finished and pending is None:
                 break
@@ -97,7 +100,7 @@ def train(
                 dispatched = _Pending(step + 1, data_index, metrics)
                 step, data_index = step + 1, healing.next_data_index(data_index + 1)
                 if step < last_step:  # host work overlaps the step just dispatched
-                    next_local = run.next_batch(data_index)
+                    next_local = run.next_batch(data_index, in_flight=metrics)
                 report.advanced()
             # The guard reads the previous step; before an eval or a save (and when draining)
             # also the one just dispatched, so no checkpoint holds an unchecked step.
@@ -106,9 +109,10 @@ def train(
             pending = None if boundary else dispatched
             bad = next(((p, r) for p in to_check if (r := _check(p, healing, report))), None)
             if bad is not None:
-                run.watchdog.enter("rollback", bad[0].step)
+                run.phase("rollback", bad[0].step)
                 with report.paused():
                     state, step, data_index = _roll_back(*bad, run)
+                run.goodput.rolled_back(step)
                 pending, next_local = None, run.next_batch(data_index)
                 continue
             if finished:
@@ -137,16 +141,34 @@ class _Run:
     report: StepReporter
     watchdog: Watchdog
     result: TrainResult
+    profiler: StepProfiler  # names the phases in traces; train.profile_steps' trace
+    goodput: GoodputClock  # where the wall-clock time goes (goodput.jsonl)
 
-    def next_batch(self, data_index: int) -> Any:
-        """This process's slice of the batch at data position ``data_index`` (host arrays)."""
-        return self.batches.batch(data_index, *self.proc)
+    def phase(self, name: str, step: int) -> None:
+        """The loop enters phase ``name`` at ``step``: the watchdog, the profiler's trace and
+        the goodput clock follow it."""
+        self.watchdog.enter(name, step)
+        self.profiler.enter(name, step)
+        self.goodput.enter(name, step)
+
+    def next_batch(self, data_index: int, in_flight: Any = None) -> Any:
+        """This process's slice of the batch at data position ``data_index`` (host arrays).
+        ``in_flight``: the metrics of the step running meanwhile; when it is done by the time
+        the batch is (or none runs), the device waited for the data."""
+        began = time.perf_counter()
+        with self.profiler.data():
+            batch = self.batches.batch(data_index, *self.proc)
+        leaves = jax.tree.leaves(in_flight)
+        if all(getattr(leaf, "is_ready", lambda: True)() for leaf in leaves):
+            self.goodput.data_wait(time.perf_counter() - began)
+        return batch
 
 
 def _open_run(cfg: Config, stop_at_step: int | None, controls: type[StepControls]) -> _Run:
     """Data, model, state (fresh or resumed) and the loop's collaborators."""
     family, run_dir = family_of(cfg), storage.native(cfg.train.run_dir)  # a folder or a URL
     is_main, proc = jax.process_index() == 0, (jax.process_index(), jax.process_count())
+    goodput = GoodputClock.open(run_dir, write=is_main, log_every=cfg.train.log_every)
     show = is_main and cfg.train.progress
     wandb = WandbLog.for_run(cfg, is_main)  # logging.wandb: fails now if wandb is missing
     resume = ResumeCheck(cfg)  # refuses a resume that would change the run (resume_checks.py)
@@ -162,7 +184,9 @@ def _open_run(cfg: Config, stop_at_step: int | None, controls: type[StepControls
 
     # Resume from the newest intact checkpoint of this run dir, or start fresh.
     ckpts = RunCheckpoints(cfg, ms, data.tokenizer.model_bytes)
+    goodput.enter("restore", 0)
     start = ckpts.resume_or_start(announce=is_main)
+    goodput.resumed(start.step)
     last_step = cfg.train.steps if stop_at_step is None else min(stop_at_step, cfg.train.steps)
     result = TrainResult(run_dir, start.step, resumed_from=start.resumed_from)
     result.process_index = proc[0]
@@ -170,38 +194,46 @@ def _open_run(cfg: Config, stop_at_step: int | None, controls: type[StepControls
         run_dir, is_main, resume_from_step=start.step, keep_lines=start.metrics_lines, wandb=wandb
     )
     resume.record(log, start.step)  # accepted changes: an event in metrics.jsonl
-    report = StepReporter(cfg, family, log, show, start.step, last_step, ramp)
+    report = StepReporter(cfg, family, log, show, start.step, last_step, ramp, goodput)
     evaluator = Evaluator(cfg, family, ms.eval_step, ms.mesh, data.val, data.tokenizer)
     watchdog = Watchdog(cfg.train.watchdog_factor, cfg.train.watchdog_min_s)
     return _Run(
         cfg, ms, batches, proc, start, last_step, ckpts, start.healing,
         controls(cfg, ms, start.healing), evaluator, log, report, watchdog, result,
+        StepProfiler.for_run(cfg, run_dir, proc[0]), goodput,
     )  # fmt: skip
 
 
 def _eval_and_save(run: _Run, state: Any, step: int, data_index: int) -> None:
     """The evaluation and the checkpoint due after ``step`` (both checked healthy)."""
     if run.evaluator.due(step):  # before the save: its line belongs to the checkpoint
-        run.watchdog.enter("eval", step)
+        run.phase("eval", step)
         with run.report.paused():
             run.result.evals.append(run.report.evaluated(run.evaluator.run(state.params, step)))
     if run.ckpts.due(step, run.last_step):
-        run.watchdog.enter("checkpoint", step)
+        run.phase("checkpoint", step)
         with run.report.paused():
             run.log.flush()  # the lines the checkpoint counts are in the run dir
             run.ckpts.save(state, step, data_index, run.healing, run.log.lines)
+        run.goodput.saved(step)
 
 
 def _finish(run: _Run, state: Any, step: int, data_index: int) -> TrainResult:
     """The end: a checkpoint of the last step, a final evaluation, the plots."""
     result, ckpts = run.result, run.ckpts
     if ckpts.latest_step() != step:
+        run.phase("checkpoint", step)
         run.log.flush()
         ckpts.save(state, step, data_index, run.healing, run.log.lines)
+        run.goodput.saved(step)
     if step == run.cfg.train.steps and (not result.evals or result.evals[-1]["step"] != step):
+        run.phase("eval", step)
         final = run.evaluator.run(state.params, step)
         result.evals.append(run.report.evaluated(final, final=True))
+    run.phase("checkpoint", step)
     ckpts.close()  # waits until every checkpoint is durable, manifests included
+    run.profiler.close()
+    run.goodput.close()
     if result.preempted and run.proc[0] == 0:
         print(f"{result.preempted}: checkpoint saved at step {step} in {result.run_dir}; "
               "rerun to resume")  # fmt: skip

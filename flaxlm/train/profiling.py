@@ -29,6 +29,7 @@ from typing import Any
 
 import jax
 
+from flaxlm import storage
 from flaxlm.config import Config
 
 TRACE_DIR = "profile"  # under the run dir
@@ -38,21 +39,22 @@ STEP_NAME = "train"  # the StepTraceAnnotation of each train step
 class StepProfiler:
     """Names the loop's phases in traces and takes the trace of ``train.profile_steps``."""
 
-    def __init__(self, steps: list[int], log_dir: Path | None):
-        """``steps``: [start, stop] or []; ``log_dir``: where this host writes its trace, None
-        when it takes none."""
+    def __init__(self, steps: list[int], log_dir: str | None):
+        """``steps``: [start, stop] or []; ``log_dir``: where this host writes its trace (a
+        folder, or an object-store URL where jax's profiler can write one), None when it
+        takes none."""
         self.start, self.stop = (steps[0], steps[1]) if steps else (0, -1)
         self.log_dir = log_dir if steps else None
         self.tracing = False
         self._open: Any = None  # the annotation of the phase running now
 
     @classmethod
-    def for_run(cls, cfg: Config, run_dir: Path, process_index: int) -> StepProfiler:
+    def for_run(cls, cfg: Config, run_dir: str | Path, process_index: int) -> StepProfiler:
         """This process's profiler: it traces when ``train.profile_steps`` is set and
         ``train.profile_hosts`` is empty (all hosts) or names it."""
         hosts, steps = cfg.train.profile_hosts, list(cfg.train.profile_steps)
         traces = bool(steps) and (not hosts or process_index in hosts)
-        return cls(steps, Path(run_dir) / TRACE_DIR if traces else None)
+        return cls(steps, storage.join(str(run_dir), TRACE_DIR) if traces else None)
 
     def enter(self, phase: str, step: int) -> None:
         """The loop starts ``phase`` (``step`` = the step about to be dispatched, or the step
@@ -60,8 +62,8 @@ class StepProfiler:
         self._close_phase()
         if self.log_dir is not None and phase == "step":
             if not self.tracing and self.start <= step <= self.stop:
-                self.log_dir.mkdir(parents=True, exist_ok=True)
-                jax.profiler.start_trace(str(self.log_dir))
+                storage.make_dirs(self.log_dir)
+                jax.profiler.start_trace(self.log_dir)
                 self.tracing = True
             elif self.tracing and step > self.stop + 1:  # step `stop` was read in the last one
                 self._stop_trace()

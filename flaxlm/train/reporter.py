@@ -22,6 +22,7 @@ from flaxlm.families import Family, summary_line
 from flaxlm.runtime.peaks import run_peak
 from flaxlm.train import moe_terms
 from flaxlm.train.flops import flops_per_token
+from flaxlm.train.goodput import GoodputClock
 from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.throughput import Throughput
 
@@ -38,12 +39,14 @@ class StepReporter:
         step: int,
         last_step: int,
         ramp: BatchRamp,
+        goodput: GoodputClock | None = None,
     ):
         """``ramp``: the run's BatchRamp (the rows of each data position), the same one its
-        batches and LR schedule follow."""
+        batches and LR schedule follow. ``goodput``: the run's clock (flaxlm/train/goodput.py);
+        each logged step record carries its ``goodput``."""
         self.cfg, self.family, self.log, self.show = cfg, family, log, show
         self.last_step = last_step
-        self.ramp = ramp
+        self.ramp, self.goodput = ramp, goodput
         tokens = cfg.train.batch_size * cfg.data.seq_len
         flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
         # The peak MFU divides by (flaxlm/runtime/peaks.py): published for TPUs and GPUs,
@@ -71,6 +74,8 @@ class StepReporter:
         if self.ramp.ramped:
             record["batch_size"] = rows
         record.update(self.meter.rate())
+        if self.goodput is not None:
+            record["goodput"] = self.goodput.fraction()
         if "mfu" in record and self.peak is not None:
             record.update(peak_flops=self.peak.total, peak_origin=self.peak.origin)
         record.update(self.family.log_fields(self.cfg, metrics))

@@ -45,6 +45,8 @@ SAFE_KEYS = (
     "train.eval_tasks",
     "train.eval_tasks_every",
     "train.progress",
+    "train.profile_steps",
+    "train.profile_hosts",
     "train.watchdog_factor",
     "train.watchdog_min_s",
     "train.distributed",
