@@ -26,6 +26,8 @@ bucket, s3_server, gcs_server = (
     object_stores.gcs_server,
 )
 
+pytestmark = pytest.mark.slow  # a local run plus a killed and a resumed one per store
+
 RUN = (
     "train.steps=24",
     "train.eval_every=0",

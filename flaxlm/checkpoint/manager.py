@@ -306,13 +306,24 @@ class Checkpointer:
     def _prune(self, protect: set[int] | frozenset[int]) -> None:
         if not self.is_writer:
             return
-        # Called just before a new save: leave room for it within ``keep``.
-        steps = self.steps()
-        room = max(self.keep - 1, 0)
-        keep = set(steps[max(len(steps) - room, 0) :] if room else []) | set(protect)
-        for step in steps:
-            if step not in keep:
+
+        # Called just before a new save: leave room for it within ``keep``. With two tiers
+        # each keeps its own newest, so the run dir never loses its last checkpoints to a
+        # stream of local saves.
+        def keep(steps: list[int]) -> set[int]:
+            room = max(self.keep - 1, 0)
+            return set(steps[max(len(steps) - room, 0) :] if room else []) | set(protect)
+
+        if self.tier is None:
+            for step in sorted(set(self.steps()) - keep(self.steps())):
                 self._remove(step)
+            return
+        for step in sorted(set(self.local_steps()) - keep(self.local_steps())):
+            self._intact.pop(step, None)
+            shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        for step in sorted(set(self.tier.steps()) - keep(self.tier.steps())):
+            self._intact.pop(step, None)
+            self.tier.delete(step)
 
     def _remove(self, step: int) -> None:
         """Deletes ``step`` from both tiers (the persistent copy's manifest first)."""

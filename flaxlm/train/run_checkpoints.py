@@ -66,11 +66,12 @@ class RunCheckpoints:
         if self.checkpointer.latest_step() is None:
             return Start(self.model_state.fresh(), 0, 0, GuardState(self.cfg.guard), None, 0)
         ms = self.model_state
+        held_locally = set(self.checkpointer.local_steps())  # before a restore fetches one
         state, meta = self.checkpointer.restore(ms.abstract, ms.shardings)
         step = int(meta["step"])
         # Newer checkpoints that failed verification go; anything intact stays.
         self.checkpointer.delete_after(step, only=self.checkpointer.walked_past)
-        if self.checkpointer.local_tier and step not in self.checkpointer.local_steps():
+        if self.checkpointer.local_tier and step not in held_locally:
             print(
                 f"checkpoint.local_dir {self.checkpointer.directory} holds no intact checkpoint "
                 f"of step {step} or later: resuming from {self.checkpointer.location}"
