@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from flaxlm import storage
 from flaxlm.config.checks import ConfigError, source_name
 from flaxlm.config.registry import registered_sections, section_choices
 
@@ -284,7 +285,8 @@ def _check_checkpoint(cfg: Any) -> None:
         )
     if c.local_every and not c.local_dir:
         raise ConfigError(
-            f"checkpoint.local_every={c.local_every} needs checkpoint.local_dir (a node-local folder)"
+            f"checkpoint.local_every={c.local_every} needs checkpoint.local_dir "
+            "(a node-local folder)"
         )
 
 
@@ -305,7 +307,7 @@ def _check_guard(cfg: Any) -> None:
 def _check_paths(d: Any) -> None:
     """The data a run reads exists here: the prepared corpus, or the sources and tokenizer."""
     if d.prepared:  # the raw sources may not exist where training runs
-        if not (Path(d.prepared) / "manifest.json").is_file():
+        if not storage.exists(storage.join(d.prepared, "manifest.json")):  # a folder or a URL
             raise ConfigError(
                 f"data.prepared={d.prepared!r} holds no manifest.json; expected a folder "
                 "written by `flaxlm data prepare CONFIG --out DIR` (a finished one)"
