@@ -39,6 +39,7 @@ from flaxlm.commands import (
 )
 from flaxlm.config import ConfigError
 from flaxlm.runtime.host_memory import reexec_with_huge_pages
+from flaxlm.storage import StorageError
 
 # In the order ``flaxlm --help`` lists them. Each module adds its command's parser (with
 # ``func`` = its handler) and imports the library only inside the handler, so
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ConfigError, ValueError, FileNotFoundError, RuntimeError, StorageError) as exc:
         if type(exc).__name__ == "TrainingDiverged":  # not imported here: it pulls in jax
             print(f"flaxlm {args.command}: training diverged: {exc}", file=sys.stderr)
             return 3

@@ -136,3 +136,14 @@ def test_nothing_outside_the_storage_layer_checks_a_scheme():
             if SCHEME_CHECK.search(line.split("#")[0]):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, "ask flaxlm.storage instead:\n" + "\n".join(offenders)
+
+
+def test_the_cli_says_a_bad_url_in_one_line(capsys):
+    from flaxlm.cli import main
+
+    assert main(["eval", "gcs://bucket/run"]) == 2
+    err = capsys.readouterr().err
+    assert err == (
+        "flaxlm eval: error: 'gcs://bucket/run': unsupported scheme gcs://; "
+        "expected a local path, gs:// or s3://\n"
+    )

@@ -80,6 +80,14 @@ class Checkpointer:
         if local_dir is None and storage.is_posix(self.location):
             self.directory = Path(self.location).absolute()
         else:
+            if jax.process_count() > 1:
+                # Orbax's multi-process save merges every host's files in one folder; each
+                # host's own local folder cannot give it that yet (docs/storage.md).
+                raise CheckpointError(
+                    f"checkpoints in {self.location} (an object store or checkpoint.local_dir) "
+                    f"are written by one process for now, this run has {jax.process_count()}; "
+                    "use a run dir every host mounts (NFS, Filestore, GCSFuse) for multi-host"
+                )
             self.tier = PersistentTier(self.location)
             local = Path(local_dir) if local_dir else storage.local_cache(self.location)
             self.directory = local.absolute()

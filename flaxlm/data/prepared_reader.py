@@ -23,11 +23,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from flaxlm import storage
 from flaxlm.config import DataConfig
 from flaxlm.data.corpus import SPLITS, PreparedData, SourceData
 from flaxlm.data.documents import DataError
-from flaxlm.data.fingerprints import file_sha256
 from flaxlm.data.sharded_tokens import LazyShard, ReadCount, ShardedTokens
+from flaxlm.data.stored_arrays import load_array
 from flaxlm.data.token_split import TokenSplit
 from flaxlm.tokenizers.sentencepiece import Tokenizer, check_vocab
 
@@ -36,9 +37,9 @@ FORMAT = 1  # flaxlm/data/prepare.py PREPARED_FORMAT (not imported: prepare pull
 
 def read_manifest(root: str | Path) -> dict:
     """The manifest of a prepared corpus; DataError when there is none or it is unreadable."""
-    path = Path(root) / "manifest.json"
+    path = storage.join(str(root), "manifest.json")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except FileNotFoundError:
         raise DataError(
             f"{root} holds no manifest.json: not a prepared corpus, or its prepare did not "
@@ -63,10 +64,10 @@ def load_prepared(
     ones the corpus was prepared with.
     """
     start = time.perf_counter()
-    root = Path(data_cfg.prepared)
+    root = str(data_cfg.prepared)  # a folder, or a bucket URL (read by byte ranges)
     manifest = read_manifest(root)
-    tok_path = root / manifest["tokenizer"]["file"]
-    corpus_tokenizer = Tokenizer.from_bytes(tok_path.read_bytes(), source=str(tok_path))
+    tok_path = storage.join(root, manifest["tokenizer"]["file"])
+    corpus_tokenizer = Tokenizer.from_bytes(storage.read_bytes(tok_path), source=tok_path)
     if tokenizer is not None and tokenizer.model_bytes != corpus_tokenizer.model_bytes:
         raise DataError(
             f"data.prepared={root} was tokenized with another tokenizer than this run's "
@@ -97,7 +98,7 @@ def load_prepared(
         tokenizer=corpus_tokenizer,
         train=splits["train"],
         val=splits["val"],
-        cache_dir=root,
+        cache_dir=storage.native(root),
         cache_hit=True,
         n_empty_docs=sum(info["n_empty_docs"] for info in manifest["sources"]),
         seconds=time.perf_counter() - start,
@@ -106,7 +107,7 @@ def load_prepared(
     )
 
 
-def _weights(data_cfg: DataConfig, manifest: dict, root: Path) -> list[float]:
+def _weights(data_cfg: DataConfig, manifest: dict, root: str) -> list[float]:
     names = [info["name"] for info in manifest["sources"]]
     if not data_cfg.sources:
         raw = [info["weight"] for info in manifest["sources"]]
@@ -125,47 +126,47 @@ def _weights(data_cfg: DataConfig, manifest: dict, root: Path) -> list[float]:
 
 
 def _split(
-    root: Path, manifest: dict, name: str, source: int | None, reads: ReadCount
+    root: str, manifest: dict, name: str, source: int | None, reads: ReadCount
 ) -> TokenSplit:
     """One split of the corpus, or of one of its sources (``source``)."""
     units = [u for u in manifest["units"] if source is None or u["source"] == source]
     dtype = np.dtype(manifest["dtype"])
     shards = [
-        LazyShard(root / u["folder"] / f"{name}.tokens.npy", u[name]["n_tokens"], dtype)
+        LazyShard(storage.join(root, u["folder"], f"{name}.tokens.npy"), u[name]["n_tokens"], dtype)
         for u in units
         if u[name]["n_tokens"] > 0
     ]
     if not shards:  # a small source may have no validation document
         shards = [np.zeros(0, dtype)]
     suffix = "" if source is None else f".s{source}"
-    offsets = np.load(root / f"{name}{suffix}.doc_offsets.npy", mmap_mode="r")
+    offsets = load_array(storage.join(root, f"{name}{suffix}.doc_offsets.npy"))
     tokens = ShardedTokens(shards, reads=reads)
     if int(offsets[-1]) != len(tokens):
         raise DataError(
             f"{root}/{name}{suffix}.doc_offsets.npy ends at {int(offsets[-1])}, expected "
             f"{len(tokens)} tokens; run flaxlm data verify {root}"
         )
-    counts = np.load(root / f"{name}.counts.npy") if source is None else None
+    counts = load_array(storage.join(root, f"{name}.counts.npy")) if source is None else None
     return TokenSplit(
         name,
         tokens,
         offsets,
         order="feistel",
-        doc_id_files=tuple(root / u["folder"] / f"{name}.doc_ids.txt" for u in units),
+        doc_id_files=tuple(storage.join(root, u["folder"], f"{name}.doc_ids.txt") for u in units),
         token_counts=None if counts is None else counts[0],
         first_token_counts=None if counts is None else counts[1],
     )
 
 
-def _check_shard_sizes(root: Path, manifest: dict) -> None:
+def _check_shard_sizes(root: str, manifest: dict) -> None:
     """Every shard exists with the size its token count implies (a stat per shard)."""
     for u in manifest["units"]:
         for name in SPLITS:
-            path = root / u["folder"] / f"{name}.tokens.npy"
-            try:
-                size = path.stat().st_size
-            except FileNotFoundError:
-                raise DataError(f"{path} is missing; the prepared corpus is incomplete") from None
+            path = storage.join(root, u["folder"], f"{name}.tokens.npy")
+            found = storage.info(path)
+            if found is None:
+                raise DataError(f"{path} is missing; the prepared corpus is incomplete")
+            size = found.size
             if size != u[name]["tokens_bytes"]:
                 raise DataError(
                     f"{path} has {size} bytes, expected {u[name]['tokens_bytes']} "
@@ -180,21 +181,21 @@ def verify_prepared(root: str | Path, progress: bool = True) -> list[str]:
     offsets and counts, and re-hashes the raw source files that exist here (a source file
     that is not reachable is reported as such, not as a problem).
     """
-    root = Path(root)
+    root = str(root)  # a folder or a bucket URL
     manifest = read_manifest(root)
     problems: list[str] = []
     total = sum(u[n]["n_tokens"] for u in manifest["units"] for n in SPLITS)
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="verifying", disable=not progress)
     for u in manifest["units"]:
-        folder = root / u["folder"]
+        folder = storage.join(root, u["folder"])
         for name in SPLITS:
-            path = folder / f"{name}.tokens.npy"
-            if not path.is_file():
+            path = storage.join(folder, f"{name}.tokens.npy")
+            if storage.info(path) is None:
                 problems.append(f"{path}: missing")
                 continue
-            if file_sha256(path) != u[name]["tokens_sha256"]:
+            if storage.sha256(path) != u[name]["tokens_sha256"]:
                 problems.append(f"{path}: SHA-256 differs from the manifest (corrupted)")
-            offsets = np.load(folder / f"{name}.doc_offsets.npy")
+            offsets = np.asarray(load_array(storage.join(folder, f"{name}.doc_offsets.npy")))
             n = u[name]["n_tokens"]
             if len(offsets) != u[name]["n_docs"] + 1 or offsets[0] != 0 or offsets[-1] != n:
                 problems.append(f"{folder}/{name}.doc_offsets.npy: does not span {n} tokens")
@@ -202,21 +203,21 @@ def verify_prepared(root: str | Path, progress: bool = True) -> list[str]:
                 problems.append(f"{folder}/{name}.doc_offsets.npy: not increasing")
             bar.update(n)
         for f in u["files"]:
-            path = Path(f["path"])
-            if not path.is_file():
+            path, found = f["path"], storage.info(f["path"])
+            if found is None:
                 continue  # the raw text need not live where the corpus is verified
-            if path.stat().st_size != f["size"] or file_sha256(path) != f["sha256"]:
+            if found.size != f["size"] or storage.sha256(path) != f["sha256"]:
                 problems.append(f"{path}: the source changed since it was prepared")
     bar.close()
     for name in SPLITS:
-        joined = np.load(root / f"{name}.doc_offsets.npy", mmap_mode="r")
+        joined = load_array(storage.join(root, f"{name}.doc_offsets.npy"))
         expect = manifest["splits"][name]
         if len(joined) != expect["n_docs"] + 1 or int(joined[-1]) != expect["n_tokens"]:
             problems.append(f"{root}/{name}.doc_offsets.npy: does not match the manifest")
-        counts = np.load(root / f"{name}.counts.npy")
+        counts = load_array(storage.join(root, f"{name}.counts.npy"))
         if int(counts[0].sum()) != expect["n_tokens"] or int(counts[1].sum()) != expect["n_docs"]:
             problems.append(f"{root}/{name}.counts.npy: does not match the manifest")
-    tok = (root / manifest["tokenizer"]["file"]).read_bytes()
+    tok = storage.read_bytes(storage.join(root, manifest["tokenizer"]["file"]))
     if hashlib.sha256(tok).hexdigest() != manifest["tokenizer"]["sha256"]:
         problems.append(f"{root}/{manifest['tokenizer']['file']}: SHA-256 differs")
     return problems

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from flaxlm.data.stored_arrays import open_tokens
+
 
 @dataclass
 class ReadCount:
@@ -28,10 +30,11 @@ class ReadCount:
 
 
 class LazyShard:
-    """A shard ``.npy`` memory-mapped on first read, so that opening a corpus of many shards
-    costs no file opens: its length and dtype come from the manifest."""
+    """A shard ``.npy`` memory-mapped (or, in a bucket, read by byte ranges) on first read, so
+    that opening a corpus of many shards costs no file opens: its length and dtype come from
+    the manifest."""
 
-    def __init__(self, path: Path, n_tokens: int, dtype: np.dtype):
+    def __init__(self, path: Path | str, n_tokens: int, dtype: np.dtype):
         self.path, self.n_tokens, self.dtype = path, n_tokens, np.dtype(dtype)
         self._array: np.ndarray | None = None
 
@@ -40,7 +43,7 @@ class LazyShard:
 
     def __getitem__(self, index):
         if self._array is None:
-            self._array = np.load(self.path, mmap_mode="r")
+            self._array = open_tokens(str(self.path))
             if self._array.shape != (self.n_tokens,) or self._array.dtype != self.dtype:
                 raise ValueError(
                     f"{self.path} holds {self._array.shape} {self._array.dtype}, expected "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from flaxlm import storage
 from flaxlm.data.encode import encode_documents, token_dtype
 from flaxlm.data.sources import iter_documents
 from flaxlm.tokenizers.sentencepiece import Tokenizer
@@ -36,7 +37,7 @@ class TokenSplit:
     doc_id_list: list[str] | None = None  # the doc ids of an in-memory split
     first_doc: int = 0  # for a view of documents [first_doc, ...) of the stored split
     order: str = "table"  # the example order batches use (flaxlm/data/causal_batches.py EpochOrder)
-    doc_id_files: tuple[Path, ...] = ()  # a prepared split's doc ids, one file per shard
+    doc_id_files: tuple[Path | str, ...] = ()  # a prepared split's doc ids, one file per shard
     # Precomputed (vocab,) counts of every token / of each document's first token, so that
     # baselines need not read a large split (prepared corpora store them).
     token_counts: np.ndarray | None = None
@@ -53,7 +54,8 @@ class TokenSplit:
     def doc_ids(self) -> list[str]:
         """The ids of this split's documents, in stream order."""
         if self.doc_id_files:
-            ids = [i for f in self.doc_id_files for i in f.read_text("utf-8").split("\n")[:-1]]
+            texts = (storage.read_text(str(f)) for f in self.doc_id_files)  # a folder or a bucket
+            ids = [i for text in texts for i in text.split("\n")[:-1]]
         elif self.directory is None:
             ids = list(self.doc_id_list or [])
         else:

@@ -15,6 +15,7 @@ strings: ``pathlib.Path("s3://b/x")`` would fold the ``//``.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -44,6 +45,7 @@ __all__ = [
     "read_bytes",
     "read_text",
     "replace",
+    "sha256",
     "store_of",
     "upload_tree",
     "walk",
@@ -244,3 +246,17 @@ def native(url: str | Path) -> Path | str:
     """A local path as a :class:`~pathlib.Path`, a URL as the string it is (a Path would fold
     its ``//``)."""
     return Path(url) if is_posix(os.fspath(url)) else os.fspath(url)
+
+
+def sha256(url: str, chunk: int = 8 << 20) -> str:
+    """The SHA-256 of ``url``'s bytes, read ``chunk`` bytes at a time (range reads on an
+    object store), so memory stays flat however large the file."""
+    digest = hashlib.sha256()
+    store, key = store_of(url)
+    found = store.info(key)
+    if found is None:
+        raise FileNotFoundError(f"{url} does not exist")
+    size = found.size
+    for start in range(0, size, chunk):
+        digest.update(store.read(key, start, min(chunk, size - start)))
+    return digest.hexdigest()
