@@ -51,7 +51,8 @@ from flaxlm.checkpoint.files import (
     retrying,
     write_manifest,
 )
-from flaxlm.checkpoint.tiers import PersistentTier
+from flaxlm.checkpoint.fitting import fit_problem, saved_shapes
+from flaxlm.checkpoint.tiers import place_checkpoints
 
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of the folders Orbax writes into
 SEAL_POLL_S = 0.05  # how often the sealing thread looks whether an asynchronous save is done
@@ -75,22 +76,7 @@ class Checkpointer:
         # Orbax writes into ``directory`` (always local); ``tier`` is the run dir's copy when
         # that is elsewhere (an object store, or the persistent side of a local tier).
         self.location = storage.join(str(run_dir), "checkpoints")
-        self.tier: PersistentTier | None = None
-        self.local_tier = False
-        if local_dir is None and storage.is_posix(self.location):
-            self.directory = Path(self.location).absolute()
-        else:
-            if jax.process_count() > 1:
-                # Orbax's multi-process save merges every host's files in one folder; each
-                # host's own local folder cannot give it that yet (docs/storage.md).
-                raise CheckpointError(
-                    f"checkpoints in {self.location} (an object store or checkpoint.local_dir) "
-                    f"are written by one process for now, this run has {jax.process_count()}; "
-                    "use a run dir every host mounts (NFS, Filestore, GCSFuse) for multi-host"
-                )
-            self.tier = PersistentTier(self.location)
-            local = Path(local_dir) if local_dir else storage.local_cache(self.location)
-            self.directory = local.absolute()
+        self.directory, self.tier = place_checkpoints(self.location, local_dir)
         # A staging folder's copies are a cache: only a local tier's own saves count.
         self.local_tier = local_dir is not None
         self.keep = keep
@@ -198,7 +184,7 @@ class Checkpointer:
                 raise
             except Exception as exc:  # orbax raises many types for a bad _METADATA
                 return f"its array metadata cannot be read ({one_line(exc)})"
-            self._intact[step] = _shapes(getattr(tree, "tree", tree))
+            self._intact[step] = saved_shapes(getattr(tree, "tree", tree))
             return None
 
         return retrying(f"checking checkpoint {folder}", check)
@@ -343,17 +329,8 @@ class Checkpointer:
     def _fetch(self, step: int) -> None:
         """Makes the local folder hold ``step``: fetched from the persistent tier unless the
         local copy is sealed with the same manifest (or only the local tier has it)."""
-        if self.tier is None:
-            return
-        local = self.directory / str(step)
-        remote = self.tier.manifest(step)
-        if remote is None:
-            return  # local-tier only, or gone: verify says which
-        if (local / MANIFEST).is_file() and (local / MANIFEST).read_bytes() == remote:
-            return
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.tier.fetch(step, local)
-        self._manager.reload()
+        if self.tier is not None and self.tier.fetch_if_needed(step, self.directory / str(step)):
+            self._manager.reload()
 
     def remove_incomplete(self) -> list[str]:
         """Removes what killed saves leave behind: Orbax temporary folders
@@ -425,21 +402,11 @@ class Checkpointer:
     def _check_fits(self, step: int, abstract_state: TrainState) -> None:
         """Raises CheckpointError naming the first parameter (then optimizer entry) whose
         saved shape differs from the one asked for, or that only one side has."""
-        saved = self._intact[step]
-        wanted = _shapes(ocp.tree.serialize_tree(abstract_state, keep_empty_nodes=True))
-        differences = []
-        for key in sorted(saved.keys() | wanted.keys(), key=lambda k: (k[:7] != "params/", k)):
-            if key not in saved:
-                differences.append(f"{key} {wanted[key]} is not in the checkpoint")
-            elif key not in wanted:
-                differences.append(f"{key} {saved[key]} is in the checkpoint but not expected")
-            elif saved[key] != wanted[key]:
-                differences.append(f"{key} is saved as {saved[key]}, expected {wanted[key]}")
-        if differences:
-            more = f" (and {len(differences) - 1} more)" if len(differences) > 1 else ""
+        problem = fit_problem(self._intact[step], abstract_state)
+        if problem is not None:
             raise CheckpointError(
                 f"checkpoint {self.directory / str(step)} does not fit the model and optimizer "
-                f"it is restored into: {differences[0]}{more}; was the model config changed? "
+                f"it is restored into: {problem}; was the model config changed? "
                 "The checkpoint is intact and was left as it is"
             )
 
@@ -511,9 +478,3 @@ def _sync(name: str) -> None:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices(name)
-
-
-def _shapes(tree: Any) -> dict[str, tuple]:
-    """'params/blocks_0/attn/query/kernel' -> shape, for every array of a serialized tree."""
-    flat = ocp.tree.to_flat_dict(tree, sep="/")
-    return {k: tuple(v.shape) for k, v in flat.items() if hasattr(v, "shape")}

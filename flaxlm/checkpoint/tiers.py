@@ -18,8 +18,29 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import jax
+
 from flaxlm import storage
-from flaxlm.checkpoint.files import MANIFEST
+from flaxlm.checkpoint.files import MANIFEST, CheckpointError
+
+
+def place_checkpoints(
+    location: str, local_dir: str | Path | None
+) -> tuple[Path, PersistentTier | None]:
+    """Where Orbax writes the checkpoints of ``location`` (``RUN_DIR/checkpoints``), and the
+    persistent tier they are copied to: none for a local run dir without a local tier."""
+    if local_dir is None and storage.is_posix(location):
+        return Path(location).absolute(), None
+    if jax.process_count() > 1:
+        # Orbax's multi-process save merges every host's files in one folder; each host's
+        # own local folder cannot give it that yet (docs/storage.md).
+        raise CheckpointError(
+            f"checkpoints in {location} (an object store or checkpoint.local_dir) are written "
+            f"by one process for now, this run has {jax.process_count()}; use a run dir every "
+            "host mounts (NFS, Filestore, GCSFuse) for multi-host"
+        )
+    local = Path(local_dir) if local_dir else storage.local_cache(location)
+    return local.absolute(), PersistentTier(location)
 
 
 class PersistentTier:
@@ -53,6 +74,18 @@ class PersistentTier:
         storage.download_tree(self._step(step), partial)
         shutil.rmtree(folder, ignore_errors=True)
         partial.rename(folder)
+
+    def fetch_if_needed(self, step: int, folder: Path) -> bool:
+        """Makes ``folder`` hold ``step`` as the tier has it, unless its local copy is sealed
+        with the same manifest (or only the local tier has the step). True if it fetched."""
+        remote = self.manifest(step)
+        if remote is None:
+            return False  # local-tier only, or gone: the verification says which
+        if (folder / MANIFEST).is_file() and (folder / MANIFEST).read_bytes() == remote:
+            return False
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        self.fetch(step, folder)
+        return True
 
     def manifest(self, step: int) -> bytes | None:
         try:
