@@ -19,7 +19,9 @@ install: $(BIN)/python
 
 # tpu: libtpu, so that the TPU compile tests (tests/test_tpu_compile.py) run on any machine.
 install-dev: install
-	$(BIN)/pip install -q -e '.[dev,hf,tpu,cuda12,cloud]'
+	$(BIN)/pip install -q -e '.[dev,hf,tpu,cuda12,cloud,eval]'
+	# lm-evaluation-harness's HF reference model (tests/test_lm_eval.py); torch is the hf pin.
+	$(BIN)/pip install -q 'accelerate>=0.26'
 	# A real 32k sentencepiece BPE (tokenizer.model.v1) for the foreign-tokenizer tests.
 	$(BIN)/pip install -q --no-deps mistral-common==1.13.1
 	# Rotten Tomatoes snippets for the fine-tuning tests.

@@ -3,6 +3,8 @@
 flaxlm data demo data/shakespeare             # write the demo corpus
 flaxlm train configs/gpt_demo.yaml train.steps=600
 flaxlm eval runs/gpt_demo --json
+flaxlm eval runs/gpt_demo --tasks shakespeare_next_line shakespeare_cloze --num-fewshot 5
+flaxlm lm-eval --model flaxlm --model_args run_dir=runs/gpt_demo --tasks shakespeare_cloze
 flaxlm sample runs/gpt_demo --prompt "ROMEO." --temperature 0.8
 flaxlm generate runs/gpt_demo --prompts prompts.txt --top-p 0.9 --temperature 0.8
 flaxlm convert to-hf runs/gpt_demo hf/gpt_demo
@@ -31,6 +33,7 @@ from flaxlm.commands import (
     evaluate,
     finetune,
     generate,
+    lm_eval,
     plan,
     report,
     sample,
@@ -45,7 +48,7 @@ from flaxlm.storage import StorageError
 # ``func`` = its handler) and imports the library only inside the handler, so
 # ``flaxlm --help`` starts without jax.
 COMMANDS = (train, evaluate, sample, generate, config, convert, finetune, report, plan, bench,
-            tokenizer, data)  # fmt: skip
+            tokenizer, data, lm_eval)  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:

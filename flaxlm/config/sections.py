@@ -211,6 +211,11 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int = 200
     eval_batches: int = 16  # 0 = the whole validation split
+    # Benchmark tasks run during training (flaxlm/tasks, docs/tasks.md): shipped task names or
+    # task YAML files; their metrics are logged as tasks/<task>/<metric> beside val_loss. They
+    # run every eval_tasks_every steps (0: at every evaluation; a multiple of eval_every).
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_tasks_every: int = 0
     label_smoothing: float = 0.0
     z_loss: float = 0.0
     # GPT: > 0 runs the LM head and loss over chunks of this many positions

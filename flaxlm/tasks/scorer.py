@@ -199,7 +199,9 @@ def masked_rows(ctx: list[int], cont: list[int], max_length: int, tok) -> list[d
         raise TaskError("pseudo-log-likelihood needs a tokenizer with [CLS], [SEP] and [MASK]")
     keep = max(0, max_length - 2 - len(cont))
     cont = list(cont)[-(max_length - 2) :]
-    tokens = np.asarray([tok.cls_id, *list(ctx)[len(ctx) - keep :], *cont, tok.sep_id], np.int32)
+    tokens = np.asarray(
+        [tok.cls_id, *list(ctx)[max(0, len(ctx) - keep) :], *cont, tok.sep_id], np.int32
+    )
     n, first = len(tokens), len(tokens) - 1 - len(cont)
     rows = []
     for j in range(len(cont)):

@@ -93,7 +93,8 @@ def build(out_dir: Path) -> dict[str, Path]:
         merged: dict[str, list] = {}
         for play in plays:
             for task, docs in play_tasks(speeches(texts[play]), SIZES[split], rng).items():
-                merged.setdefault(task, []).extend(docs)
+                if not (task == "passages" and split == "fewshot"):  # perplexity takes no shots
+                    merged.setdefault(task, []).extend(docs)
         for task, docs in merged.items():
             path = out_dir / f"shakespeare_{task}.{split}.jsonl"
             path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))

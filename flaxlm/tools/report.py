@@ -32,7 +32,11 @@ PANELS = {  # file stem -> (title, [(metric key, label)], y label, log scale)
     # MoE runs; moe_load's per-expert keys (moe_load/0, ...) are added by plot_run
     "moe_load": ("MoE: share of routed tokens per expert", [], "share", False),
     "moe_aux": ("MoE: router auxiliary loss", [("moe_aux_loss", "aux loss")], "loss", False),
+    # train.eval_tasks (flaxlm/tasks): their keys are added by plot_run
+    "tasks": ("benchmark tasks", [], "accuracy / exact match", False),
+    "task_bits": ("benchmark tasks: perplexity", [], "bits per byte", False),
 }
+TASK_SHARES = ("/acc", "/acc_norm", "/exact_match")  # task metrics in [0, 1]
 
 
 @dataclass
@@ -101,6 +105,7 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     goodput_plot = plot_goodput(run_dir, out)  # goodput.jsonl: where the time went
     images += [goodput_plot] if goodput_plot is not None else []
 
+
 def plot_run(metrics: RunMetrics, out: Path) -> list[Path]:
     import matplotlib
 
@@ -114,6 +119,13 @@ def plot_run(metrics: RunMetrics, out: Path) -> list[Path]:
     panels = dict(PANELS)
     title, _, ylabel, log = panels["moe_load"]
     panels["moe_load"] = (title, [(k, f"expert {k[9:]}") for k in experts], ylabel, log)
+    tasks = sorted(k for k in metrics.series if k.startswith("val_tasks/"))
+    for stem, keys in (
+        ("tasks", [k for k in tasks if k.endswith(TASK_SHARES)]),
+        ("task_bits", [k for k in tasks if k.endswith("/bits_per_byte")]),
+    ):
+        title, _, ylabel, log = panels[stem]
+        panels[stem] = (title, [(k, k[len("val_tasks/") :]) for k in keys], ylabel, log)
     present = {k: v for k, v in panels.items() if any(metrics.series.get(m) for m, _ in v[1])}
     for stem, panel in present.items():
         fig, ax = plt.subplots(figsize=(7, 3.6))
@@ -168,6 +180,22 @@ def _peak_text(item: tuple[str, Any]) -> str:
     return f"{size} (`{origin}`)"
 
 
+def _task_table(reports: list[Path]) -> list[str]:
+    """``flaxlm eval --tasks`` reports as a Markdown table, one row per task metric."""
+    rows = []
+    for path in reports:
+        r = json.loads(path.read_text())
+        for task, m in r.get("tasks", {}).items():
+            for key, value in m.items():
+                if key in ("num_fewshot", "docs") or key.endswith("_stderr"):
+                    continue
+                rows.append(f"| {path.name} | {task} | {m['num_fewshot']} | {key} | {value:.4f} |")
+    if not rows:
+        return []
+    head = ["## Benchmark tasks (`flaxlm eval --tasks`)", ""]
+    return [*head, "| report | task | shots | metric | value |", "|---|---|---|---|---|", *rows, ""]
+
+
 def summary_markdown(run_dir: Path, metrics: RunMetrics, images: list[str]) -> str:
     s = metrics.series
     lines = [f"# Run report: `{run_dir}`", ""]
@@ -208,6 +236,8 @@ def summary_markdown(run_dir: Path, metrics: RunMetrics, images: list[str]) -> s
     for e in metrics.stops:
         lines.append(f"- {e.get('event')} at step {e.get('step')}: {e.get('reason', '')}")
     evals = sorted((run_dir / "evals").glob("*.json")) if (run_dir / "evals").is_dir() else []
+    lines += _task_table([p for p in evals if ".tasks-" in p.name])
+    evals = [p for p in evals if ".tasks-" not in p.name]  # flaxlm eval --tasks reports
     if evals:
         lines += ["## Evaluations (`flaxlm eval`)", ""]
         lines += ["| report | val_loss | perplexity | accuracy | tokens |", "|---|---|---|---|---|"]
