@@ -53,6 +53,8 @@ test: install-dev
 	$(BIN)/ruff check flaxlm tests benchmarks
 	$(BIN)/ruff format --check flaxlm tests benchmarks
 	$(BIN)/python -m pytest --durations=25
+	# A short second leg on Python 3.12 + the newest JAX (.venv312), where a python3.12 exists.
+	bash .ci/py312_leg.sh
 
 # The inner loop: lint and the tests not marked slow (each over ~30 s; make test runs them all).
 test-fast: install-dev
@@ -72,4 +74,4 @@ format:
 	$(BIN)/ruff check --fix flaxlm tests benchmarks
 
 clean:
-	rm -rf $(VENV) .cache runs data .pytest_cache
+	rm -rf $(VENV) .venv312 .cache runs data .pytest_cache
