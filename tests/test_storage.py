@@ -80,6 +80,7 @@ def test_trees_go_up_and_come_back(where, tmp_path):
     ],
 )
 def test_a_bad_url_is_one_line_naming_it(url, said):
+    assert storage.store_of("hf:/data/wiki")[0].posix  # a source prefix, not a scheme
     with pytest.raises(storage.StorageError) as err:
         storage.check_url(url)
     assert said in str(err.value) and url in str(err.value) and "\n" not in str(err.value)

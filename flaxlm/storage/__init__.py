@@ -66,6 +66,8 @@ def _split(url: str) -> tuple[str | None, str, str]:
     if match is None:
         return None, "", url
     scheme, second_slash, rest = match.group(1).lower(), match.group(2), match.group(3)
+    if scheme not in _SCHEMES and not second_slash:
+        return None, "", url  # "hf:/data/x": a data source's prefix on a local path
     if scheme not in _SCHEMES:
         raise StorageError(
             f"{url!r}: unsupported scheme {scheme}://; expected a local path, gs:// or s3://"
