@@ -2,6 +2,7 @@
 
 python tests/context_worker.py train OUT_JSON MESH...   (MESH: fsdp,context, e.g. 2,4)
 python tests/context_worker.py attention OUT_JSON
+python tests/context_worker.py bert OUT_JSON MESH...
 
 ``train``: the tiny Llama (configs/llama_tiny.yaml: RoPE, GQA) on packed rows (several
 documents per row, positions restarting at each), 3 AdamW steps per MESH and once on one
@@ -9,6 +10,9 @@ device; writes each run's losses, first-step gradients and final parameters.
 ``attention``: context attention through the splash kernel (interpret mode) on context=2
 against the dense one-device attention, forward and gradients; and the one-line refusal of a
 KV-cache decode step under context=2.
+``bert``: the tiny BERT (bidirectional, learned positions, post-norm) on packed rows with
+masked positions, MLM + NSP logits and the gradients of a loss of both, per MESH and on one
+device.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ import numpy as np  # noqa: E402
 from flax import linen as nn  # noqa: E402
 
 from flaxlm.config import load_config  # noqa: E402
-from flaxlm.families import family_of  # noqa: E402
+from flaxlm.families import build_model, family_of  # noqa: E402
 from flaxlm.models.attention import attention, softmax_attention  # noqa: E402
 from flaxlm.models.context_parallel import load_balanced_order  # noqa: E402
 from flaxlm.models.masks import Mask  # noqa: E402
@@ -94,6 +98,33 @@ def train(mesh_arg: str | None) -> dict:
     return {"losses": losses, "grads": flat(grads), "params": flat(state.params)}
 
 
+def bert(mesh_arg: str | None) -> dict:
+    """BERT's forward and gradients on MESH (``fsdp,context``), or on one device for None."""
+    overrides = ["mesh.data=1", "model.n_layers=2"]
+    fsdp, context = ("1", "1") if mesh_arg is None else mesh_arg.split(",")
+    overrides += [f"mesh.fsdp={fsdp}", f"mesh.context={context}"]
+    cfg = load_config(REPO / "configs/bert_tiny.yaml", overrides, check_paths=False)
+    model = build_model(cfg.model)
+    host = packed_batch(4, 32, cfg.model.vocab_size)
+    rng = np.random.default_rng(2)
+    masked = np.sort(rng.choice(32, (4, 5)), axis=1).astype(np.int32)  # across all shards
+    types = (np.arange(32) >= 13).astype(np.int32)[None].repeat(4, 0)
+    args = (host["inputs"], host["positions"], host["segment_ids"], types, masked)
+    params = jax.jit(model.init)(jax.random.key(0), *map(jnp.asarray, args))["params"]
+    params = nn.meta.unbox(params)
+
+    def loss(p, *a):
+        out = model.apply({"params": p}, *a)
+        return jnp.sum(jnp.sin(out["mlm_logits"])) + jnp.sum(jnp.cos(out["nsp_logits"])), out
+
+    devices = jax.devices()[:1] if mesh_arg is None else None
+    mesh = build_mesh(cfg.mesh, devices)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(LOGICAL_RULES):
+        (value, out), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params, *args)
+    flat = lambda tree: [np.asarray(x).ravel().tolist() for x in jax.tree.leaves(tree)]  # noqa: E731
+    return {"loss": float(value), "out": flat(out), "grads": flat(grads)}
+
+
 def splash() -> dict:
     """Splash (interpret) under context=2 vs the dense reference: forward and d(q, k, v)."""
     rng = np.random.default_rng(0)
@@ -145,6 +176,8 @@ if __name__ == "__main__":
     mode, out_path, *meshes = sys.argv[1:]
     if mode == "attention":
         result = splash()
+    elif mode == "bert":
+        result = {"1": bert(None)} | {m: bert(m) for m in meshes}
     else:
         result = {"1": train(None)} | {m: train(m) for m in meshes}
     Path(out_path).write_text(json.dumps(result))

@@ -84,6 +84,19 @@ def test_context_2_and_4_train_as_one_device(tmp_path):
             np.testing.assert_allclose(got, want, atol=5e-4, err_msg=mesh)
 
 
+@pytest.mark.slow
+def test_bert_under_context_2_and_4_equals_one_device(tmp_path):
+    """Bidirectional attention keeps the rows in their order; the MLM head's gather of masked
+    positions and the NSP head's first token read across the context shards."""
+    result = run_worker(tmp_path, "bert", "4,2", "2,4")
+    single = result.pop("1")
+    for mesh, run in result.items():
+        np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-6, err_msg=mesh)
+        for got, want in zip(run["out"] + run["grads"], single["out"] + single["grads"],
+                             strict=True):  # fmt: skip
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5, err_msg=mesh)
+
+
 @pytest.mark.skipif(not targets.libtpu_installed(), reason="needs libtpu: pip install -e '.[tpu]'")
 def test_splash_compiles_under_the_context_axis_for_v5e_2x2():
     overrides = [

@@ -380,5 +380,5 @@ def test_sharded_params_and_apply_under_mesh_and_logical_rules():
         sharded = jax.device_put(variables, shardings)
         logits = jax.jit(model.apply)(sharded, tokens)
     spec = shardings["params"]["blocks_0"]["attn"]["query"]["kernel"].spec
-    assert tuple(spec) == (("fsdp", "context"), "tensor", None)
+    assert tuple(spec) == (("fsdp", "expert", "context"), "tensor", None)
     np.testing.assert_allclose(logits, forward(cfg)(variables, tokens), atol=1e-5)

@@ -1,7 +1,8 @@
 """Expert-parallel MoE dispatch (flaxlm/models/moe_dispatch.py): on 8 simulated CPU devices the
 layer under a mesh (the ``expert`` axis alone and combined with ``data``, ``fsdp``, ``tensor``)
 gives the 1-device layer's outputs, auxiliary losses, routing statistics and gradients, dropless
-and with a capacity; the TPU path (``ragged_all_to_all``) compiles for a real TPU topology.
+and with a capacity; a receive buffer below the worst case drops (and counts) exactly the
+overflow; the TPU path (``ragged_all_to_all``) compiles for a real TPU topology.
 
 The 8-device part runs this file as a script in a fresh process (the device count is fixed at
 the first use of jax); the 1-device layer itself is checked against a NumPy per-token loop in
@@ -34,7 +35,7 @@ def _mesh(devices, sizes: dict[str, int]):
     return Mesh(np.array(devices).reshape(shape), MESH_AXES)
 
 
-def _layer_and_grads(capacity_factor: float, shared: int = 0):
+def _layer_and_grads(capacity_factor: float, shared: int = 0, buffer_factor: float = 0.0):
     """The layer's loss, MoE statistics and gradients as a jitted function of (params, x)."""
     import jax
     import jax.numpy as jnp
@@ -44,7 +45,7 @@ def _layer_and_grads(capacity_factor: float, shared: int = 0):
     from flaxlm.models.moe import MoEMLP, collect
 
     moe = MoEConfig(num_experts=8, top_k=2, capacity_factor=capacity_factor,
-                    shared_experts=shared, d_expert=12)  # fmt: skip
+                    shared_experts=shared, d_expert=12, buffer_factor=buffer_factor)  # fmt: skip
     cfg = ModelConfig(d_model=16, d_ff=24, n_layers=2, activation="swiglu", moe=moe)
     layer = MoEMLP(cfg)
 
@@ -80,7 +81,36 @@ def _worker() -> None:
                 np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=f"{shape} {factor}")
         dropped = float(want[0][1][1]["dropped"])
         assert (dropped > 0) == (factor > 0), (factor, dropped)
+    _check_receive_buffer(x)
     print("ok")
+
+
+def _check_receive_buffer(x) -> None:
+    """``buffer_factor`` 1 on expert 8 (one expert per device): each device receives at most
+    its own 24 pairs' worth; the overflow is dropped. Device 0's blocks land first, so its
+    tokens lose nothing and equal the dropless 1-device layer; the count dropped is
+    sum_j max(0, pairs routed to expert j - 24), from the router's choices in NumPy."""
+    import jax
+    import numpy as np
+    from flax import linen as nn
+
+    from flaxlm.parallel.sharding import LOGICAL_RULES
+
+    step, init = _layer_and_grads(0.0, buffer_factor=1.0)
+    params = init(x)
+    (_, (want_y, _)), _ = step(params, x)
+    with jax.set_mesh(_mesh(jax.devices(), {"expert": 8})), nn.logical_axis_rules(LOGICAL_RULES):
+        (_, (got_y, stats)), grads = step(params, x)
+    logits = np.asarray(x, np.float64) @ np.asarray(params["router"], np.float64)
+    top2 = np.argsort(-logits, axis=-1)[..., :2]
+    per_expert = np.bincount(top2.ravel(), minlength=8)
+    pairs_per_device = x.shape[0] // 8 * x.shape[1] * 2
+    expected = np.sum(np.maximum(per_expert - pairs_per_device, 0))
+    assert expected > 0 and float(stats["dropped"]) == expected, (stats["dropped"], expected)
+    rows = x.shape[0] // 8  # device 0's rows
+    np.testing.assert_allclose(got_y[:rows], want_y[:rows], rtol=2e-5, atol=2e-5)
+    assert not np.allclose(got_y, want_y, atol=1e-3)  # others lost pairs
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
 
 
 @pytest.mark.slow

@@ -34,6 +34,9 @@ class MoEConfig:
     num_experts: int = 0
     top_k: int = 2  # experts per token
     capacity_factor: float = 0.0  # 0 = dropless (grouped matmuls); c > 0: c * T * k / E each
+    # expert parallelism: 0 = receive buffers for the worst case (dropless); f > 0: f x the
+    # device's own pairs, the overflow dropped and counted (MaxText's ragged_buffer_factor)
+    buffer_factor: float = 0.0
     every: int = 1  # MoE in every n-th block (the others dense); 1 = all
     router_z_loss: float = 1.0e-3  # weight of mean(logsumexp(router logits)^2)
     load_balance_loss: float = 1.0e-2  # weight of E * sum_e f_e * P_e

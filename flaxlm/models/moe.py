@@ -19,6 +19,10 @@
   tokens of the global batch (first choices first, then in token order); the rest of a
   dropped token's output is its other experts' (or zero: the residual carries it). The share
   dropped is reported.
+- **Receive buffers** (``buffer_factor`` f, expert parallelism only): 0 (the default) sizes
+  each device's buffer for the worst case, nothing dropped; f > 0 holds f times a device's
+  own pairs and drops what overflows (counted in ``dropped``), as MaxText's
+  ``ragged_buffer_factor``.
 - **Experts** are stacked along a leading ``expert`` axis, which the rules table maps to the
   ``expert`` mesh axis; flaxlm/models/moe_dispatch.py sends each kept pair to the device holding
   its expert (all-to-all inside ``shard_map``) and runs the local experts as grouped matmuls.
@@ -39,7 +43,7 @@ from flax import linen as nn
 
 from flaxlm.config import ModelConfig
 from flaxlm.models.moe_dispatch import expert_parallel_mlp
-from flaxlm.models.norm_act import activation_fn
+from flaxlm.models.norm_act import activation_fn, swiglu
 
 Array = jax.Array
 COLLECTION = "moe"
@@ -72,12 +76,13 @@ class MoEMLP(nn.Module):
             keep_BxLxK = _within_capacity(top_e_BxLxK, n_exp, moe.capacity_factor)
         else:
             keep_BxLxK = jnp.ones(top_e_BxLxK.shape, bool)
-        y_BxLxD = expert_parallel_mlp(
+        y_BxLxD, buffer_dropped = expert_parallel_mlp(
             x_BxLxD.astype(dtype),
             jnp.where(keep_BxLxK, top_e_BxLxK, n_exp),
             jnp.where(keep_BxLxK, top_p_BxLxK, 0.0),
             tuple(None if w is None else w.astype(dtype) for w in weights),
             functools.partial(_grouped_ffn, activation=cfg.activation, dtype=dtype),
+            buffer_factor=moe.buffer_factor,
         )
         if moe.shared_experts:
             y_BxLxD = y_BxLxD + self._shared(x_BxLxD.astype(dtype), f * moe.shared_experts)
@@ -89,7 +94,8 @@ class MoEMLP(nn.Module):
         aux = moe.load_balance_loss * balance + moe.router_z_loss * z
         self.sow(COLLECTION, "aux_loss", aux)
         self.sow(COLLECTION, "expert_tokens", assigned_E)
-        self.sow(COLLECTION, "dropped", jnp.sum(~keep_BxLxK).astype(jnp.float32))
+        dropped = jnp.sum(~keep_BxLxK).astype(jnp.float32) + buffer_dropped
+        self.sow(COLLECTION, "dropped", dropped)
         return y_BxLxD.astype(dtype)
 
     def _route(self, logits_BxLxE: Array) -> tuple[Array, Array, Array]:
@@ -150,19 +156,21 @@ class MoEMLP(nn.Module):
 
 
 def _grouped_ffn(x_RxD, sizes_G, up, gate, down, *, activation: str, dtype) -> Array:
-    """The expert MLP on rows sorted by expert (``sizes_G`` rows each) as grouped matmuls.
-    The hidden activations stay in ``dtype`` (float32 only inside the fused activation): at
-    pod scale they are the layer's largest buffers (rows x d_expert per device)."""
+    """The expert MLP on rows sorted by expert (``sizes_G`` rows each) as grouped matmuls
+    (accumulated in float32, returned in ``dtype``). The hidden activations, the outputs and so
+    their gradients stay in ``dtype`` (float32 only inside the fused activation): at pod scale
+    they are the layer's largest buffers (rows x d_expert per device); a float32 output would
+    make the backward's rows x d_expert gradient float32 too."""
 
     def mm(x, w, out_dtype=dtype):
         return jax.lax.ragged_dot(x, w, sizes_G, preferred_element_type=out_dtype)
 
-    h = mm(x_RxD, up).astype(jnp.float32)
+    h = mm(x_RxD, up)
     if gate is not None:
-        h = jax.nn.silu(mm(x_RxD, gate).astype(jnp.float32)) * h
+        h = swiglu(mm(x_RxD, gate), h)
     else:
         h = activation_fn(activation)(h)
-    return mm(h.astype(dtype), down, jnp.float32)
+    return mm(h.astype(dtype), down)
 
 
 def _within_capacity(top_e_BxLxK: Array, n_exp: int, factor: float) -> Array:

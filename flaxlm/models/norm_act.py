@@ -161,12 +161,49 @@ def _gelu_tanh_bwd(x, g):
 _gelu_tanh.defvjp(_gelu_tanh_fwd, _gelu_tanh_bwd)
 
 
+def swiglu(gate: Array, up: Array) -> Array:
+    """``silu(gate) * up`` computed in float32, returned in ``up``'s dtype. Its backward reads
+    the saved inputs and the incoming gradient in their own dtype and writes both gradients in
+    one pass, so a bf16 layer never holds a float32 tokens x d_ff buffer (autodiff of the
+    float32 formula makes XLA:TPU keep one: in the MoE layer, rows x d_expert, its largest).
+    Unlike the CPU-speed backward passes above this one is on everywhere (it is about memory,
+    not ``model.custom_backward``); in float32 it is the same function."""
+    return _swiglu(gate, up)
+
+
+def _swiglu_plain(gate: Array, up: Array) -> Array:
+    return (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(up.dtype)
+
+
+@jax.custom_vjp
+def _swiglu(gate: Array, up: Array) -> Array:
+    return _swiglu_plain(gate, up)
+
+
+def _swiglu_fwd(gate, up):
+    return _swiglu_plain(gate, up), (gate, up)
+
+
+def _swiglu_bwd(residuals, g):
+    gate, up = residuals
+    g32, gate32, up32 = (a.astype(jnp.float32) for a in (g, gate, up))
+    sig = jax.nn.sigmoid(gate32)
+    d_up = g32 * gate32 * sig
+    d_gate = g32 * up32 * sig * (1.0 + gate32 * (1.0 - sig))
+    return d_gate.astype(gate.dtype), d_up.astype(up.dtype)
+
+
+_swiglu.defvjp(_swiglu_fwd, _swiglu_bwd)
+
+
 def activation_fn(name: str, custom_backward: bool | None = None) -> Callable[[Array], Array]:
-    """``gelu`` (tanh approximation, as GPT-2), ``gelu_exact``, ``relu``. ``custom_backward``
-    applies to ``gelu`` (the others are autodiff always); None = the ``auto`` choice."""
+    """``gelu`` (tanh approximation, as GPT-2), ``gelu_exact``, ``relu``; the GELUs compute in
+    float32 whatever the input's dtype (a bf16 input is read, not stored, in float32).
+    ``custom_backward`` applies to ``gelu`` (the others are autodiff always); None = the
+    ``auto`` choice."""
     fns = {
         "gelu": functools.partial(gelu_tanh, custom_backward=custom_backward),
-        "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+        "gelu_exact": lambda x: jax.nn.gelu(x.astype(jnp.float32), approximate=False),
         "relu": jax.nn.relu,
     }
     if name not in fns:

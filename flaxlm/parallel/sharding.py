@@ -42,8 +42,11 @@ BATCH_AXES = ("data", "fsdp", "expert")
 LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     # parameters
     ("vocab", "tensor"),
-    # ZeRO-3 over context too: its devices hold other tokens of the same rows, so they keep
-    # other slices of the weights (gathered per layer, as over fsdp).
+    ("expert", "expert"),  # the leading axis of MoE expert weights (before "embed": it wins)
+    # ZeRO-3 over context and expert too: their devices hold other tokens, so they keep other
+    # slices of the weights (gathered per layer, as over fsdp). Expert weights, whose leading
+    # axis already takes mesh.expert, fall through to the second rule.
+    ("embed", ("fsdp", "expert", "context")),
     ("embed", ("fsdp", "context")),
     ("heads", "tensor"),
     ("kv", None),
@@ -51,7 +54,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("position", None),
     ("norm", None),
     ("layers", None),
-    ("expert", "expert"),  # the leading axis of MoE expert weights
     ("embed_out", None),  # the output side of a d_model x d_model head (BERT pooler, MLM transform)
     ("types", None),  # BERT token-type (segment A/B) embedding rows
     ("classes", None),  # NSP / classifier outputs
