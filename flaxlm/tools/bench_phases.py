@@ -101,14 +101,13 @@ def bench_decode(
     model = family.build_model(dataclasses.replace(cfg.model, dropout=0.0))
     variables = model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     params = nn.meta.unbox(variables)["params"]
-    if family.encoder_decoder:  # the prompt is the encoder input: decode context - prompt
+    opts = GenerateOptions(max_new_tokens=context - prompt, stop_at_eos=False)
+    if family.encoder_decoder:  # the prompt is the encoder input
         from flaxlm.tools.seq2seq_generate import bench_seq2seq_decode
 
-        out = bench_seq2seq_decode(
-            model, params, batch, prompt, context - prompt, cfg.model.vocab_size, repeats
-        )
+        vocab = cfg.model.vocab_size
+        out = bench_seq2seq_decode(model, params, batch, prompt, opts, vocab, repeats)
         return {**out, "context": context, "summary": _decode_summary(out, context)}
-    opts = GenerateOptions(max_new_tokens=context - prompt, stop_at_eos=False)
     prompts = np.random.default_rng(0).integers(7, cfg.model.vocab_size, (batch, prompt))
     times, ids = {}, {}
     for use_cache in (True, False):

@@ -110,16 +110,17 @@ def _greedy_uncached(model, params, ids_BxS, segments_BxS, n, start_id):
 
 
 def bench_seq2seq_decode(
-    model: nn.Module, params: Any, batch: int, prompt: int, n: int, vocab: int, repeats: int
+    model: nn.Module, params: Any, batch: int, prompt: int, opts: Any, vocab: int, repeats: int
 ) -> dict[str, Any]:
-    """Greedy decoding of ``n`` tokens for ``batch`` random prompts of ``prompt`` tokens: the
-    cached path (encoder and cross K/V once, self-attention KV cache) against re-running the
-    whole model for every token. Best of ``repeats`` after a compile run."""
+    """Greedy decoding of ``opts.max_new_tokens`` tokens (``opts``: greedy GenerateOptions)
+    for ``batch`` random prompts of ``prompt`` tokens: the cached path (encoder and cross K/V
+    once, self-attention KV cache) against re-running the whole model for every token. Best
+    of ``repeats`` after a compile run."""
     import time
 
     prompts = np.random.default_rng(0).integers(7, vocab, (batch, prompt)).tolist()
     ids, segments = (jnp.asarray(x) for x in encoder_inputs(prompts, 1, 0, prompt + 1))
-    plain = _sample_options(n)
+    n, plain = opts.max_new_tokens, dataclasses.replace(opts, seed=0, stop_at_eos=False)
     runs = {
         True: lambda: _sample(model, params, ids, segments, jnp.uint32(0), opts=plain,
                               eos_id=None, pad_id=0),
@@ -143,12 +144,6 @@ def bench_seq2seq_decode(
         "speedup": times[False] / times[True],
         "same_tokens": bool(np.array_equal(tokens[True], tokens[False])),
     }
-
-
-def _sample_options(n: int) -> Any:
-    from flaxlm.tools.generate import GenerateOptions
-
-    return GenerateOptions(max_new_tokens=n, stop_at_eos=False)
 
 
 def generate_seq2seq_ids(
