@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from flaxlm import storage
 from flaxlm.tools.report_goodput import goodput_table, plot_goodput
 from flaxlm.train.metrics_log import read_metrics
 
@@ -90,16 +91,26 @@ def read_run_metrics(path: str | Path) -> RunMetrics:
 
 def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path:
     """Writes the plots and ``report.md``; returns the path of ``report.md``."""
-    run_dir = Path(run_dir)
-    metrics_path = run_dir / "metrics.jsonl"
-    if not metrics_path.is_file():
-        raise FileNotFoundError(f"{metrics_path} does not exist (is {run_dir} a run directory?)")
+    url = str(run_dir)  # a folder, or a run dir in a bucket (read through flaxlm.storage)
+    metrics_path = storage.join(url, "metrics.jsonl")
+    try:
+        metrics = read_run_metrics(metrics_path)  # the file, or its segments in a bucket
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{metrics_path} does not exist (is {url} a run directory?)"
+        ) from None
+    # The plots are drawn locally: in RUN_DIR/report, or for a bucket in this host's cache
+    # (with the run's evals beside them), then copied into RUN_DIR/report.
+    run_dir = storage.local_cache(url)
+    if not storage.is_posix(url) and storage.exists(storage.join(url, "evals")):
+        storage.download_tree(storage.join(url, "evals"), run_dir / "evals")
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    metrics = read_run_metrics(metrics_path)
     images = plot_run(metrics, out)
     md = out / "report.md"
-    md.write_text(summary_markdown(run_dir, metrics, [p.name for p in images]))
+    md.write_text(summary_markdown(run_dir, metrics, [p.name for p in images], title=url))
+    if not out_dir and not storage.is_posix(url):
+        storage.upload_tree(out, storage.join(url, "report"))
     return md
 
     goodput_plot = plot_goodput(run_dir, out)  # goodput.jsonl: where the time went
@@ -196,9 +207,13 @@ def _task_table(reports: list[Path]) -> list[str]:
     return [*head, "| report | task | shots | metric | value |", "|---|---|---|---|---|", *rows, ""]
 
 
-def summary_markdown(run_dir: Path, metrics: RunMetrics, images: list[str]) -> str:
+def summary_markdown(
+    run_dir: Path, metrics: RunMetrics, images: list[str], title: str | None = None
+) -> str:
+    """``title``: the run as the user named it (a bucket URL), when ``run_dir`` is this host's
+    copy of its evals."""
     s = metrics.series
-    lines = [f"# Run report: `{run_dir}`", ""]
+    lines = [f"# Run report: `{title or run_dir}`", ""]
     train = s.get("loss", [])
     if train:
         tail = [v for _, v in train[-10:]]
