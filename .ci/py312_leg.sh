@@ -62,7 +62,7 @@ import orbax.checkpoint
 print(f"py3.12 leg: Python {sys.version.split()[0]}, jax {jax.__version__}, flax {flax.__version__}, "
       f"optax {optax.__version__}, orbax-checkpoint {orbax.checkpoint.__version__}")
 PY
-# -o addopts=: one process (no xdist in this venv).
-"$VENV/bin/python" -m pytest -o addopts= -q -rs -m "not slow" -k "not test_tpu_compile or $TPU" \
+# -o addopts=: one process (no xdist in this venv); the slow kill -9 test included.
+"$VENV/bin/python" -m pytest -o addopts= -q -rs -k "not test_tpu_compile or $TPU" \
     "${TESTS[@]}"
 echo "py3.12 leg: install $((installed - start)) s, tests $(( $(date +%s) - installed )) s"

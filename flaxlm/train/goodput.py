@@ -9,7 +9,9 @@
 Every second since the run began (the first attempt's start) falls in exactly one part:
 
 - ``productive``: train steps that the final run keeps;
-- ``compile``: the first step of each attempt (tracing, compiling and one execution);
+- ``compile``: the first step of each attempt (its dispatch traces and compiles the step;
+  from the second step on, the time is the steps', so that the first logged record already
+  has productive time: ``goodput`` is in (0, 1] on every step record);
 - ``data``: the host assembling a batch while the device had nothing left to run;
 - ``eval``, ``checkpoint_save``, ``checkpoint_restore`` (a resume's restore and a
   rollback's), ``startup`` (data preparation, the model's build, before the first step);
