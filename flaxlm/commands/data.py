@@ -1,4 +1,5 @@
-"""``flaxlm data demo|rotten-tomatoes|inspect|prepare|verify|build-tfds``: the data tools.
+"""``flaxlm data demo|rotten-tomatoes|shakespeare-pairs|inspect|prepare|verify|build-tfds``: the
+data tools.
 Each subcommand's arguments sit right above its handler."""
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ from pathlib import Path
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("data", help="data tools")
     sub = p.add_subparsers(dest="data_command", required=True)
-    for add in (_add_demo, _add_rotten_tomatoes, _add_inspect, _add_prepare, _add_verify,
-                _add_build_tfds):  # fmt: skip
+    for add in (_add_demo, _add_rotten_tomatoes, _add_shakespeare_pairs, _add_inspect,
+                _add_prepare, _add_verify, _add_build_tfds):  # fmt: skip
         add(sub)
 
 
@@ -40,6 +41,21 @@ def data_rotten_tomatoes_command(args: argparse.Namespace) -> int:
     from flaxlm.data.labelled import write_rotten_tomatoes
 
     print(f"wrote {write_rotten_tomatoes(args.out)}")
+    return 0
+
+
+def _add_shakespeare_pairs(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser(
+        "shakespeare-pairs", help="write the t5 fine-tune demo CSV (punctuation restoration)"
+    )
+    d.add_argument("out", nargs="?", default="data/shakespeare_pairs.csv")
+    d.set_defaults(func=data_shakespeare_pairs_command)
+
+
+def data_shakespeare_pairs_command(args: argparse.Namespace) -> int:
+    from flaxlm.data.seq2seq_pairs import write_shakespeare_pairs
+
+    print(f"wrote {write_shakespeare_pairs(args.out)}")
     return 0
 
 

@@ -21,7 +21,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--group-column", default="", help="rows sharing it stay in one split")
     p.add_argument("--val-data", default="", help="validation file (default: split --data)")
     p.add_argument("--val-fraction", type=float, default=0.2)
-    p.add_argument("--target-len", type=int, default=0, help="t5: 0 = the longest target")
+    p.add_argument(
+        "--target-len", type=int, default=0, help="t5: decoder row length; 0 = --max-len"
+    )
     p.add_argument("--max-val-rows", type=int, default=0, help="t5: rows decoded; 0 = all")
     p.add_argument("--labels", default="", help="comma-separated classes (default: all seen)")
     p.add_argument("--epochs", type=int, default=3)

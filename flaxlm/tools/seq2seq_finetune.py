@@ -61,7 +61,7 @@ class Seq2SeqOptions:
     weight_decay: float = 0.01
     dropout: float = 0.1
     max_len: int = 0  # encoder tokens per pair incl. </s>; 0 = the run's data.seq_len
-    target_len: int = 0  # decoder tokens per row; 0 = the longest target (+ </s>)
+    target_len: int = 0  # decoder tokens per packed row; 0 = max_len (the encoder's)
     max_train_rows: int = 0  # 0 = all (a subset for quick runs)
     max_val_rows: int = 0  # 0 = all (exact match decodes every one)
     seed: int = 0
@@ -85,7 +85,7 @@ def finetune_seq2seq(
         )
     loaded, out = _load_seq2seq(checkpoint, opts)
     train_rows, val_rows = _read_rows(data, opts)
-    cfg = _finetune_config(loaded, train_rows + val_rows, opts)
+    cfg = _finetune_config(loaded, opts)
     train = _encode(train_rows, loaded, cfg)  # bad rows fail here, before any output
     report = baselines(train_rows, val_rows)
     log(
@@ -101,7 +101,10 @@ def finetune_seq2seq(
     params, history = _train(loaded, cfg, batches, opts, log)
     model = build_model(dataclasses.replace(cfg.model, dropout=0.0))
     inputs = [r.input for r in val_rows]
-    predictions = predict(loaded, model, params, inputs, cfg.data.seq_len, cfg.seq2seq.target_len)
+    # Decoding stops at </s> or after the longest target seen (+ </s>).
+    longest = max(len(x) for x in loaded.tokenizer.encode_batch([r.target for r in val_rows]))
+    report["max_new_tokens"] = longest + 1
+    predictions = predict(loaded, model, params, inputs, cfg.data.seq_len, longest + 1)
     report["exact_match"] = exact_match(predictions, [r.target for r in val_rows])
     report["gain_over_baseline"] = report["exact_match"] - report["baseline"]
     report["examples"] = [
@@ -168,14 +171,13 @@ def exact_match(predictions: list[str], targets: list[str]) -> float:
     return float(np.mean(hits)) if hits else 0.0
 
 
-def _finetune_config(loaded: LoadedModel, rows: list[PairRow], opts: Seq2SeqOptions):
+def _finetune_config(loaded: LoadedModel, opts: Seq2SeqOptions):
     """The run's config for pairs: ``data.seq_len`` = the encoder length, ``seq2seq`` task
-    ``pairs`` with the target length (``opts.target_len`` or the longest target + </s>)."""
+    ``pairs`` with its decoder rows ``opts.target_len`` long (0 = the encoder's length)."""
     cfg = copy.deepcopy(loaded.cfg)
     cfg.data = dataclasses.replace(cfg.data, seq_len=opts.max_len or cfg.data.seq_len)
-    longest = max(len(x) for x in loaded.tokenizer.encode_batch([r.target for r in rows])) + 1
     cfg.seq2seq = dataclasses.replace(
-        cfg.seq2seq, task="pairs", target_len=opts.target_len or longest,
+        cfg.seq2seq, task="pairs", target_len=opts.target_len or cfg.data.seq_len,
         input_column=opts.input_column, target_column=opts.target_column,
     )  # fmt: skip
     cfg.model = dataclasses.replace(cfg.model, dropout=opts.dropout)
