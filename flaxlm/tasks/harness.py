@@ -9,6 +9,7 @@ is flaxlm/tools/lm_eval_model.py.
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -32,8 +33,9 @@ def require_lm_eval() -> None:
 
 def resolved_task_dir(include_paths: list[str | Path] | None = None) -> Path:
     """A folder of copies of the shipped tasks and those under ``include_paths`` with their
-    data files made absolute (kept for the process's life)."""
+    data files made absolute (removed when the process exits)."""
     out = Path(tempfile.mkdtemp(prefix="flaxlm-tasks-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     for i, folder in enumerate([BUILTIN_DIR, *map(Path, include_paths or [])]):
         if not Path(folder).is_dir():
             raise TaskError(f"include path {str(folder)!r} is not a directory")
