@@ -9,21 +9,40 @@ from __future__ import annotations
 
 import json
 import random
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import REPO, noisy_params
+from conftest import REPO
 
 from flaxlm.cli import main
 from flaxlm.config import Config, ModelConfig, load_config
+from flaxlm.parallel.sharding import build_mesh
 from flaxlm.tasks import Scorer, TaskError, TaskSuite, builtin_tasks, load_task, run_tasks
 from flaxlm.tasks.prompts import build_requests
 from flaxlm.tasks.scorer import rolling_windows
 from flaxlm.tools.load import load_checkpoint, save_params_checkpoint
 
 V = 384
+
+
+def random_params(model_cfg, seed: int = 0):
+    """Random weights plus noise on every leaf (as conftest.noisy_params), in one jitted
+    program: eager init compiles op by op, seconds per model on a busy machine."""
+    from flax import linen as nn
+
+    from flaxlm.families import build_model
+
+    def make(key):
+        params = build_model(model_cfg).init(key, jnp.zeros((1, 8), jnp.int32))["params"]
+        leaves, tree = jax.tree.flatten(nn.meta.unbox(params))
+        keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
+        noisy = [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)]
+        return jax.tree.unflatten(tree, noisy)
+
+    return jax.jit(make)(jax.random.key(seed))
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +60,7 @@ def gpt_run(tokenizer, tmp_path_factory):
     cfg = Config(model=model)
     cfg.data.seq_len, cfg.train.batch_size = 48, 8
     run = tmp_path_factory.mktemp("tasks") / "run"
-    save_params_checkpoint(run, cfg, noisy_params(model), tokenizer, step=3)
+    save_params_checkpoint(run, cfg, random_params(model), tokenizer, step=3)
     return run
 
 
@@ -197,14 +216,14 @@ def test_unknown_task_and_bad_yaml_are_one_line(tmp_path):
         load_task(tmp_path / "fn.yaml")
 
 
-def test_bert_scores_multiple_choice_by_pseudo_log_likelihood(tokenizer, tmp_path):
+def test_bert_scores_multiple_choice_by_pseudo_log_likelihood(tokenizer):
     from flaxlm.families import build_model
 
     small = ["model.d_model=32", "model.n_layers=1", "model.d_ff=64", "model.max_seq_len=32"]
     cfg = load_config(REPO / "configs" / "bert_tiny.yaml", [f"model.vocab_size={V}", *small])
-    params = noisy_params(cfg.model)
-    save_params_checkpoint(tmp_path / "bert", cfg, params, tokenizer, step=1)
-    bert = load_checkpoint(tmp_path / "bert")
+    mesh = build_mesh(cfg.mesh)
+    bert = SimpleNamespace(cfg=cfg, model=build_model(cfg.model), params=random_params(cfg.model),
+                           tokenizer=tokenizer, mesh=mesh, step=0)  # fmt: skip
     scorer = Scorer(bert, batch_size=4)
     ctx, cont = scorer.encode_pair("My lord, I have remembrances", " of yours")
     ((ll, _),) = scorer.loglikelihood([("My lord, I have remembrances", " of yours")])
@@ -250,6 +269,7 @@ def test_eval_tasks_command_prints_the_table_and_json_the_same_numbers(gpt_run, 
     assert "not a shipped task" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # a (two-step) training run: ~30-40 s on 2 busy cores
 def test_training_logs_task_metrics_beside_val_loss(small_corpus, tiny_cache_dir, tmp_path):
     from conftest import tiny_config
 
