@@ -113,6 +113,7 @@ def test_demo_set_is_real_lines_with_their_plain_form(tmp_path):
             "play": "tragedies/hamlet"} in rows  # fmt: skip
     assert all(r["input"] == plain_form(r["target"]) and 4 <= len(r["target"].split()) <= 8
                for r in rows)  # fmt: skip
+    assert not any(r["target"].startswith(("SCENE", "ACT ", "Enter", "Exit")) for r in rows)
 
 
 def test_packed_rows_score_as_separate_rows(t5_run):

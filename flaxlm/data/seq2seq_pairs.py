@@ -76,7 +76,9 @@ def split_pairs(rows: list[PairRow], val_fraction: float) -> tuple[list[PairRow]
 
 
 _SPEAKER = re.compile(r"^[A-Z][A-Z .'-]+$")  # "HAMLET", "FIRST CITIZEN"
-_DIRECTIONS = ("[", "Enter", "Exit", "Exeunt", "Re-enter", "Flourish", "Sennet", "Alarum")
+# Stage directions and headings: not spoken lines.
+_DIRECTIONS = ("[", "Enter", "Exit", "Exeunt", "Re-enter", "Flourish", "Sennet", "Alarum",
+               "SCENE", "ACT ", "Scene", "Dramatis", "PROLOGUE", "EPILOGUE")  # fmt: skip
 _NOT_WORD = re.compile(r"[^a-z' ]+")
 
 
