@@ -62,6 +62,7 @@ def test_train_and_eval(trained):
     assert "unigram baseline" in text and "eval" in err
 
 
+@pytest.mark.slow  # ~35 s on the busy 2-core slot: two decode programs compiled
 def test_generate_greedy_and_beams(trained):
     """The CLI's completions are the API's (sampling: tests/test_t5_generate.py)."""
     _, run_dir, *_ = trained
