@@ -146,7 +146,6 @@ def test_moe_blocks_route_and_learn():
     assert moe.collect(collected)["expert_tokens"].sum() > 0
 
 
-@pytest.mark.slow
 def test_splash_cross_attention_equals_dense():
     """Splash (interpret mode on the CPU) with 128 queries over 256 keys and segment ids on
     both sides, as T5's cross-attention runs it on TPU, against the dense path."""
