@@ -231,15 +231,15 @@ class TrainConfig:
     # message naming the step and phase, so the scheduler restarts it from a checkpoint.
     watchdog_factor: float = 50.0  # 0 = watchdog off
     watchdog_min_s: float = 600.0
+    # [start, stop]: a jax.profiler trace of steps start..stop into RUN_DIR/profile/
+    # (TensorBoard's profile plugin / XProf read it; docs/profiling.md); [] = no trace.
+    profile_steps: list[int] = field(default_factory=list)
+    profile_hosts: list[int] = field(default_factory=list)  # processes that trace; [] = all
     # Resuming with a changed key that changes what the run computes (model, tokenizer, data
     # and its content, seed, batch size, optimizer, ...; flaxlm/train/resume_checks.py) is
     # refused unless this is true; the accepted change is then an event in metrics.jsonl.
     allow_config_change: bool = False
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    # [start, stop]: a jax.profiler trace of steps start..stop into RUN_DIR/profile/
-    # (TensorBoard's profile plugin / XProf read it; docs/profiling.md); [] = no trace.
-    profile_steps: list[int] = field(default_factory=list)
-    profile_hosts: list[int] = field(default_factory=list)  # processes that trace; [] = all
 
 
 @dataclass

@@ -107,14 +107,13 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> Path
     out = Path(out_dir) if out_dir else run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
     images = plot_run(metrics, out)
+    goodput_plot = plot_goodput(run_dir, out)  # goodput.jsonl: where the time went
+    images += [goodput_plot] if goodput_plot is not None else []
     md = out / "report.md"
     md.write_text(summary_markdown(run_dir, metrics, [p.name for p in images], title=url))
     if not out_dir and not storage.is_posix(url):
         storage.upload_tree(out, storage.join(url, "report"))
     return md
-
-    goodput_plot = plot_goodput(run_dir, out)  # goodput.jsonl: where the time went
-    images += [goodput_plot] if goodput_plot is not None else []
 
 
 def plot_run(metrics: RunMetrics, out: Path) -> list[Path]:
@@ -250,6 +249,7 @@ def summary_markdown(
         lines.append("")
     for e in metrics.stops:
         lines.append(f"- {e.get('event')} at step {e.get('step')}: {e.get('reason', '')}")
+    lines += goodput_table(run_dir)
     evals = sorted((run_dir / "evals").glob("*.json")) if (run_dir / "evals").is_dir() else []
     lines += _task_table([p for p in evals if ".tasks-" in p.name])
     evals = [p for p in evals if ".tasks-" not in p.name]  # flaxlm eval --tasks reports
@@ -265,4 +265,3 @@ def summary_markdown(
         lines.append("")
     lines += [f"![{Path(name).stem}]({name})" for name in images]
     return "\n".join(lines) + "\n"
-    lines += goodput_table(run_dir)
