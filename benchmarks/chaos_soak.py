@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TIMING = ("tokens_per_s", "mfu")
+TIMING = ("tokens_per_s", "mfu", "goodput")
 
 
 def overrides(corpus: str, cache: Path, run_dir: Path, steps: int, seed: int) -> list[str]:
