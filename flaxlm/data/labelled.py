@@ -16,6 +16,7 @@ import bz2
 import csv
 import io
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,21 +35,33 @@ class LabelledRow:
     where: str  # "FILE row N", for error messages
 
 
-def read_labelled(
-    path: str | Path, text_column: str, label_column: str, group_column: str = ""
-) -> list[LabelledRow]:
-    """Rows of a ``.csv`` (header row; row 1 = first data row) or ``.jsonl`` (row = line)."""
+def checked_records(
+    path: str | Path, columns: tuple[str, ...], what: str
+) -> Iterator[tuple[int, str, dict]]:
+    """``(N, "FILE row N", record)`` for each row of a ``.csv`` / ``.jsonl`` file, after checking
+    that it has every non-empty name in ``columns`` (one-line DataError naming the first
+    missing one; FileNotFoundError naming the file, as ``what``, if it is absent)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"labelled data {str(path)!r} does not exist")
-    wanted = [c for c in (text_column, label_column, group_column) if c]
-    rows = []
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+    wanted = [c for c in columns if c]
     for n, record in _records(path):
         where = f"{path} row {n}"
         missing = [c for c in wanted if c not in record]
         if missing:
             found = ", ".join(map(str, record)) or "none"
             raise DataError(f"{where}: no column {missing[0]!r} (columns: {found})")
+        yield n, where, record
+
+
+def read_labelled(
+    path: str | Path, text_column: str, label_column: str, group_column: str = ""
+) -> list[LabelledRow]:
+    """Rows of a ``.csv`` (header row; row 1 = first data row) or ``.jsonl`` (row = line)."""
+    rows = []
+    for n, where, record in checked_records(
+        path, (text_column, label_column, group_column), "labelled data"
+    ):
         text = str(record[text_column] if record[text_column] is not None else "").strip()
         label = str(record[label_column] if record[label_column] is not None else "").strip()
         if not text:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flaxlm.data.cache import doc_hash_fraction
 from flaxlm.data.demo import markdown_to_text, shakespeare_markdown_files
-from flaxlm.data.labelled import _records
+from flaxlm.data.labelled import checked_records
 from flaxlm.data.sources import DataError
 
 
@@ -35,17 +35,10 @@ def read_pairs(
     path: str | Path, input_column: str, target_column: str, group_column: str = ""
 ) -> list[PairRow]:
     """Rows of a ``.csv`` (header row; row 1 = first data row) or ``.jsonl`` (row = line)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"pairs file {str(path)!r} does not exist")
-    wanted = [c for c in (input_column, target_column, group_column) if c]
     rows = []
-    for n, record in _records(path):
-        where = f"{path} row {n}"
-        missing = [c for c in wanted if c not in record]
-        if missing:
-            found = ", ".join(map(str, record)) or "none"
-            raise DataError(f"{where}: no column {missing[0]!r} (columns: {found})")
+    for n, where, record in checked_records(
+        path, (input_column, target_column, group_column), "pairs file"
+    ):
         values = []
         for role, column in (("input", input_column), ("target", target_column)):
             value = str(record[column] if record[column] is not None else "").strip()
