@@ -67,6 +67,32 @@ def test_a_rollback_restarts_the_window():
     assert math.isclose(meter.rate()["tokens_per_s"], 1 / 2.0)
 
 
+def test_the_run_mean_covers_every_window_across_rollbacks_and_pauses():
+    """``overall()`` (the done line's mean): all steps of all windows over all their stepping
+    time; compilation, restores and evals stay off it."""
+    clock = FakeClock()
+    meter = Throughput(tokens_per_step=10, flops_per_step=2.0, peak_flops=4.0, clock=clock)
+    assert meter.overall() == {}
+    clock.now = 7.0  # compilation
+    meter.step_done(1)
+    for step, dt in ((2, 1.0), (3, 3.0)):  # a 1 s and a 3 s window
+        clock.now += dt
+        meter.step_done(step)
+        meter.rate()
+    meter.restart()
+    clock.now += 10.0  # the restore after a rollback: the new reference
+    meter.step_done(2)
+    meter.pause()
+    clock.now += 30.0  # an evaluation
+    meter.resume()
+    clock.now += 2.0
+    meter.step_done(3)
+    assert math.isclose(meter.rate()["tokens_per_s"], 10 / 2.0)
+    run = meter.overall()  # 3 steps in 1 + 3 + 2 s
+    assert math.isclose(run["tokens_per_s"], 3 * 10 / 6.0)
+    assert math.isclose(run["mfu"], 3 * 2.0 / 6.0 / 4.0)
+
+
 def test_logged_lines_name_the_peak_their_mfu_divides_by(monkeypatch):
     """metrics.jsonl: a line with ``mfu`` carries ``peak_flops`` and ``peak_origin``, and the
     MFU is the step's model FLOPs over that peak (the meter's clock is faked)."""

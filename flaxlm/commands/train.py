@@ -36,6 +36,16 @@ def train_command(args: argparse.Namespace) -> int:
     if result.evals:
         from flaxlm.families import family_of, summary_line
 
-        line = summary_line(result.evals[-1], family_of(cfg))
+        line = summary_line(result.evals[-1], family_of(cfg)) + rates_text(result.rates)
         print(f"done: step {result.step}, {line}; run dir {result.run_dir}")
     return 0
+
+
+def rates_text(rates: dict) -> str:
+    """``, mean 3,591 tokens/s, MFU 52% (measured:cpu:float32)`` for the done line."""
+    if "tokens_per_s" not in rates:
+        return ""
+    text = f", mean {rates['tokens_per_s']:,.0f} tokens/s"
+    if "mfu" in rates:
+        text += f", MFU {100 * rates['mfu']:.1f}% ({rates.get('peak_origin', 'peak unknown')})"
+    return text

@@ -54,6 +54,7 @@ class TrainResult:
     step: int
     history: list[dict[str, Any]] = field(default_factory=list)  # every logged train record
     evals: list[dict[str, Any]] = field(default_factory=list)
+    rates: dict[str, Any] = field(default_factory=dict)  # the run's mean tokens/s and MFU
     rollbacks: list[dict[str, Any]] = field(default_factory=list)
     resumed_from: int | None = None
     preempted: str | None = None  # the signal that stopped the run early, if any
@@ -238,7 +239,8 @@ def _finish(run: _Run, state: Any, step: int, data_index: int) -> TrainResult:
         print(f"{result.preempted}: checkpoint saved at step {step} in {result.run_dir}; "
               "rerun to resume")  # fmt: skip
     run.log.plot()
-    run.log.close(summary={"step": step, "preempted": result.preempted or ""})
+    result.rates = run.report.run_rates()
+    run.log.close(summary={"step": step, "preempted": result.preempted or "", **result.rates})
     result.step, result.history = step, run.report.history
     return result
 

@@ -139,6 +139,14 @@ class StepReporter:
         self.bar.update(restored_step)
         self.meter.restart()
 
+    def run_rates(self) -> dict[str, Any]:
+        """The run's mean ``tokens_per_s`` and ``mfu`` over all its logged windows (this
+        process; compilation, evals and saves off the clock), with the peak's origin."""
+        out: dict[str, Any] = dict(self.meter.overall())
+        if "mfu" in out and self.peak is not None:
+            out["peak_origin"] = self.peak.origin
+        return out
+
     def close(self) -> None:
         self.bar.close()
 

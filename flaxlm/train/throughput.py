@@ -39,6 +39,7 @@ class Throughput:
         # completed step
         self._ref: tuple[int, float, float] | None = None
         self._last: tuple[int, float, float] | None = None
+        self._run = [0.0, 0.0]  # full batches and clock seconds of every window so far
 
     def _now(self) -> float:
         running = self.clock() - self._since if self._since is not None else 0.0
@@ -72,6 +73,17 @@ class Throughput:
         steps = self._last[2] - self._ref[2]  # in full batches
         seconds = max(self._last[1] - self._ref[1], 1e-9)
         self._ref = self._last
+        self._run[0] += steps
+        self._run[1] += seconds
+        return self._rates(steps, seconds)
+
+    def overall(self) -> dict[str, float]:
+        """``tokens_per_s`` (and ``mfu``) over every window :meth:`rate` has reported in
+        this process (across rollbacks): the run's mean, steadier than any one window."""
+        return self._rates(*self._run) if self._run[1] > 0 else {}
+
+    def _rates(self, steps: float, seconds: float) -> dict[str, float]:
+        seconds = max(seconds, 1e-9)
         out = {"tokens_per_s": steps * self.tokens_per_step / seconds}
         if self.peak_flops == self.peak_flops:  # not NaN
             out["mfu"] = steps * self.flops_per_step / seconds / self.peak_flops
