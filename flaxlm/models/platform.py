@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
+from jax.sharding import PartitionSpec
 
 # model.attention_impl: auto, per platform (flaxlm/models/attention.py). On NVIDIA GPUs the
 # Pallas (Triton) flash kernel with segment ids first; where it cannot tile the shape, cuDNN
@@ -41,3 +43,21 @@ def cudnn_supports(dtype, head_dim: int) -> bool:
     return str(jnp.dtype(dtype)) in CUDNN_DTYPES and (
         head_dim % 8 == 0 and head_dim <= CUDNN_MAX_HEAD_DIM
     )
+
+
+def kernel_specs(kernel: str, kv_heads: int, mesh) -> tuple[PartitionSpec, PartitionSpec]:
+    """Shard specs of ``B x L x H x K`` and ``B x L`` for a per-device attention ``kernel``
+    (splash, GPU flash) run under ``shard_map``: rows and heads as the logical rules place
+    activations, the sequence and head dim whole (the kernels need whole sequences)."""
+    batch, _, heads, _ = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
+    if heads is not None:
+        names = heads if isinstance(heads, tuple) else (heads,)
+        shards = 1
+        for name in names:
+            shards *= mesh.shape[name]
+        if kv_heads % shards:
+            raise ValueError(
+                f"{kernel}: {kv_heads} key/value heads cannot be split over the "
+                f"{shards} devices of mesh axis {heads}; make model.n_kv_heads a multiple of it"
+            )
+    return PartitionSpec(batch, None, heads, None), PartitionSpec(batch, None)

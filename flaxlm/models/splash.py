@@ -29,11 +29,9 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import linen as nn
-from jax.sharding import PartitionSpec
 
 from flaxlm.models.masks import Mask
-from flaxlm.models.platform import current_platform
+from flaxlm.models.platform import current_platform, kernel_specs
 
 Array = jax.Array
 BLOCKS = (512, 256, 128)
@@ -71,7 +69,7 @@ def splash_attention(q_BxLxHxK: Array, k_BxLxNxK: Array, v_BxLxNxK: Array, mask:
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return run(*args)
-    qkv, segments = _specs(k_BxLxNxK.shape[2], mesh)
+    qkv, segments = kernel_specs("splash attention", k_BxLxNxK.shape[2], mesh)
     return jax.shard_map(
         run,
         mesh=mesh,
@@ -79,23 +77,6 @@ def splash_attention(q_BxLxHxK: Array, k_BxLxNxK: Array, v_BxLxNxK: Array, mask:
         out_specs=qkv,
         check_vma=False,
     )(*args)
-
-
-def _specs(kv_heads: int, mesh) -> tuple[PartitionSpec, PartitionSpec]:
-    """Shard specs of ``B x L x H x K`` and ``B x L``: rows and heads as the logical rules
-    place activations, the sequence and head dim whole (the kernel needs whole sequences)."""
-    batch, _, heads, _ = nn.logical_to_mesh_axes(("act_batch", "act_length", "act_heads", "act_kv"))
-    if heads is not None:
-        names = heads if isinstance(heads, tuple) else (heads,)
-        shards = 1
-        for name in names:
-            shards *= mesh.shape[name]
-        if kv_heads % shards:
-            raise ValueError(
-                f"splash attention: {kv_heads} key/value heads cannot be split over the "
-                f"{shards} devices of mesh axis {heads}; make model.n_kv_heads a multiple of it"
-            )
-    return PartitionSpec(batch, None, heads, None), PartitionSpec(batch, None)
 
 
 def _splash_local(q_BxLxHxK, k_BxLxNxK, v_BxLxNxK, q_seg_BxL, kv_seg_BxL, causal, interpret):
