@@ -83,3 +83,29 @@ def test_bench_traces_its_timed_steps(tmp_path, capsys, monkeypatch):
     assert report["profile"] == str(out)
     (trace,) = trace_files(out)
     assert _step_numbers(trace) == {3, 4, 5}  # compile is 1, the warm-up 2
+
+
+def test_a_run_that_raises_still_ends_its_trace(
+    small_corpus, tiny_cache_dir, tmp_path, monkeypatch
+):
+    """A run that fails mid-trace (here: its first evaluation) writes its trace and leaves the
+    profiler free: the next trace in the same process starts (jax refuses a second
+    start_trace while one is running)."""
+    import jax
+
+    from flaxlm.train import evaluator
+
+    def failing_eval(self, params, step):
+        raise RuntimeError(f"evaluation failed at step {step}")
+
+    monkeypatch.setattr(evaluator.Evaluator, "run", failing_eval)
+    run_dir = tmp_path / "run"
+    cfg = tiny_config(
+        small_corpus, tiny_cache_dir, run_dir, "train.steps=6", "train.profile_steps=[1, 5]",
+        "train.eval_every=3", "checkpoint.every=6",
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="evaluation failed at step 3"):
+        train(cfg)
+    assert len(trace_files(run_dir / "profile")) == 1  # written when the trace stopped
+    jax.profiler.start_trace(str(tmp_path / "again"))
+    jax.profiler.stop_trace()

@@ -17,7 +17,9 @@ in chaos.py swaps in its fault-injecting one), evaluation (evaluator.py), metric
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,7 +90,7 @@ def train(
     healing, report, ckpts, last_step = run.healing, run.report, run.ckpts, run.last_step
     pending: _Pending | None = None  # dispatched, metrics not read yet
     next_local = run.next_batch(data_index)
-    with PreemptionGuard() as preempt, run.watchdog:
+    with PreemptionGuard() as preempt, run.watchdog, run.ending_on_error():
         while True:
             run.phase("step", step + 1)
             finished = step >= last_step or preempt.stop_at(step)
@@ -144,6 +146,17 @@ class _Run:
     result: TrainResult
     profiler: StepProfiler  # names the phases in traces; train.profile_steps' trace
     goodput: GoodputClock  # where the wall-clock time goes (goodput.jsonl)
+
+    @contextlib.contextmanager
+    def ending_on_error(self) -> Iterator[None]:
+        """A loop that raises (diverged, a failed save, Ctrl-C twice) still ends its profiler
+        trace (else the next trace in this process is refused) and its progress bar."""
+        try:
+            yield
+        except BaseException:
+            self.profiler.close()
+            self.report.close()
+            raise
 
     def phase(self, name: str, step: int) -> None:
         """The loop enters phase ``name`` at ``step``: the watchdog, the profiler's trace and
