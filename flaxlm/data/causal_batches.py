@@ -17,7 +17,7 @@ Resuming is "start at step k"; there is no iterator state.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -169,24 +169,40 @@ class CausalBatches(EpochOrder):
         The last batch is padded with rows of zeros whose loss_mask and segment_ids are 0, so
         every batch has shape (batch_size / process_count, S) and one compiled eval step serves.
         """
-        n_batches = -(-self.n_examples // batch_size)
-        if max_batches > 0:
-            n_batches = min(n_batches, max_batches)
-        for b in range(n_batches):
-            rows = b * batch_size + _process_rows(batch_size, process_index, process_count)
-            real = rows < self.n_examples
-            packed = pack_examples(
-                self.split.tokens, self.split.doc_offsets, rows[real], self.seq_len
-            )
-            if real.all():
-                yield packed
-                continue
-            padded = {}
-            for key, value in packed.items():
-                full = np.zeros((len(rows), self.seq_len), dtype=value.dtype)
+
+        def build(rows: np.ndarray) -> dict[str, np.ndarray]:
+            return pack_examples(self.split.tokens, self.split.doc_offsets, rows, self.seq_len)
+
+        return padded_eval_batches(
+            build, self.n_examples, batch_size, max_batches, process_index, process_count
+        )
+
+
+def padded_eval_batches(
+    build: Callable[[np.ndarray], dict[str, np.ndarray]],
+    n_examples: int,
+    batch_size: int,
+    max_batches: int = 0,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """Examples ``0 .. n_examples`` in order, ``batch_size`` a batch (at most ``max_batches``;
+    0 = all), this process's rows of each built by ``build(example ids)``. The last batch's
+    missing rows are zeros (so their loss masks, weights and segment ids are 0): every batch
+    has one shape, and one compiled eval step serves them all."""
+    n_batches = -(-n_examples // batch_size)
+    if max_batches > 0:
+        n_batches = min(n_batches, max_batches)
+    for b in range(n_batches):
+        rows = b * batch_size + _process_rows(batch_size, process_index, process_count)
+        real = rows < n_examples
+        built = build(rows[real])
+        if not real.all():
+            for key, value in built.items():
+                full = np.zeros((len(rows),) + value.shape[1:], dtype=value.dtype)
                 full[real] = value
-                padded[key] = full
-            yield padded
+                built[key] = full
+        yield built
 
 
 def ramp_rows(ramp: BatchRamp, step: int, process_index: int, process_count: int) -> np.ndarray:

@@ -28,9 +28,9 @@ from flaxlm.config import Config
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.causal_batches import (
     EpochOrder,
-    _process_rows,
     n_causal_examples,
     pack_examples,
+    padded_eval_batches,
     ramp_rows,
 )
 from flaxlm.data.mlm_masks import MaskingSpec, mask_batch
@@ -189,22 +189,9 @@ class MaskedBatches(EpochOrder):
     ) -> Iterator[dict[str, np.ndarray]]:
         """Walks the split in order (use ``shuffle=False``), ``batch_size`` examples at a time;
         the last batch is padded with rows whose weights and loss masks are 0."""
-        n_batches = -(-self.n_examples // batch_size)
-        if max_batches > 0:
-            n_batches = min(n_batches, max_batches)
-        for b in range(n_batches):
-            rows = b * batch_size + _process_rows(batch_size, process_index, process_count)
-            real = rows < self.n_examples
-            built = self.build(rows[real])
-            if real.all():
-                yield built
-                continue
-            padded = {}
-            for key, value in built.items():
-                full = np.zeros((len(rows),) + value.shape[1:], dtype=value.dtype)
-                full[real] = value
-                padded[key] = full
-            yield padded
+        return padded_eval_batches(
+            self.build, self.n_examples, batch_size, max_batches, process_index, process_count
+        )
 
 
 def make_masked_batches(

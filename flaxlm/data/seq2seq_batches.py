@@ -33,7 +33,7 @@ import numpy as np
 
 from flaxlm.config import Config, ConfigError
 from flaxlm.data.batch_ramp import BatchRamp
-from flaxlm.data.causal_batches import EpochOrder, _process_rows, ramp_rows
+from flaxlm.data.causal_batches import EpochOrder, padded_eval_batches, ramp_rows
 from flaxlm.data.span_corruption import (
     SPAN_STREAM,
     corrupt,
@@ -108,19 +108,9 @@ class _Seq2SeqBatches(EpochOrder):
     ) -> Iterator[dict[str, np.ndarray]]:  # fmt: skip
         """Walks the examples in order (use ``shuffle=False``), ``batch_size`` at a time; the
         last batch is padded with rows whose segment ids and loss masks are 0."""
-        n_batches = -(-self.n_examples // batch_size)
-        if max_batches > 0:
-            n_batches = min(n_batches, max_batches)
-        for b in range(n_batches):
-            rows = b * batch_size + _process_rows(batch_size, process_index, process_count)
-            real = rows < self.n_examples
-            built = self.build(rows[real])
-            if not real.all():
-                for key, value in built.items():
-                    full = np.zeros((len(rows),) + value.shape[1:], dtype=value.dtype)
-                    full[real] = value
-                    built[key] = full
-            yield built
+        return padded_eval_batches(
+            self.build, self.n_examples, batch_size, max_batches, process_index, process_count
+        )
 
 
 class SpanCorruptionBatches(_Seq2SeqBatches):
