@@ -123,6 +123,28 @@ def test_missing_credentials_are_one_line_naming_the_url(monkeypatch, tmp_path):
     assert "s3://some-bucket/run/x: no AWS credentials" in str(err.value)
 
 
+@pytest.mark.parametrize("op", ["write_bytes", "create"])
+def test_missing_google_credentials_are_one_line_naming_the_url(monkeypatch, tmp_path, op):
+    """Every GCS call builds its client inside the error translation: a conditional create
+    (the run lock's first write) once printed google.auth's traceback."""
+    pytest.importorskip("google.cloud.storage")
+    from object_stores import _forget_clients
+
+    for name in ("STORAGE_EMULATOR_HOST", "GOOGLE_APPLICATION_CREDENTIALS"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("CLOUDSDK_CONFIG", str(tmp_path / "gcloud"))
+    from google.auth.compute_engine import _metadata
+
+    monkeypatch.setattr(_metadata, "_NO_GCE_CHECK", True)  # not a GCE VM: skip its probes
+    _forget_clients()
+    try:
+        with pytest.raises(storage.StorageError) as err:
+            getattr(storage, op)("gs://some-bucket/run/x", b"x")
+    finally:
+        _forget_clients()
+    assert "gs://some-bucket/run/x: no Google Cloud credentials" in str(err.value)
+
+
 # A storage scheme written out, or a URL taken apart: what only flaxlm/storage may do. (The
 # data sources' own prefixes, "hf:" and "tfds:", name kinds of source, not places.)
 SCHEME_CHECK = re.compile(r"""(gs|s3|gcs|file)://|startswith\(\s*["'](gs|s3)|urlparse|urlsplit""")

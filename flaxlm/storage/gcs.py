@@ -78,8 +78,8 @@ class GcsStore(Store):
     def _upload_if(self, key: str, data: bytes, generation: int) -> str | None:
         from google.api_core import exceptions as gx
 
-        blob = self._blob(key)
-        with self._errors(key):
+        with self._errors(key):  # the client itself may fail: no credentials
+            blob = self._blob(key)
             try:
                 blob.upload_from_string(data, if_generation_match=generation)
             except gx.PreconditionFailed:
