@@ -71,7 +71,11 @@ class TaskScoring:
     - ``"masked"`` (an encoder): pseudo-log-likelihood, one row per continuation token with
       that token masked: ``tokens``, ``positions``, ``segment_ids``, ``token_types`` ``(B, L)``,
       ``masked_positions`` and ``targets`` ``(B, 1)``; returns the same pair ``(B, 1)``.
-    - ``"seq2seq"`` (an encoder-decoder): targets given inputs; the t5 family defines its layout.
+    - ``"seq2seq"`` (an encoder-decoder): targets given inputs, rows laid out as the t5
+      family's training batches (``encoder_ids``, ``encoder_segment_ids``,
+      ``encoder_positions`` ``(B, S)``; ``decoder_input_ids``, ``decoder_target_ids``,
+      ``decoder_segment_ids``, ``decoder_positions`` ``(B, T)``); returns the pair ``(B, T)``.
+      Generation runs T5's cached decoder (flaxlm/tasks/seq2seq.py).
 
     ``requests``: the request types it can run (``loglikelihood``, ``loglikelihood_rolling``,
     ``generate_until``); a task needing another is refused in one line."""

@@ -22,7 +22,7 @@ import numpy as np
 from flaxlm.config import Config, ConfigError, ConfigSection
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.span_corruption import SEQ2SEQ_SECTION, resolve_target_len
-from flaxlm.families.base import Baseline, Family, ReportField
+from flaxlm.families.base import Baseline, Family, ReportField, TaskScoring
 from flaxlm.hf.t5 import T5_CONVERTER
 from flaxlm.losses.objectives import causal_lm_loss
 from flaxlm.models.t5 import T5, T5Options
@@ -226,6 +226,26 @@ def predicted_positions(cfg: Config) -> int:
     return resolve_target_len(cfg)
 
 
+def seq2seq_log_probs(model, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """Task scoring (``TaskScoring`` kind ``seq2seq``, flaxlm/tasks/seq2seq.py): rows laid out
+    as training batches (``encoder_*`` ``(B, S)``, ``decoder_*`` ``(B, T)``); returns
+    ``log p(decoder_target_ids_BxT | encoder row, targets before)`` and whether each target
+    is the argmax, both ``(B, T)``."""
+    logits_BxTxV = model.apply(
+        {"params": params},
+        batch["encoder_ids"],
+        batch["decoder_input_ids"],
+        batch["encoder_segment_ids"],
+        batch["decoder_segment_ids"],
+        batch["encoder_positions"],
+        batch["decoder_positions"],
+    )
+    log_p_BxTxV = jax.nn.log_softmax(logits_BxTxV.astype(jnp.float32), axis=-1)
+    targets_BxT = batch["decoder_target_ids"]
+    log_p_BxT = jnp.take_along_axis(log_p_BxTxV, targets_BxT[..., None], axis=-1)[..., 0]
+    return log_p_BxT, jnp.argmax(logits_BxTxV, axis=-1) == targets_BxT
+
+
 T5_FAMILY = Family(
     name="t5",
     build_model=T5,
@@ -255,4 +275,7 @@ T5_FAMILY = Family(
     encoder_decoder=True,  # (flaxlm/tools/seq2seq_generate.py; finetune: seq2seq_finetune.py)
     check_config=lambda cfg: None,
     config_sections=(T5_SECTION, SEQ2SEQ_SECTION),
+    task_scoring=TaskScoring(
+        "seq2seq", seq2seq_log_probs, ("loglikelihood", "loglikelihood_rolling", "generate_until")
+    ),
 )

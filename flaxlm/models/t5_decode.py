@@ -84,10 +84,15 @@ def decode_step(
 
 
 def greedy(
-    model: T5, params: Any, enc_ids_BxS: Array, enc_segments_BxS: Array, steps: int
+    model: T5,
+    params: Any,
+    enc_ids_BxS: Array,
+    enc_segments_BxS: Array,
+    steps: int,
+    start_id: int = 0,
 ) -> Array:
-    """``steps`` greedy tokens per row ``(B, steps)`` after the start token (pad = 0); a
-    reference loop over the three functions above (no early stop at end-of-sequence)."""
+    """``steps`` greedy tokens per row ``(B, steps)`` after the start token ``start_id`` (T5:
+    pad); a loop over the three functions above (no early stop at end-of-sequence)."""
     encoded = encode(model, params, enc_ids_BxS, enc_segments_BxS)
     cache = init_cache(model, params, encoded, enc_segments_BxS, steps)
 
@@ -97,6 +102,6 @@ def greedy(
         nxt = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
         return (nxt, cache), nxt
 
-    start = jnp.zeros((enc_ids_BxS.shape[0],), jnp.int32)
+    start = jnp.full((enc_ids_BxS.shape[0],), start_id, jnp.int32)
     _, tokens_SxB = jax.lax.scan(one, (start, cache), None, length=steps)
     return tokens_SxB.T

@@ -18,7 +18,9 @@ shards, padded with empty rows) and right-padded to a multiple of ``BUCKET`` tok
 task compiles a handful of programs. Batches are sharded over (data, fsdp) like training and
 the sums come back replicated. The family decides how a row is scored
 (:class:`flaxlm.families.TaskScoring`): a decoder in one causal pass; an encoder by
-pseudo-log-likelihood, one row per continuation token with that token masked.
+pseudo-log-likelihood, one row per continuation token with that token masked; an
+encoder-decoder with the context as its encoder input and the continuation as the decoder's
+target (flaxlm/tasks/seq2seq.py: its tokenisation, rows and generation).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flax import linen as nn
 from flaxlm.families import family_of
 from flaxlm.parallel.sharding import BATCH_AXES, LOGICAL_RULES, batch_sharding, replicated
 from flaxlm.tasks.generation import BUCKET, TOKEN_SEGMENT, greedy_generate
+from flaxlm.tasks.seq2seq import pad_seq2seq_rows, seq2seq_generate, seq2seq_pair, seq2seq_row
 from flaxlm.tasks.spec import TaskError
 
 
@@ -57,7 +60,9 @@ class Scorer:
         shards = math.prod(self.mesh.shape[a] for a in BATCH_AXES)
         batch_size = batch_size or cfg.train.batch_size // cfg.train.grad_accum
         self.batch_size = -(-batch_size // shards) * shards
-        self.prefix_id = self.tokenizer.bos_id  # the harness's prefix_token_id (BOS, else EOS)
+        # The harness's prefix_token_id: BOS, else EOS (T5's tokenizer has no BOS).
+        self.seq2seq = self.scoring.kind == "seq2seq"
+        self.prefix_id = self.tokenizer.eos_id if self.seq2seq else self.tokenizer.bos_id
         self._score = self._jit_score()
 
     def supports(self, request_type: str) -> bool:
@@ -75,6 +80,8 @@ class Scorer:
     # --- tokenisation (lm_eval.api.model.TemplateLM) ----------------------------------------
 
     def encode_pair(self, context: str, continuation: str) -> tuple[list[int], list[int]]:
+        if self.seq2seq:  # encoder input and target, each encoded on its own
+            return seq2seq_pair(self.tokenizer, context, continuation)
         encode = self.tokenizer.encode
         if context == "":
             cont = encode(continuation)
@@ -112,6 +119,8 @@ class Scorer:
     def generate_until(self, requests: Sequence[tuple[str, Sequence[str], int]]) -> list[str]:
         """Greedy text after each context, cut at the first stop string (``</s>`` stops too)."""
         self.require("generate_until")
+        if self.seq2seq:
+            return seq2seq_generate(self, requests)
         return greedy_generate(self, requests)
 
     def loglikelihood_tokens(
@@ -121,7 +130,7 @@ class Scorer:
         rows, owner = self._rows(pairs)
         sums = np.zeros(len(pairs))
         greedy = np.ones(len(pairs), bool)
-        order = sorted(range(len(rows)), key=lambda r: -len(rows[r]["tokens"]))
+        order = sorted(range(len(rows)), key=lambda r: -max(map(len, rows[r].values())))
         for start in range(0, len(order), self.batch_size):
             chunk = order[start : start + self.batch_size]
             ll, ok = self._run([rows[r] for r in chunk])
@@ -144,6 +153,9 @@ class Scorer:
                 made = masked_rows(ctx, cont, self.max_length, self.tokenizer)
                 rows += made
                 owner += [i] * len(made)
+            elif self.seq2seq:
+                rows.append(seq2seq_row(ctx, cont, self.max_length, self.tokenizer.pad_id))
+                owner.append(i)
             else:
                 raise TaskError(
                     f"task scoring kind {self.scoring.kind!r} has no request layout yet"
@@ -151,10 +163,12 @@ class Scorer:
         return rows, owner
 
     def _run(self, rows: list[dict[str, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-        longest = max(len(r["tokens"]) for r in rows)
-        batch = pad_rows(
-            rows, self.batch_size, min(-(-longest // BUCKET) * BUCKET, self.max_length)
-        )
+        if self.seq2seq:
+            batch = pad_seq2seq_rows(rows, self.batch_size, self.max_length)
+        else:
+            longest = max(len(r["tokens"]) for r in rows)
+            width = min(-(-longest // BUCKET) * BUCKET, self.max_length)
+            batch = pad_rows(rows, self.batch_size, width)
         sharding = batch_sharding(self.mesh)
         on_mesh = {
             k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
