@@ -86,6 +86,19 @@ class TaskScoring:
 
 
 @dataclass(frozen=True)
+class FlopCount:
+    """A family's training FLOPs (forward + backward) per counted token: each of a row's
+    ``data.seq_len`` positions, the tokens that tokens/s and MFU count. ``body``: the blocks
+    and attention; ``head``: the LM head; ``formula`` / ``head_formula``: how, as
+    ``flaxlm bench`` prints them."""
+
+    body: float
+    head: float
+    formula: str
+    head_formula: str
+
+
+@dataclass(frozen=True)
 class Family:
     """One model family (see the module doc for the loss contract). Fields:
 
@@ -117,6 +130,9 @@ class Family:
       ``flaxlm finetune`` trains it on (input, target) pairs, flaxlm/tools/seq2seq_finetune.py).
     - ``task_scoring``: how it scores benchmark tasks (:class:`TaskScoring`); None for a
       family that cannot.
+    - ``flop_count(cfg)``: its training FLOPs per counted token (:class:`FlopCount`), which
+      the trainer's MFU, ``bench`` and ``plan`` use; None: the decoder formula
+      (flaxlm/train/flops.py ``flops_per_token``).
     - ``check_config(cfg)``: the family's own config checks (raise ConfigError).
     - ``config_sections``: the config sections the family owns (``ConfigSection``: a path such
       as ``objective`` or ``model.<name>``, a dataclass, its checks and choices), registered
@@ -148,6 +164,7 @@ class Family:
     check_config: Callable[[Config], None] = lambda cfg: None
     config_sections: tuple[ConfigSection, ...] = ()
     task_scoring: TaskScoring | None = None
+    flop_count: Callable[[Config], FlopCount] | None = None
 
 
 _FAMILIES: dict[str, Family] = {}

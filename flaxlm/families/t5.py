@@ -22,10 +22,11 @@ import numpy as np
 from flaxlm.config import Config, ConfigError, ConfigSection
 from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.data.span_corruption import SEQ2SEQ_SECTION, resolve_target_len
-from flaxlm.families.base import Baseline, Family, ReportField, TaskScoring
+from flaxlm.families.base import Baseline, Family, FlopCount, ReportField, TaskScoring
 from flaxlm.hf.t5 import T5_CONVERTER
 from flaxlm.losses.objectives import causal_lm_loss
-from flaxlm.models.t5 import T5, T5Options
+from flaxlm.models.flop_count import attention_params, mlp_params
+from flaxlm.models.t5 import T5, T5Options, decoder_layers
 
 ENCODER_KEYS = ("encoder_ids", "encoder_segment_ids", "encoder_positions")
 DECODER_KEYS = ("decoder_input_ids", "decoder_target_ids", "decoder_segment_ids",
@@ -226,6 +227,44 @@ def predicted_positions(cfg: Config) -> int:
     return resolve_target_len(cfg)
 
 
+T5_FLOPS = (
+    "[S*sum_e 6*(A + M) + Le*12*d*S^2 + T*sum_d 6*(A + 2*d^2 + M) + Ld*12*d*T*(T + S)"
+    " + S*Ld*12*d*d_kv] / S, A = 2*d^2 + 2*d*d_kv, M = MLP (3*d*F gated, else 2*d*F)"
+)
+
+
+def flop_count(cfg: Config) -> FlopCount:
+    """Training FLOPs per encoder token (the trainer and ``bench`` count a row's
+    ``data.seq_len`` = S encoder tokens), PaLM's convention: 6 x the matmul parameters each
+    token runs through, plus 12 d per (query, key) pair for the score and value matmuls
+    (forward + backward; no discount for causal masking, as flaxlm's decoder formula).
+
+    Per example: the encoder's S tokens run ``Le`` blocks (attention ``A``, MLP ``M``) and
+    attend to S keys; the decoder's T = target-length tokens run ``Ld`` blocks (``A``, the
+    cross-attention's query and output ``2 d^2``, ``M``) and attend to T keys (self) and S
+    keys (cross); each decoder block projects the S encoder outputs to cross keys and values
+    (``2 d d_kv`` per encoder token); the head ``d V`` runs on the T target tokens. The
+    relative position bias and the embeddings are lookups, not matmuls."""
+    m = cfg.model
+    d, enc, dec = m.d_model, cfg.data.seq_len, resolve_target_len(cfg)
+    attn, kv = attention_params(m), attention_params(m) - 2 * d * d
+    gated = m.t5.gated_mlp
+    encoder = sum(6 * enc * (attn + mlp_params(m, i, gated)) + 12 * d * enc * enc
+                  for i in range(m.n_layers))  # fmt: skip
+    decoder = sum(
+        6 * dec * (attn + 2 * d * d + mlp_params(m, i, gated))
+        + 12 * d * dec * (dec + enc)
+        + 6 * enc * kv
+        for i in range(decoder_layers(m))
+    )
+    return FlopCount(
+        body=(encoder + decoder) / enc,
+        head=6.0 * d * m.vocab_size * dec / enc,
+        formula=T5_FLOPS,
+        head_formula=f"+ 6*d*V * T/S (S={enc}, T={dec})",
+    )
+
+
 def seq2seq_log_probs(model, params, batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
     """Task scoring (``TaskScoring`` kind ``seq2seq``, flaxlm/tasks/seq2seq.py): rows laid out
     as training batches (``encoder_*`` ``(B, S)``, ``decoder_*`` ``(B, T)``); returns
@@ -275,6 +314,7 @@ T5_FAMILY = Family(
     encoder_decoder=True,  # (flaxlm/tools/seq2seq_generate.py; finetune: seq2seq_finetune.py)
     check_config=lambda cfg: None,
     config_sections=(T5_SECTION, SEQ2SEQ_SECTION),
+    flop_count=flop_count,
     task_scoring=TaskScoring(
         "seq2seq", seq2seq_log_probs, ("loglikelihood", "loglikelihood_rolling", "generate_until")
     ),

@@ -32,7 +32,7 @@ from flaxlm.config import Config, ModelConfig
 from flaxlm.families import family_of
 from flaxlm.runtime.host_memory import huge_pages_in_force
 from flaxlm.runtime.peaks import Peak, default_cache_path, raise_cpu_peak, run_peak
-from flaxlm.train.flops import flops_per_token, measure_matmul_peak
+from flaxlm.train.flops import family_flops_report, flops_per_token, measure_matmul_peak
 from flaxlm.train.profiling import STEP_NAME
 
 PEAK_TOLERANCE = 0.2  # before/after peaks further apart than this: a noisy machine
@@ -159,6 +159,7 @@ def bench_train(
     report["tokens_per_s"] = tokens_per_step / report["step_s"]
     predicted = harness.family.predicted_positions(cfg)
     report.update(model_flops(cfg.model, cfg.data.seq_len, predicted))
+    report.update(family_flops_report(cfg))  # a family's own count (t5) replaces it
     stale = None
     if jax.devices()[0].platform == "cpu":  # a faster probe than the cached peak heals it
         stale = stale_cache_warning(

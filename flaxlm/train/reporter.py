@@ -21,7 +21,7 @@ from flaxlm.data.batch_ramp import BatchRamp
 from flaxlm.families import Family, summary_line
 from flaxlm.runtime.peaks import run_peak
 from flaxlm.train import moe_terms
-from flaxlm.train.flops import flops_per_token
+from flaxlm.train.flops import model_flops_per_token
 from flaxlm.train.goodput import GoodputClock
 from flaxlm.train.metrics_log import MetricsLog
 from flaxlm.train.throughput import Throughput
@@ -48,7 +48,7 @@ class StepReporter:
         self.last_step = last_step
         self.ramp, self.goodput = ramp, goodput
         tokens = cfg.train.batch_size * cfg.data.seq_len
-        flops = flops_per_token(cfg.model, cfg.data.seq_len) * tokens
+        flops = model_flops_per_token(cfg) * tokens
         # The peak MFU divides by (flaxlm/runtime/peaks.py): published for TPUs and GPUs,
         # measured once per machine and dtype and cached on a CPU; None for an unknown chip.
         self.peak = run_peak(jax.devices(), cfg.model.dtype) if show else None
