@@ -27,7 +27,7 @@ def test_a_full_disk_in_the_sealing_thread_is_one_line_without_a_traceback(
     ckpt.wait()
     sealed = manager.write_manifest
 
-    def full(folder, step):
+    def full(folder, step, host=None):
         raise OSError(errno.ENOSPC, "No space left on device", str(folder / MANIFEST))
 
     monkeypatch.setattr(manager, "write_manifest", full)

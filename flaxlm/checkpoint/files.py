@@ -39,15 +39,18 @@ class CheckpointError(RuntimeError):
 # -- the manifest ----------------------------------------------------------------------------
 
 
-def write_manifest(folder: Path, step: int) -> None:
-    """Writes ``folder/MANIFEST.json``: the size and SHA-256 of every other file in it.
-    Written through a temporary file and renamed, so a manifest is never half there."""
+def write_manifest(folder: Path, step: int, host: dict | None = None) -> None:
+    """Writes ``folder/MANIFEST.json``: the size and SHA-256 of every other file in it, and
+    ``host``, the part of a checkpoint written by several hosts that ``folder`` holds
+    (:func:`flaxlm.checkpoint.hosts.host_part`). Written through a temporary file and
+    renamed, so a manifest is never half there."""
     files = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
             files[str(path.relative_to(folder))] = [path.stat().st_size, _sha256(path)]
     tmp = folder / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "files": files}))
+    manifest = {"step": step, "files": files, **({"host": host} if host else {})}
+    tmp.write_text(json.dumps(manifest))
     os.replace(tmp, folder / MANIFEST)
 
 

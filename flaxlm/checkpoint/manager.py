@@ -41,6 +41,7 @@ from flax.training.train_state import TrainState
 
 # CheckpointError and MANIFEST are defined there and imported from here by the rest of flaxlm.
 from flaxlm import storage
+from flaxlm.checkpoint import hosts
 from flaxlm.checkpoint.files import (
     MANIFEST,
     CheckpointError,
@@ -80,25 +81,25 @@ class Checkpointer:
         # A staging folder's copies are a cache: only a local tier's own saves count.
         self.local_tier = local_dir is not None
         self.keep = keep
-        self.is_writer = jax.process_index() == 0
+        self.is_writer = jax.process_index() == 0  # deletes in the run dir; seals a step
+        # Several hosts without a shared disk: each writes its own part into its own folder
+        # (flaxlm.checkpoint.hosts) and tends that folder itself.
+        self.own_folders = hosts.per_host() and self.tier is not None
+        self.owns_folder = self.is_writer or self.own_folders
+        self.fetched: set[int] = set()  # steps a restore took from the persistent tier
+        self._layout: str | None = None  # this host's shards in the state being restored
         # Damaged steps the last restore skipped, newest first: what a resume may delete.
         self.walked_past: list[int] = []
         self._lock = threading.Lock()
-        self._unsealed: list[int] = []  # saved by orbax, manifest not yet written
+        # saved by orbax, manifest not yet written: (step, the host's part or None)
+        self._unsealed: list[tuple[int, dict | None]] = []
         self._in_flight: int | None = None  # the step of the save not yet waited for
         self._last_started: int | None = None
         self._cleaned = False  # leftovers of killed saves removed (at the first save)
         self._intact: dict[int, dict[str, tuple]] = {}  # verified step -> saved array shapes
         self._persist: set[int] = set()  # saved steps the sealing copies into the tier
         self._seal_error: BaseException | None = None  # from the sealing thread
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None,  # retention is ours: it must spare the known-good checkpoint
-            enable_async_checkpointing=asynchronous,
-            create=True,
-        )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "meta")
-        )
+        self._manager = _orbax_manager(self.directory, asynchronous, self.own_folders)
 
     # -- what is on disk -------------------------------------------------------------------
 
@@ -120,6 +121,17 @@ class Checkpointer:
         steps = self.steps()
         return steps[-1] if steps else None
 
+    def restorable_steps(self) -> list[int]:
+        """The steps a restore chooses from, oldest first: :meth:`steps`, and with several
+        hosts of their own folders the same list on every host (those in the run dir and
+        those every host holds locally). Every process must call it."""
+        if not self.own_folders:
+            return self.steps()
+        mine = [self.local_steps(), self.tier.steps() if self.is_writer else []]
+        said = [json.loads(text) for text in hosts.exchange("steps", json.dumps(mine))]
+        everywhere = set.intersection(*(set(local) for local, _ in said))
+        return sorted(everywhere | set(said[0][1]))
+
     def verify(self, step: int) -> str | None:
         """None if the checkpoint's files match its manifest and its metadata parses, else
         what is wrong. An I/O error while reading raises OSError: that is not damage."""
@@ -138,7 +150,7 @@ class Checkpointer:
     def newest_intact(self) -> int:
         """The newest checkpoint without verified damage. Damaged newer ones are skipped with
         a warning naming each, and listed in ``walked_past`` (newest first)."""
-        steps = self.steps()
+        steps = self.restorable_steps()
         if not steps:
             raise CheckpointError(f"no checkpoint in {self.directory}")
         self.walked_past, problems = [], []
@@ -156,10 +168,10 @@ class Checkpointer:
         """``step`` if that checkpoint has no verified damage, else a CheckpointError saying
         what is wrong with it (no walking back: it was asked for by name)."""
         folder = self.directory / str(step)
-        if step not in self.steps():
+        steps = self.restorable_steps()
+        if step not in steps:
             raise CheckpointError(
-                f"no checkpoint {storage.join(self.location, str(step))} "
-                f"(have: {self.steps() or 'none'})"
+                f"no checkpoint {storage.join(self.location, str(step))} (have: {steps or 'none'})"
             )
         problem = self._damage(step)
         if problem is not None:
@@ -167,15 +179,38 @@ class Checkpointer:
         return step
 
     def _damage(self, step: int) -> str | None:
-        """What :meth:`verify` finds, or unreadable Orbax metadata; None when intact (then
-        the saved array shapes are kept for :meth:`_check_fits`)."""
+        """What is wrong with ``step``, the same answer on every host; None when intact (then
+        the saved array shapes are kept for :meth:`_check_fits`). The local copy serves when
+        every host's is intact; else the persistent tier's copy is fetched and checked."""
         if step in self._intact:
             return None
         folder = self.directory / str(step)
+        problem = hosts.first_problem(f"local-{step}", self._local_damage(step))
+        if problem is not None and self.tier is not None and self.tier.manifest(step):
+            retrying(f"fetching checkpoint {folder}", lambda: self.tier.fetch(step, folder))
+            self._manager.reload()
+            self.fetched.add(step)
+            problem = hosts.first_problem(f"fetched-{step}", self._local_damage(step))
+        if problem is not None:
+            self._intact.pop(step, None)
+        return problem
+
+    def _local_damage(self, step: int) -> str | None:
+        """What is wrong with this host's local copy of ``step`` for this restore: damage
+        (:meth:`verify`), another host's part, a stale copy of a step the run dir holds anew,
+        unreadable Orbax metadata. None when it serves (its array shapes are then kept)."""
+        folder = self.directory / str(step)
 
         def check() -> str | None:
-            self._fetch(step)
             problem = self.verify(step)
+            if problem is not None:
+                return problem
+            manifest = (folder / MANIFEST).read_bytes()
+            part = json.loads(manifest).get("host")
+            if part is not None:
+                problem = hosts.part_problem(part, self._layout)
+            elif self.tier is not None and self.tier.manifest(step) not in (None, manifest):
+                problem = "it is an older copy than the run dir's"
             if problem is not None:
                 return problem
             try:
@@ -213,7 +248,7 @@ class Checkpointer:
             self.remove_incomplete()
         self._prune(protect | {step})
         folder = self.directory / str(step)
-        if folder.exists() and self.is_writer:
+        if folder.exists() and self.owns_folder:
             # A stale folder from before a rollback, or an unsealed leftover: replace it.
             shutil.rmtree(folder)
         if self.tier is not None and self.is_writer and persistent:
@@ -222,19 +257,15 @@ class Checkpointer:
         _sync(f"flaxlm-checkpoint-save-{step}")  # every process sees the same folders
         self._manager.reload()
         meta = dict(meta, step=step, tokenizer_b64=base64.b64encode(tokenizer_bytes).decode())
+        part = hosts.host_part(hosts.layout_of(state)) if self.own_folders else None
         with self._lock:
-            self._unsealed.append(step)
+            self._unsealed.append((step, part))
             if self.tier is not None and persistent:
                 self._persist.add(step)
         self._in_flight = self._last_started = step
         try:
-            self._manager.save(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-                ),
-                force=True,
-            )
+            args = hosts.save_args(state, meta, self.own_folders)
+            self._manager.save(step, args=args, force=True)
             if not self._manager.is_saving_in_progress():
                 self._seal_pending()  # synchronous save (or already finished)
                 self._in_flight = None
@@ -264,23 +295,25 @@ class Checkpointer:
         folder stays pending.
         """
         with self._lock:  # the callback thread and wait() may both get here
-            for step in list(self._unsealed):
+            for step, part in list(self._unsealed):
                 folder = self.directory / str(step)
                 if not folder.is_dir():
                     continue  # not renamed into place yet
-                if self.is_writer:
-                    write_manifest(folder, step)
-                    if step in self._persist:
-                        self.tier.upload(folder, step)
+                if self.owns_folder:
+                    write_manifest(folder, step, host=part)
+                if step in self._persist and self.own_folders:
+                    self.tier.upload_part(folder, step)  # every host; sealed by process 0
+                elif step in self._persist and self.is_writer:
+                    self.tier.upload(folder, step)
                 self._persist.discard(step)
-                self._unsealed.remove(step)
+                self._unsealed.remove((step, part))
 
     def _save_failed(self, step: int | None, exc: Exception) -> None:
         """Raises for a failed save of ``step``: a one-line CheckpointError for a write error
         (a full disk), ``exc`` itself for anything else. Call it from an ``except`` block.
         What the save left (Orbax may still be unwinding it) goes at the next save."""
         with self._lock:
-            self._unsealed = [s for s in self._unsealed if s != step]
+            self._unsealed = [(s, p) for s, p in self._unsealed if s != step]
             self._persist.discard(step)
         self._in_flight, self._seal_error = None, None
         self._cleaned = False
@@ -298,7 +331,7 @@ class Checkpointer:
         ) from exc
 
     def _prune(self, protect: set[int] | frozenset[int]) -> None:
-        if not self.is_writer:
+        if not self.owns_folder:
             return
 
         # Called just before a new save: leave room for it within ``keep``. With two tiers
@@ -315,22 +348,20 @@ class Checkpointer:
         for step in sorted(set(self.local_steps()) - keep(self.local_steps())):
             self._intact.pop(step, None)
             shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        if not self.is_writer:
+            return
         for step in sorted(set(self.tier.steps()) - keep(self.tier.steps())):
             self._intact.pop(step, None)
             self.tier.delete(step)
 
     def _remove(self, step: int) -> None:
-        """Deletes ``step`` from both tiers (the persistent copy's manifest first)."""
+        """Deletes ``step`` from this host's folder, and process 0 from the run dir (the
+        persistent copy's manifest first)."""
         self._intact.pop(step, None)
-        shutil.rmtree(self.directory / str(step), ignore_errors=True)
-        if self.tier is not None:
+        if self.owns_folder:
+            shutil.rmtree(self.directory / str(step), ignore_errors=True)
+        if self.tier is not None and self.is_writer:
             self.tier.delete(step)
-
-    def _fetch(self, step: int) -> None:
-        """Makes the local folder hold ``step``: fetched from the persistent tier unless the
-        local copy is sealed with the same manifest (or only the local tier has it)."""
-        if self.tier is not None and self.tier.fetch_if_needed(step, self.directory / str(step)):
-            self._manager.reload()
 
     def remove_incomplete(self) -> list[str]:
         """Removes what killed saves leave behind: Orbax temporary folders
@@ -340,7 +371,7 @@ class Checkpointer:
         Returns the names removed."""
         self.wait()
         removed = []
-        if self.is_writer and self.directory.is_dir():
+        if self.owns_folder and self.directory.is_dir():
             for path in self.directory.iterdir():
                 unsealed = path.name.isdigit() and not (path / MANIFEST).exists()
                 fetching = path.name.endswith(".fetching")
@@ -362,10 +393,9 @@ class Checkpointer:
         ``walked_past``, the damaged ones, so nothing intact is ever deleted)."""
         self.wait()
         chosen = None if only is None else set(only)
-        if self.is_writer:
-            for s in self.steps():
-                if s > step and (chosen is None or s in chosen):
-                    self._remove(s)
+        for s in self.steps():
+            if s > step and (chosen is None or s in chosen):
+                self._remove(s)
         _sync(f"flaxlm-checkpoint-delete-after-{step}")
         self._manager.reload()
 
@@ -386,6 +416,9 @@ class Checkpointer:
         the retries raise CheckpointError without walking back.
         """
         self.walked_past = []
+        if self.own_folders:
+            self._layout = hosts.layout_of(abstract_state, state_sh)
+            self._intact.clear()  # checked for another layout, perhaps
         step = self.newest_intact() if step is None else self.check_intact(step)
         folder = self.directory / str(step)
         self._check_fits(step, abstract_state)
@@ -417,12 +450,7 @@ class Checkpointer:
             state_sh,
         )
         self._manager.reload()
-        restored = self._manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
-            ),
-        )
+        restored = self._manager.restore(step, args=hosts.restore_args(target, self.own_folders))
         return restored["state"], dict(restored["meta"])
 
     def read_meta(self, step: int | None = None) -> dict[str, Any]:
@@ -466,6 +494,25 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
+
+
+def _orbax_manager(directory: Path, asynchronous: bool, own_folders: bool) -> ocp.CheckpointManager:
+    """Orbax's manager of ``directory``: retention is ours (it must spare the known-good
+    checkpoint); with ``own_folders`` every host writes its own part into its own folder."""
+    if not own_folders:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None, enable_async_checkpointing=asynchronous, create=True
+        )
+        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    handlers, multiprocessing = hosts.orbax_items()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None,
+        enable_async_checkpointing=asynchronous,
+        create=True,
+        multiprocessing_options=multiprocessing,
+        enable_per_process_directory_creation=True,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def tokenizer_bytes_from_meta(meta: dict[str, Any]) -> bytes:

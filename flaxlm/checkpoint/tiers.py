@@ -11,35 +11,40 @@ short has no manifest and does not count. Deleting goes the other way, manifest 
 half-deleted step never looks complete. A restore of a step this host does not hold fetches
 it into the local folder (``<step>.fetching``, renamed when whole) and checks it there
 against its manifest, sizes and SHA-256s, before Orbax reads it.
+
+With several hosts (no shared disk) each host writes its own part to its own local folder
+and copies it up; process 0 seals the step once every host's copy is up
+(:meth:`PersistentTier.upload_part`). A host restoring a step it does not hold whole fetches
+the whole step.
 """
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
 import jax
 
 from flaxlm import storage
-from flaxlm.checkpoint.files import MANIFEST, CheckpointError
+from flaxlm.checkpoint import hosts
+from flaxlm.checkpoint.files import MANIFEST, CheckpointError, one_line
+
+HOSTS = "hosts"  # in a step written by several hosts: each host's part manifest, <i>.json
 
 
 def place_checkpoints(
     location: str, local_dir: str | Path | None
 ) -> tuple[Path, PersistentTier | None]:
     """Where Orbax writes the checkpoints of ``location`` (``RUN_DIR/checkpoints``), and the
-    persistent tier they are copied to: none for a local run dir without a local tier."""
+    persistent tier they are copied to: none for a local run dir without a local tier. With
+    several processes each writes its own part into ``process-<i>`` of its local folder
+    (:mod:`flaxlm.checkpoint.hosts`), so hosts that share that folder do not collide."""
     if local_dir is None and storage.is_posix(location):
         return Path(location).absolute(), None
-    if jax.process_count() > 1:
-        # Orbax's multi-process save merges every host's files in one folder; each host's
-        # own local folder cannot give it that yet (docs/storage.md).
-        raise CheckpointError(
-            f"checkpoints in {location} (an object store or checkpoint.local_dir) are written "
-            f"by one process for now, this run has {jax.process_count()}; use a run dir every "
-            "host mounts (NFS, Filestore, GCSFuse) for multi-host"
-        )
     local = Path(local_dir) if local_dir else storage.local_cache(location)
+    if jax.process_count() > 1:
+        local = local / f"process-{jax.process_index()}"
     return local.absolute(), PersistentTier(location)
 
 
@@ -66,6 +71,33 @@ class PersistentTier:
         """Copies a sealed local checkpoint folder: its files, then its manifest."""
         storage.upload_tree(folder, self._step(step), skip=(MANIFEST,))
         storage.write_bytes(self._step(step, MANIFEST), (folder / MANIFEST).read_bytes())
+
+    def upload_part(self, folder: Path, step: int) -> None:
+        """Every host at once: copies the part of ``step`` that this host wrote, with its part
+        manifest (``hosts/<i>.json``); once every host's copy is up, process 0 writes the
+        manifest of the whole step (the seal). A host that failed makes every host raise a
+        CheckpointError naming it, and the step stays unsealed."""
+        index = jax.process_index()
+        problem = None
+        try:
+            storage.upload_tree(folder, self._step(step), skip=(MANIFEST,))
+            part = (folder / MANIFEST).read_bytes()
+            storage.write_bytes(self._step(step, HOSTS, f"{index}.json"), part)
+        except Exception as exc:  # told to every host, raised by each
+            problem = one_line(exc)
+        problem = hosts.first_problem(f"upload-{step}", problem)
+        if problem is not None:
+            raise CheckpointError(f"checkpoint {step} could not be copied to {self.url}: {problem}")
+        if index != 0:
+            return
+        parts = [
+            json.loads(storage.read_text(self._step(step, HOSTS, f"{i}.json")))
+            for i in range(jax.process_count())
+        ]
+        manifest, differ = hosts.merge_parts(step, parts)
+        for rel in differ:
+            storage.write_bytes(self._step(step, rel), (folder / rel).read_bytes())
+        storage.write_text(self._step(step, MANIFEST), json.dumps(manifest))
 
     def fetch(self, step: int, folder: Path) -> None:
         """Downloads ``step`` into ``folder`` (replacing what is there), whole or not at all."""

@@ -63,19 +63,15 @@ class RunCheckpoints:
         """The newest intact checkpoint with the run's position and guard state (newer ones
         that failed verification are removed) — or, when a rollback happened after it, the point
         that rollback restored — or the fresh state at step 0. ``announce`` prints where."""
-        if self.checkpointer.latest_step() is None:
+        if not self.checkpointer.restorable_steps():  # the same answer on every host
             return Start(self.model_state.fresh(), 0, 0, GuardState(self.cfg.guard), None, 0)
         ms = self.model_state
-        held_locally = set(self.checkpointer.local_steps())  # before a restore fetches one
         state, meta = self.checkpointer.restore(ms.abstract, ms.shardings)
         step = int(meta["step"])
         # Newer checkpoints that failed verification go; anything intact stays.
         self.checkpointer.delete_after(step, only=self.checkpointer.walked_past)
-        if self.checkpointer.local_tier and step not in held_locally:
-            print(
-                f"checkpoint.local_dir {self.checkpointer.directory} holds no intact checkpoint "
-                f"of step {step} or later: resuming from {self.checkpointer.location}"
-            )
+        if self.checkpointer.local_tier and step in self.checkpointer.fetched:
+            self._say_fetched(step)
         healing = GuardState.from_meta(self.cfg.guard, meta)
         data_index, lines = int(meta["data_index"]), meta.get("metrics_lines")
         record = self._rollback_record()
@@ -90,6 +86,20 @@ class RunCheckpoints:
             skipped = f", skip ledger {ledger}" if ledger else ""
             print(f"resuming {self.run_dir} from step {step}{skipped}")
         return Start(state, step, data_index, healing, step, lines)
+
+    def _say_fetched(self, step: int) -> None:
+        """One line: the local tier could not serve the resume (a wiped or replaced disk)."""
+        ckpt = self.checkpointer
+        if jax.process_count() == 1:
+            print(
+                f"checkpoint.local_dir {ckpt.directory} holds no intact checkpoint of step "
+                f"{step} or later: resuming from {ckpt.location}"
+            )
+        elif jax.process_index() == 0:
+            print(
+                f"checkpoint.local_dir {self.cfg.checkpoint.local_dir} does not hold an intact "
+                f"checkpoint of step {step} or later on every host: resuming from {ckpt.location}"
+            )
 
     def save(
         self,
