@@ -10,7 +10,7 @@
 # is N and FLAXLM_PROCESS_ID is the pod's completion index (the annotation behind
 # JOB_COMPLETION_INDEX). Restarts (the pod failure policy): a pod that fails (exit 75 from the
 # hang watchdog or after a SIGTERM save, a dead peer) is replaced and resumes from the newest checkpoint (train.run_dir
-# on the --pvc volume, shared by all), up to --max-restarts times N pod failures; an evicted or
+# on the --pvc volume, shared by all, or a gs:// or s3:// bucket), up to --max-restarts times N pod failures; an evicted or
 # preempted pod never counts; exit 3 (training diverged) fails the Job at once. A pod being
 # stopped gets SIGTERM and --grace seconds to save before SIGKILL.
 # DRY_RUN=1 is the same as --dry-run: print the kubectl command and manifest, apply nothing.
