@@ -1,7 +1,8 @@
 """The T5 model (flaxlm/models/t5*.py) and its family entry (flaxlm/families/t5.py): cached
-decoding equals teacher forcing, packed rows equal the same examples alone, MoE blocks route
-and learn, splash cross-attention (queries and keys of different lengths, segment ids on both
-sides) equals the dense reference, the unigram baseline and the config checks."""
+decoding equals teacher forcing, scanned stacks equal unrolled ones, packed rows equal the
+same examples alone, MoE blocks route and learn, splash cross-attention (queries and keys of
+different lengths, segment ids on both sides) equals the dense reference, the unigram baseline
+and the config checks."""
 
 from __future__ import annotations
 
@@ -39,35 +40,6 @@ def tiny(*overrides: str):
 def params_of(model_cfg):
     init = jax.jit(lambda k: T5(model_cfg).init(k, jnp.zeros((1, 8), jnp.int32)))
     return nn.meta.unbox(init(jax.random.key(0)))["params"]
-
-
-def test_cached_decoding_equals_teacher_forcing():
-    """Step t of decode_step (encoder once, cross K/V once, self-attention cache) gives the
-    logits the full decoder computes at position t for the same tokens."""
-    cfg = tiny().model
-    model, params = T5(cfg), params_of(cfg)
-    rng = np.random.default_rng(0)
-    enc_BxS = jnp.asarray(rng.integers(7, 300, (2, 20)), jnp.int32)
-    enc_seg_BxS = jnp.ones((2, 20), jnp.int32).at[1, 14:].set(0)  # row 1: 6 padding slots
-    tokens_BxT = jnp.asarray(rng.integers(7, 300, (2, 9)), jnp.int32)
-    dec_in_BxT = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tokens_BxT[:, :-1]], axis=1)
-
-    @jax.jit
-    def both(params):
-        full = model.apply({"params": params}, enc_BxS, dec_in_BxT, enc_seg_BxS)
-        encoded = encode(model, params, enc_BxS, enc_seg_BxS)
-        cache = init_cache(model, params, encoded, enc_seg_BxS, max_len=9)
-
-        def one(cache, token_B):
-            logits_BxV, cache = decode_step(model, params, cache, token_B)
-            return cache, logits_BxV
-
-        _, stepped_TxBxV = jax.lax.scan(one, cache, dec_in_BxT.T)
-        return full, stepped_TxBxV.transpose(1, 0, 2)
-
-    full, stepped = both(params)
-    assert float(jnp.std(full)) > 0.1
-    np.testing.assert_allclose(np.asarray(stepped), np.asarray(full), atol=2e-5, rtol=0)
 
 
 def test_packed_rows_equal_the_examples_alone():
@@ -203,3 +175,90 @@ def test_original_layout_ties_and_scales_the_head():
         rtol=1e-5,
         atol=1e-7,
     )
+
+
+def restack(tree: dict) -> dict:
+    """An unrolled stack's ``blocks_0 .. blocks_{n-1}`` as ``layers/block``, each leaf stacked
+    on a leading layer axis (the layout of model.scan_layers)."""
+    n = sum(k.startswith("blocks_") for k in tree)
+    blocks = [tree[f"blocks_{i}"] for i in range(n)]
+    rest = {k: v for k, v in tree.items() if not k.startswith("blocks_")}
+    return {**rest, "layers": {"block": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}}
+
+
+def test_cached_decoding_and_scanned_stacks_equal_teacher_forcing():
+    """Step t of decode_step (encoder once, cross K/V once, self-attention cache) gives the
+    logits the full decoder computes at position t for the same tokens; and with
+    model.scan_layers (one nn.scan per stack, remat inside) the same parameters stacked on a
+    leading layer axis give the unrolled model's logits, loss, gradients and cached steps."""
+    unrolled = tiny().model
+    scanned = tiny("model.scan_layers=true", "model.remat=full").model
+    params = params_of(unrolled)
+    restacked = {**params, "encoder": restack(params["encoder"]),
+                 "decoder": restack(params["decoder"])}  # fmt: skip
+    want = jax.eval_shape(T5(scanned).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    assert jax.tree.map(np.shape, nn.meta.unbox(want)["params"]) == jax.tree.map(
+        np.shape, restacked
+    )
+    rng = np.random.default_rng(0)
+    enc_BxS = jnp.asarray(rng.integers(7, 300, (2, 20)), jnp.int32)
+    enc_seg_BxS = jnp.ones((2, 20), jnp.int32).at[1, 14:].set(0)  # row 1: 6 padding slots
+    tokens_BxT = jnp.asarray(rng.integers(7, 300, (2, 9)), jnp.int32)
+    dec_in_BxT = jnp.concatenate([jnp.zeros((2, 1), jnp.int32), tokens_BxT[:, :-1]], axis=1)
+
+    def run(model_cfg, params):
+        model = T5(model_cfg)
+
+        def loss(p):
+            full = model.apply({"params": p}, enc_BxS, dec_in_BxT, enc_seg_BxS)
+            log_p = jax.nn.log_softmax(full, axis=-1)
+            return -jnp.mean(jnp.take_along_axis(log_p, tokens_BxT[..., None], axis=-1)), full
+
+        (value, full), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        encoded = encode(model, params, enc_BxS, enc_seg_BxS)
+        cache = init_cache(model, params, encoded, enc_seg_BxS, max_len=9)
+
+        def one(cache, token_B):
+            logits_BxV, cache = decode_step(model, params, cache, token_B)
+            return cache, logits_BxV
+
+        _, stepped_TxBxV = jax.lax.scan(one, cache, dec_in_BxT.T)
+        return value, grads, full, stepped_TxBxV.transpose(1, 0, 2)
+
+    loss_u, grads_u, full_u, stepped_u = jax.jit(functools.partial(run, unrolled))(params)
+    loss_s, grads_s, full_s, stepped_s = jax.jit(functools.partial(run, scanned))(restacked)
+    assert float(jnp.std(full_u)) > 0.1
+    np.testing.assert_allclose(np.asarray(stepped_u), np.asarray(full_u), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(full_s), np.asarray(full_u), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(stepped_s), np.asarray(full_u), atol=2e-5, rtol=0)
+    np.testing.assert_allclose(float(loss_s), float(loss_u), rtol=1e-6)
+    grads_u = {**grads_u, "encoder": restack(grads_u["encoder"]),
+               "decoder": restack(grads_u["decoder"])}  # fmt: skip
+    assert jax.tree.structure(grads_s) == jax.tree.structure(grads_u)
+    for (path, g_s), g_u in zip(
+        jax.tree_util.tree_flatten_with_path(grads_s)[0], jax.tree.leaves(grads_u), strict=True
+    ):
+        np.testing.assert_allclose(g_s, g_u, atol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
+def test_scanned_params_convert_as_the_unrolled_ones(tmp_path):
+    """HF export of a scan_layers run writes the unrolled run's tensors; the import gives back
+    the stacked layout."""
+    from flaxlm.tools.convert import export_hf, import_hf
+
+    unrolled, scanned = tiny().model, tiny("model.scan_layers=true").model
+    shapes = jax.eval_shape(T5(unrolled).init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
+    rng = np.random.default_rng(3)  # random weights without compiling init
+    params = jax.tree.map(lambda x: rng.standard_normal(x.shape, np.float32),
+                          nn.meta.unbox(shapes)["params"])  # fmt: skip
+    restacked = {**params, "encoder": restack(params["encoder"]),
+                 "decoder": restack(params["decoder"])}  # fmt: skip
+    export_hf(unrolled, params, tmp_path / "unrolled")
+    export_hf(scanned, restacked, tmp_path / "scanned")
+    files = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("unrolled", "scanned")]
+    assert files[0] == files[1]
+    cfg, back = import_hf(tmp_path / "scanned")
+    assert cfg.scan_layers
+    assert jax.tree.structure(back) == jax.tree.structure(restacked)
+    for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(restacked), strict=True):
+        np.testing.assert_array_equal(a, b)

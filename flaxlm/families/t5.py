@@ -52,7 +52,7 @@ def check_t5_options(cfg: Config) -> None:
             f"model.t5.relative_max_distance={t5.relative_max_distance} must exceed "
             f"relative_buckets / 4 = {t5.relative_buckets // 4} (T5: 128)"
         )
-    for key, needed in (("norm", "rmsnorm"), ("use_bias", False), ("scan_layers", False)):
+    for key, needed in (("norm", "rmsnorm"), ("use_bias", False)):
         if getattr(m, key) != needed:
             raise ConfigError(f"model.{key}={getattr(m, key)!r}: t5 needs {needed!r}")
     if m.activation == "swiglu":

@@ -18,6 +18,9 @@ is scaled by ``d_model^-1/2``). Both use RMSNorm pre-norm blocks and no biases
 (``model.norm: rmsnorm``, ``model.use_bias: false``; the family checks them).
 Param tree: ``token_embed`` (shared by encoder, decoder and a tied head), ``encoder`` and
 ``decoder`` (each ``relative_bias``, ``blocks_{i}``, ``ln_final``), ``lm_head`` (untied).
+With ``model.scan_layers`` each stack's blocks are one ``nn.scan`` (``layers/block/...``, the
+parameters stacked on a leading ``layers`` axis; flaxlm/models/t5_blocks.py
+``scanned_layers``): one block compiled per stack whatever the depth.
 """
 
 from __future__ import annotations
@@ -30,11 +33,12 @@ from flax import linen as nn
 
 from flaxlm.config import ModelConfig
 from flaxlm.models import layers
+from flaxlm.models.layer_stack import remat_policy
 from flaxlm.models.layers import Array, constrain, dtype_of
 from flaxlm.models.masks import Mask
 from flaxlm.models.moe import is_moe_layer
 from flaxlm.models.t5_attention import RelativeBias
-from flaxlm.models.t5_blocks import T5Block
+from flaxlm.models.t5_blocks import T5Block, scanned_layers
 
 
 @dataclass(unsafe_hash=True)  # under ``model``: hashable, as ModelConfig
@@ -65,12 +69,13 @@ class T5Stack(nn.Module):
     def setup(self) -> None:
         cfg = self.cfg
         n = decoder_layers(cfg) if self.decoder else cfg.n_layers
-        block = T5Block
-        if cfg.remat != "none":
-            from flaxlm.models.layer_stack import remat_policy
-
-            block = nn.remat(T5Block, policy=remat_policy(cfg), static_argnums=(5,))
-        self.blocks = [block(cfg, self.decoder, is_moe_layer(cfg, i)) for i in range(n)]
+        if cfg.scan_layers:
+            self.layers = scanned_layers(cfg, self.decoder, n, name="layers")
+        else:
+            block = T5Block
+            if cfg.remat != "none":
+                block = nn.remat(T5Block, policy=remat_policy(cfg), static_argnums=(5,))
+            self.blocks = [block(cfg, self.decoder, is_moe_layer(cfg, i)) for i in range(n)]
         self.relative_bias = RelativeBias(
             cfg.n_heads, cfg.t5.relative_buckets, cfg.t5.relative_max_distance,
             bidirectional=not self.decoder, param_dtype=dtype_of(cfg.param_dtype),
@@ -96,23 +101,33 @@ class T5Stack(nn.Module):
             cross_mask = Mask(segment_ids_BxL, enc_segments_BxS)
         else:
             mask = Mask.segments(segment_ids_BxL)
-        for block in self.blocks:
-            block_cross = None
-            if self.decoder:
-                block_cross = (block.cross_kv(encoded_BxSxD), cross_mask)
-            x_BxLxD = block(x_BxLxD, mask, bias_BxHxLxL, block_cross, deterministic)
+        if self.cfg.scan_layers:
+            context = (mask, bias_BxHxLxL, (encoded_BxSxD, cross_mask) if self.decoder else None)
+            x_BxLxD, _ = self.layers(x_BxLxD, None, context, deterministic)
+        else:
+            for block in self.blocks:
+                block_cross = None
+                if self.decoder:
+                    block_cross = (block.cross_kv(encoded_BxSxD), cross_mask)
+                x_BxLxD = block(x_BxLxD, mask, bias_BxHxLxL, block_cross, deterministic)
         x_BxLxD = self.ln_final(x_BxLxD).astype(dtype_of(self.cfg.dtype))
         return self.drop(x_BxLxD, deterministic=deterministic)
 
-    def cross_kv(self, encoded_BxSxD: Array) -> list[tuple[Array, Array]]:
-        """Each decoder block's cross-attention keys and values of ``encoded``."""
+    def cross_kv(self, encoded_BxSxD: Array) -> list[tuple[Array, Array]] | tuple[Array, Array]:
+        """Each decoder block's cross-attention keys and values of ``encoded``: a list of
+        ``(B, S, N, K)`` pairs, or with ``scan_layers`` one pair ``(B, layers, S, N, K)``."""
+        if self.cfg.scan_layers:
+            return self.layers.cross_kv(None, None, encoded_BxSxD, True)[1]
         return [block.cross_kv(encoded_BxSxD) for block in self.blocks]
 
     def step(
-        self, x_Bx1xD: Array, caches: list[dict], index: Array, enc_segments_BxS: Array
-    ) -> tuple[Array, list[dict]]:
-        """One token per row at decoder position ``index`` over the caches (decoder)."""
-        batch, slots = x_Bx1xD.shape[0], caches[0]["key"].shape[1]
+        self, x_Bx1xD: Array, caches: list[dict] | dict, index: Array, enc_segments_BxS: Array
+    ) -> tuple[Array, list[dict] | dict]:
+        """One token per row at decoder position ``index`` over the caches (decoder): one
+        dict per block, or with ``scan_layers`` one dict with the layers on axis 1."""
+        scanned = self.cfg.scan_layers
+        batch = x_Bx1xD.shape[0]
+        slots = (caches if scanned else caches[0])["key"].shape[2 if scanned else 1]
         ones_Bx1 = jnp.ones((batch, 1), jnp.int32)
         mask = Mask(
             ones_Bx1, jnp.ones((batch, slots), jnp.int32), query_offset=index, causal=True,
@@ -121,6 +136,10 @@ class T5Stack(nn.Module):
         cross_mask = Mask(ones_Bx1, (enc_segments_BxS > 0).astype(jnp.int32), decoding=True)
         q_pos_Bx1 = jnp.full((batch, 1), index, jnp.int32)
         bias_BxHx1xT = self.relative_bias(q_pos_Bx1, default_positions(mask.kv_segment_ids_BxS))
+        if scanned:
+            context = (index, mask, bias_BxHx1xT, cross_mask)
+            x_Bx1xD, caches = self.layers.step(x_Bx1xD, caches, context, True)
+            return self.ln_final(x_Bx1xD).astype(dtype_of(self.cfg.dtype)), caches
         new_caches = []
         for block, cache in zip(self.blocks, caches, strict=True):
             x_Bx1xD, cache = block.step(x_Bx1xD, cache, index, mask, bias_BxHx1xT, cross_mask)

@@ -18,6 +18,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from flaxlm.config import ModelConfig
 from flaxlm.models import layers
+from flaxlm.models.layer_stack import remat_policy
 from flaxlm.models.layers import Array, Dense, constrain, dtype_of, kv_heads_of
 from flaxlm.models.masks import Mask
 from flaxlm.models.moe import MoEMLP
@@ -175,3 +176,55 @@ class T5Block(nn.Module):
         kv = (cache["cross_key"], cache["cross_value"])
         x_Bx1xD = x_Bx1xD + self.cross_attn(h, kv, cross_mask, None)
         return self._feed_forward(x_Bx1xD, True), cache
+
+
+class T5ScanLayer(nn.Module):
+    """One T5 block in ``nn.scan``'s form, for ``model.scan_layers`` (:func:`scanned_layers`):
+    each method takes ``(carry, scanned, broadcast, deterministic)`` and returns ``(carry,
+    per-layer output)``, so one scan over the layers serves training, the cross keys and
+    values of a prompt, and a decoding step."""
+
+    cfg: ModelConfig
+    decoder: bool = False
+
+    def setup(self) -> None:
+        self.block = T5Block(self.cfg, self.decoder, self.cfg.moe.num_experts > 0)
+
+    def __call__(self, x_BxLxD: Array, _: None, context: tuple, deterministic: bool):
+        """``context``: (mask, bias, cross) as :meth:`T5Block.__call__` takes them, except
+        that ``cross`` holds the encoder's output (each block projects its own keys)."""
+        mask, bias_BxHxLxS, cross = context
+        block_cross = None
+        if self.decoder:
+            encoded_BxSxD, cross_mask = cross
+            block_cross = (self.block.cross_kv(encoded_BxSxD), cross_mask)
+        return self.block(x_BxLxD, mask, bias_BxHxLxS, block_cross, deterministic), None
+
+    def cross_kv(self, carry: None, _: None, encoded_BxSxD: Array, deterministic: bool):
+        return carry, self.block.cross_kv(encoded_BxSxD)
+
+    def step(self, x_Bx1xD: Array, cache: dict[str, Array], context: tuple, deterministic: bool):
+        """``cache``: this block's slice; ``context``: (index, mask, bias, cross mask)."""
+        return self.block.step(x_Bx1xD, cache, *context)
+
+
+def scanned_layers(cfg: ModelConfig, decoder: bool, n: int, name: str) -> nn.Module:
+    """``n`` blocks as one ``nn.scan``: parameters stacked on a leading axis named ``layers``
+    (``<stack>/layers/block/...``), one block compiled whatever the depth. Per-layer inputs
+    and outputs (the decoding caches, the cross keys and values) keep the batch on axis 0 and
+    the layers on axis 1, so beam search reorders every cache leaf on axis 0 as unscanned."""
+    layer = T5ScanLayer
+    if cfg.remat != "none":
+        # static_argnums counts ``self`` as 0: ``deterministic`` is argument 4.
+        layer = nn.remat(layer, policy=remat_policy(cfg), prevent_cse=False, static_argnums=(4,))
+    scan = nn.scan(
+        layer,
+        variable_axes={"params": 0, "moe": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=(1, nn.broadcast, nn.broadcast),
+        out_axes=1,
+        length=n,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+        methods=["__call__", "cross_kv", "step"],
+    )
+    return scan(cfg, decoder, name=name)

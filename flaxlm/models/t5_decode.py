@@ -15,6 +15,8 @@ reorders it with a gather on axis 0 of those leaves:
 
 - ``layers``: one dict per decoder block, ``key`` / ``value`` ``(B, max_len, N, K)`` (self
   attention, filled up to ``index``) and ``cross_key`` / ``cross_value`` ``(B, S, N, K)``;
+  with ``model.scan_layers`` one such dict whose arrays have the layers on axis 1
+  (``(B, layers, max_len, N, K)``), which the scanned decoder steps through;
 - ``encoder_segment_ids`` ``(B, S)``: which encoder positions are real (0 = padding);
 - ``index``: int32 scalar.
 
@@ -50,15 +52,25 @@ def init_cache(
     head_dim = cfg.d_model // cfg.n_heads
     kv_heads = cfg.n_kv_heads or cfg.n_heads
     dtype = jnp.dtype(cfg.dtype)
-    layers = [
-        {
-            "key": jnp.zeros((batch, max_len, kv_heads, head_dim), dtype),
-            "value": jnp.zeros((batch, max_len, kv_heads, head_dim), dtype),
-            "cross_key": k_BxSxNxK,
-            "cross_value": v_BxSxNxK,
+    if cfg.scan_layers:  # one dict, the layers on axis 1 (k, v: (B, layers, S, N, K))
+        k_BxNLxSxNxK, v_BxNLxSxNxK = kv
+        slots = (batch, k_BxNLxSxNxK.shape[1], max_len, kv_heads, head_dim)
+        layers: Any = {
+            "key": jnp.zeros(slots, dtype),
+            "value": jnp.zeros(slots, dtype),
+            "cross_key": k_BxNLxSxNxK,
+            "cross_value": v_BxNLxSxNxK,
         }
-        for k_BxSxNxK, v_BxSxNxK in kv
-    ]
+    else:
+        layers = [
+            {
+                "key": jnp.zeros((batch, max_len, kv_heads, head_dim), dtype),
+                "value": jnp.zeros((batch, max_len, kv_heads, head_dim), dtype),
+                "cross_key": k_BxSxNxK,
+                "cross_value": v_BxSxNxK,
+            }
+            for k_BxSxNxK, v_BxSxNxK in kv
+        ]
     return {
         "layers": layers,
         "encoder_segment_ids": enc_segments_BxS.astype(jnp.int32),

@@ -167,24 +167,41 @@ def import_hf(hf_dir: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 def unscan_blocks(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
     """``scan_layers`` params (``blocks/layers/block/...``, stacked on a leading layer axis) as the
-    unrolled ``blocks_0 .. blocks_{n-1}`` every converter reads; other params unchanged."""
-    if not (cfg.scan_layers and "blocks" in params):
+    unrolled ``blocks_0 .. blocks_{n-1}`` every converter reads; an encoder-decoder's stacks
+    (``encoder/layers/block``) become ``encoder/blocks_{i}``; other params unchanged."""
+    if not cfg.scan_layers:
         return params
+    if "blocks" not in params:
+        return {k: _unstack(v) if isinstance(v, dict) and "layers" in v else v
+                for k, v in params.items()}  # fmt: skip
     out = {k: v for k, v in params.items() if k != "blocks"}
-    stacked = params["blocks"]["layers"]["block"]
-    for i in range(cfg.n_layers):
+    return {**out, **_unstack(params["blocks"])}
+
+
+def _unstack(tree: dict[str, Any]) -> dict[str, Any]:
+    stacked = tree["layers"]["block"]
+    out = {k: v for k, v in tree.items() if k != "layers"}
+    for i in range(len(jax.tree.leaves(stacked)[0])):
         out[f"blocks_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
     return out
 
 
 def scan_blocks(params: dict[str, Any], cfg: ModelConfig) -> dict[str, Any]:
     """The inverse of :func:`unscan_blocks` for a ``scan_layers`` config."""
-    names = [f"blocks_{i}" for i in range(cfg.n_layers)]
-    if not (cfg.scan_layers and all(n in params for n in names)):
+    if not cfg.scan_layers:
         return params
-    out = {k: v for k, v in params.items() if k not in names}
-    stacked = jax.tree.map(lambda *xs: np.stack(xs), *[params[n] for n in names])
-    out["blocks"] = {"layers": {"block": stacked}}
+    if "blocks_0" not in params:
+        return {k: _stack(v) if isinstance(v, dict) and "blocks_0" in v else v
+                for k, v in params.items()}  # fmt: skip
+    return _stack(params, "blocks")
+
+
+def _stack(tree: dict[str, Any], name: str = "layers") -> dict[str, Any]:
+    names = [k for k in tree if k.startswith("blocks_")]
+    out = {k: v for k, v in tree.items() if k not in names}
+    blocks = [tree[f"blocks_{i}"] for i in range(len(names))]
+    stacked = {"block": jax.tree.map(lambda *xs: np.stack(xs), *blocks)}
+    out[name] = {"layers": stacked} if name == "blocks" else stacked
     return out
 
 
