@@ -90,3 +90,66 @@ def test_a_missing_corpus_in_a_bucket_is_one_line_naming_it(bucket):
 
     with pytest.raises(ConfigError, match=f"data.prepared='{bucket}/nothing' holds no manifest"):
         _config(f"data.prepared={bucket}/nothing")
+
+
+def _written_keys(monkeypatch, url: str) -> list[str]:
+    """Records the keys written into ``url``'s store, in order."""
+    store_type = type(storage.store_of(url)[0])
+    keys, write, upload = [], store_type.write, store_type.upload_file
+
+    def written(self, key, data):
+        keys.append(key)
+        return write(self, key, data)
+
+    def uploaded(self, local_path, key):
+        keys.append(key)
+        return upload(self, local_path, key)
+
+    monkeypatch.setattr(store_type, "write", written)
+    monkeypatch.setattr(store_type, "upload_file", uploaded)
+    return keys
+
+
+def test_prepare_out_to_a_bucket_writes_the_manifest_last(
+    s3_server, small_corpus, local_corpus, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FLAXLM_CACHE", str(tmp_path / "host"))
+    url = object_stores.make_bucket("s3") + "/corpora/shakespeare"
+    cfg = _config(
+        f"data.paths=[{small_corpus}]", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val_fraction=0.34", f"data.tokenizer={local_corpus / 'tokenizer.model'}",
+    )  # fmt: skip
+    keys = _written_keys(monkeypatch, url)
+    prepare_corpus(cfg, url, workers=1, progress=False)
+    monkeypatch.undo()
+    assert keys[-1].endswith("/manifest.json") and len(keys) > 10  # the seal, after the rest
+    shards = [rel for rel in storage.walk(str(local_corpus)) if rel.endswith(".npy")]
+    for rel in shards:  # the same tokens as the corpus prepared into a folder
+        assert storage.read_bytes(f"{url}/{rel}") == (local_corpus / rel).read_bytes(), rel
+    assert verify_prepared(url, progress=False) == []
+
+
+def test_raw_sources_and_the_token_cache_in_a_bucket(
+    s3_server, small_corpus, local_corpus, tmp_path, monkeypatch
+):
+    bucket = object_stores.make_bucket("s3")
+    storage.upload_tree(small_corpus, f"{bucket}/raw")
+    tokenizer = f"data.tokenizer={local_corpus / 'tokenizer.model'}"
+    cfg = _config(
+        f"data.paths=[{bucket}/raw]", f"data.cache_dir={bucket}/cache", "data.val_fraction=0.34",
+        tokenizer,
+    )  # fmt: skip
+    here = _config(
+        f"data.paths=[{small_corpus}]", f"data.cache_dir={tmp_path / 'cache'}",
+        "data.val_fraction=0.34", tokenizer,
+    )  # fmt: skip
+    expected = prepare_data(here.data, progress=False)
+    for host in ("a", "b"):  # host a tokenizes and publishes the cache; host b fetches it
+        monkeypatch.setenv("FLAXLM_CACHE", str(tmp_path / host))
+        got = prepare_data(cfg.data, progress=False)
+        assert got.cache_hit == (host == "b")
+        for split in ("train", "val"):
+            np.testing.assert_array_equal(
+                getattr(got, split).tokens, getattr(expected, split).tokens
+            )
+    assert storage.exists(f"{bucket}/cache")

@@ -328,4 +328,4 @@ def _check_paths(d: Any) -> None:
 
 def _source_exists(path: str) -> bool:
     # TFDS datasets are looked up (and explained when missing) by flaxlm.data.tfds_source.
-    return path.startswith("tfds:") or Path(path.removeprefix("hf:")).exists()
+    return path.startswith("tfds:") or storage.exists(path.removeprefix("hf:"))

@@ -12,7 +12,9 @@ tokenizer or the settings to train one, val_fraction, the format version:
 flaxlm/data/fingerprints.py). It is built in a temporary folder (``.build-<key>-<host>-<pid>-*``)
 and renamed into place, so a crash never leaves a half cache, and processes that race to build
 it agree on one result; a build folder left by a killed process is removed on the next start
-(flaxlm/data/build_folders.py). Each split's files are read and written by
+(flaxlm/data/build_folders.py). A ``cache_dir`` in a bucket is shared by all hosts: a host
+fetches a complete cache (``meta.json`` written last) into :func:`flaxlm.storage.local_cache`,
+or builds it there and publishes it. Each split's files are read and written by
 flaxlm/data/token_split.py.
 
 With several sources (``data.sources``) the documents are written source after source, so each
@@ -32,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from flaxlm import storage
 from flaxlm.config import ConfigError, DataConfig
 from flaxlm.data.build_folders import build_atomically, remove_stale_builds
 from flaxlm.data.corpus import SPLITS, PreparedData, SourceData
@@ -79,13 +82,20 @@ def prepare_data(
     given = _given_tokenizer(data_cfg, model_vocab_size, tokenizer)
     files = sources_files(specs, data_cfg.tfds_data_dir)  # each file hashed once
     key = cache_key(data_cfg, given, specs, files)
-    root = Path(data_cfg.cache_dir)
+    # A cache_dir in a bucket is shared by every host: each keeps a local copy to map.
+    root = storage.local_cache(data_cfg.cache_dir)  # the folder itself when local
+    shared = None if storage.is_posix(data_cfg.cache_dir) else storage.join(data_cfg.cache_dir, key)
     remove_stale_builds(root)
     final = root / key
     cache_hit = (final / "meta.json").is_file()
+    if not cache_hit and shared is not None:
+        root.mkdir(parents=True, exist_ok=True)
+        cache_hit = storage.fetch_sealed(shared, final, "meta.json")
     if not cache_hit:
         build = functools.partial(_build, data_cfg, specs, given, progress=progress)
         build_atomically(final, build, "meta.json")
+        if shared is not None:
+            storage.publish(final, shared, "meta.json")
     prepared = _open_cache(final, specs, model_vocab_size)
     prepared.cache_hit = cache_hit
     prepared.seconds = time.perf_counter() - start

@@ -33,8 +33,14 @@ class Document:
 
 @dataclass(frozen=True)
 class SourceFile:
-    path: Path
+    path: Path  # on local disk (a bucket's file: its staged copy)
     doc_id: str  # the id of its document, or the prefix of its jsonl line / row ids
+    origin: str = ""  # the URL a staged copy came from; "" for a local file
+
+    @property
+    def where(self) -> str:
+        """Where the file lives, for keys and messages: its URL, or its absolute path."""
+        return self.origin or str(self.path.resolve())
 
     @property
     def is_jsonl(self) -> bool:

@@ -79,7 +79,7 @@ def content_sha256(files: list[dict]) -> str:
 def _files_fingerprint(paths: Iterable[str], tfds_data_dir: str) -> list[dict]:
     return [
         {
-            "path": str(f.path.resolve()),
+            "path": f.where,
             "doc_id": f.doc_id,
             "size": f.path.stat().st_size,
             "sha256": file_sha256(f.path),

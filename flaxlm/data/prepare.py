@@ -21,6 +21,9 @@ unit's work: flaxlm/data/prepare_worker.py):
     OUT/{train,val}.s<i>.doc_offsets.npy   per source, when there are several
     OUT/manifest.json             written last: its presence marks a complete corpus
 
+An ``--out`` in a bucket prepares into a local folder under ``$FLAXLM_CACHE`` and then
+copies it up, ``manifest.json`` last (a rerun continues from the local folder).
+
 Documents go to the validation split by the same hash of their id as in the tokenize-once
 cache (flaxlm/data/cache.py), and units are concatenated in source and file order, so with
 the same tokenizer a prepared corpus holds exactly the cache's token streams. Reading it:
@@ -46,6 +49,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from flaxlm import storage
 from flaxlm.config import Config, ConfigError
 from flaxlm.data.cache import SPLITS, doc_hash_fraction
 from flaxlm.data.documents import DataError, Document, split_document
@@ -81,6 +85,8 @@ def prepare_corpus(cfg: Config, out: str | Path, workers: int = 0, progress: boo
         raise ConfigError(f"data.prepared={data.prepared!r} is set; prepare reads raw sources")
     if not data.paths and not data.sources:
         raise DataError("data.paths and data.sources are empty; nothing to prepare")
+    if not storage.is_posix(str(out)):
+        return _prepare_into_bucket(cfg, str(out), workers, progress)
     out = Path(out)
     start = time.perf_counter()
     specs = resolve_sources(data)
@@ -89,6 +95,20 @@ def prepare_corpus(cfg: Config, out: str | Path, workers: int = 0, progress: boo
     with _prepare_lock(out):
         manifest = _prepare_claimed(cfg, out, specs, workers, progress)
     manifest["seconds"] = round(time.perf_counter() - start, 2)
+    return manifest
+
+
+def _prepare_into_bucket(cfg: Config, url: str, workers: int, progress: bool) -> dict:
+    """Prepares into a local folder (:func:`flaxlm.storage.local_cache`), then publishes it
+    to ``url``: every file, ``manifest.json`` last, so a reader never opens half a corpus.
+    A bucket already holding a corpus of other settings is refused as a folder is."""
+    local = storage.local_cache(url)
+    remote_plan = storage.join(url, "plan.json")
+    if not (local / "plan.json").is_file() and storage.info(remote_plan) is not None:
+        local.mkdir(parents=True, exist_ok=True)
+        (local / "plan.json").write_bytes(storage.read_bytes(remote_plan))
+    manifest = prepare_corpus(cfg, local, workers, progress)
+    storage.publish(local, url, "manifest.json")
     return manifest
 
 

@@ -13,7 +13,10 @@ predict across. The rules, per entry of ``data.paths`` (or ``path`` of a ``data.
   ``hf:PATH`` reads local JSON/JSONL/Parquet/CSV files through ``datasets`` (extra ``datasets``;
   see :mod:`flaxlm.data.hf_source`);
 - ``tfds:NAME[/CONFIG][:VERSION]`` reads a TFDS dataset prepared (array_record) in
-  ``data.tfds_data_dir`` (extra ``tfds``; see :mod:`flaxlm.data.tfds_source`).
+  ``data.tfds_data_dir`` (extra ``tfds``; see :mod:`flaxlm.data.tfds_source`);
+- a file or folder in a bucket (a URL) is copied to this host once
+  (:func:`flaxlm.storage.stage`; again only for objects that changed) and read by the rules
+  above; its files' URLs enter the cache key.
 
 Document ids are stable across machines: the path relative to the directory given (or the file
 name for a file given directly), plus ``:<line>`` for jsonl lines and ``:<row>`` (from 0) for
@@ -26,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from flaxlm import storage
 from flaxlm.config import DataConfig, source_name
 from flaxlm.data import hf_source, tfds_source
 
@@ -77,7 +81,12 @@ def list_source_files(paths: Iterable[str], tfds_data_dir: str = "") -> list[Sou
             continue
         if raw.startswith("hf:"):
             raw = raw[len("hf:") :]
-        root = Path(raw)
+        missing = DataError(f"data source {raw!r} is neither a file nor a directory")
+        try:
+            root = storage.stage(raw)  # a bucket's files: copied to this host once
+        except FileNotFoundError:
+            raise missing from None
+        origin = "" if storage.is_posix(raw) else raw
         if root.is_dir():
             below = sorted(
                 p
@@ -85,11 +94,14 @@ def list_source_files(paths: Iterable[str], tfds_data_dir: str = "") -> list[Sou
                 if p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(root).parts)
             )
-            files += [SourceFile(p, p.relative_to(root).as_posix()) for p in below]
+            files += [
+                SourceFile(p, rel, origin and storage.join(origin, rel))
+                for p, rel in ((p, p.relative_to(root).as_posix()) for p in below)
+            ]
         elif root.is_file():
-            files.append(SourceFile(root, root.name))
+            files.append(SourceFile(root, root.name, origin))
         else:
-            raise DataError(f"data source {raw!r} is neither a file nor a directory")
+            raise missing
     return files
 
 

@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 from flaxlm.storage.base import ObjectInfo, StorageError, Store
@@ -42,10 +44,13 @@ __all__ = [
     "native",
     "name_of",
     "parent_of",
+    "publish",
+    "fetch_sealed",
     "read_bytes",
     "read_text",
     "replace",
     "sha256",
+    "stage",
     "store_of",
     "upload_tree",
     "walk",
@@ -262,3 +267,68 @@ def sha256(url: str, chunk: int = 8 << 20) -> str:
     for start in range(0, size, chunk):
         digest.update(store.read(key, start, min(chunk, size - start)))
     return digest.hexdigest()
+
+
+def stage(url: str) -> Path:
+    """A local copy of the file or folder ``url``: the path itself when local, else a copy in
+    :func:`local_cache` that is downloaded once and again only for objects whose version
+    changed (each file replaced whole). FileNotFoundError when ``url`` is neither."""
+    store, key = store_of(url)
+    if store.posix:
+        return Path(key)
+    target = local_cache(url)
+    found = store.info(key)
+    if found is not None:  # one object
+        wanted = {"": (key, found.version)}
+        book = target.with_name(f".{target.name}.versions.json")
+    else:
+        wanted = {rel: (f"{key}/{rel}", store.info(f"{key}/{rel}").version) for rel in walk(url)}
+        book = target / ".flaxlm-versions.json"  # hidden: folder listings leave it out
+    if not wanted:
+        raise FileNotFoundError(f"{url} is neither an object nor a folder")
+    try:
+        have = json.loads(book.read_text())
+    except (FileNotFoundError, ValueError):
+        have = {}
+    for rel, (source, version) in wanted.items():
+        local = target / rel if rel else target
+        if have.get(rel) != version or not local.is_file():
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(f".{local.name}.partial")
+            store.download_file(source, str(partial))
+            os.replace(partial, local)
+            have[rel] = version
+            book.parent.mkdir(parents=True, exist_ok=True)
+            book.write_text(json.dumps(have))
+    return target
+
+
+def publish(local_dir: str | Path, url: str, seal: str) -> dict[str, int]:
+    """Copies the finished folder ``local_dir`` to ``url`` so that readers never see it half
+    there: ``url/seal`` (the file that marks it complete, e.g. a manifest) is deleted first,
+    every other file is copied (hidden ones, ``.*``, left out), and ``seal`` goes last.
+    Returns relative path -> size of what was copied."""
+    root = Path(local_dir)
+    delete(join(url, seal))
+    hidden = tuple(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    copied = upload_tree(root, url, skip=(seal, *hidden))
+    write_bytes(join(url, seal), (root / seal).read_bytes())
+    return copied | {seal: (root / seal).stat().st_size}
+
+
+def fetch_sealed(url: str, local_dir: str | Path, seal: str) -> bool:
+    """Downloads the folder ``url`` into ``local_dir`` (replacing it, whole or not at all) if
+    it is complete, i.e. holds ``seal`` (see :func:`publish`); False when it does not."""
+    if info(join(url, seal)) is None:
+        return False
+    target = Path(local_dir)
+    partial = target.with_name(f".{target.name}.fetching-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    download_tree(url, partial)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(partial, target)
+    return True
