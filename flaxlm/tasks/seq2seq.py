@@ -12,7 +12,8 @@ targets given inputs, as lm-evaluation-harness's HF model runs a seq2seq model.
   the encoder sees little of it, so compare such numbers between encoder-decoders only.
 - **generate-until**: greedy decoding through T5's cached decoder (flaxlm/models/t5_decode.py:
   the encoder once, cross-attention keys and values once, a self-attention KV cache), up to
-  ``max_gen_toks`` tokens or ``</s>``, then cut at the stop strings.
+  ``max_gen_toks`` tokens or ``</s>``; sentinels (ids past the tokenizer's vocabulary) read
+  ``<extra_id_N>`` as ``flaxlm generate`` writes them; then cut at the stop strings.
 
 Inputs longer than the scorer's ``max_length`` keep their last ``max_length`` tokens (the
 harness's truncation); rows are right-padded to a multiple of ``BUCKET`` tokens, encoder and
@@ -28,6 +29,7 @@ import jax
 import numpy as np
 from flax import linen as nn
 
+from flaxlm.families.t5 import decode_with_sentinels
 from flaxlm.models import t5_decode
 from flaxlm.parallel.sharding import LOGICAL_RULES, batch_sharding, replicated
 from flaxlm.tasks.generation import BUCKET, TOKEN_SEGMENT, cut_at_stops
@@ -109,7 +111,8 @@ def seq2seq_generate(scorer: Any, requests: Sequence[tuple[str, Sequence[str], i
             chunk = members[start : start + scorer.batch_size]
             ids = _generate_batch(scorer, [prompts[i] for i in chunk], n)
             for i, row in zip(chunk, ids, strict=False):
-                out[i] = cut_at_stops(tok.decode(row), requests[i][1])
+                text = decode_with_sentinels(scorer.loaded.cfg, tok, row)  # as flaxlm generate
+                out[i] = cut_at_stops(text, requests[i][1])
     return out
 
 
