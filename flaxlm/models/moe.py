@@ -25,7 +25,8 @@
   ``ragged_buffer_factor``.
 - **Experts** are stacked along a leading ``expert`` axis, which the rules table maps to the
   ``expert`` mesh axis; flaxlm/models/moe_dispatch.py sends each kept pair to the device holding
-  its expert (all-to-all inside ``shard_map``) and runs the local experts as grouped matmuls.
+  its expert (all-to-all inside ``shard_map``) and runs the local experts as grouped matmuls
+  (flaxlm/models/moe_ffn.py: in rematerialised row chunks when the receive buffer is large).
 
 Per layer the module sows into the ``moe`` collection: the weighted auxiliary loss, the
 tokens per expert and the tokens dropped; :func:`collect` sums them over the layers.
@@ -43,7 +44,8 @@ from flax import linen as nn
 
 from flaxlm.config import ModelConfig
 from flaxlm.models.moe_dispatch import expert_parallel_mlp
-from flaxlm.models.norm_act import activation_fn, swiglu
+from flaxlm.models.moe_ffn import grouped_ffn
+from flaxlm.models.norm_act import activation_fn
 
 Array = jax.Array
 COLLECTION = "moe"
@@ -81,7 +83,7 @@ class MoEMLP(nn.Module):
             jnp.where(keep_BxLxK, top_e_BxLxK, n_exp),
             jnp.where(keep_BxLxK, top_p_BxLxK, 0.0),
             tuple(None if w is None else w.astype(dtype) for w in weights),
-            functools.partial(_grouped_ffn, activation=cfg.activation, dtype=dtype),
+            functools.partial(grouped_ffn, activation=cfg.activation, dtype=dtype),
             buffer_factor=moe.buffer_factor,
         )
         if moe.shared_experts:
@@ -153,24 +155,6 @@ class MoEMLP(nn.Module):
         else:
             h = activation_fn(cfg.activation)(h)
         return mm(h.astype(dtype), down)
-
-
-def _grouped_ffn(x_RxD, sizes_G, up, gate, down, *, activation: str, dtype) -> Array:
-    """The expert MLP on rows sorted by expert (``sizes_G`` rows each) as grouped matmuls
-    (accumulated in float32, returned in ``dtype``). The hidden activations, the outputs and so
-    their gradients stay in ``dtype`` (float32 only inside the fused activation): at pod scale
-    they are the layer's largest buffers (rows x d_expert per device); a float32 output would
-    make the backward's rows x d_expert gradient float32 too."""
-
-    def mm(x, w, out_dtype=dtype):
-        return jax.lax.ragged_dot(x, w, sizes_G, preferred_element_type=out_dtype)
-
-    h = mm(x_RxD, up)
-    if gate is not None:
-        h = swiglu(mm(x_RxD, gate), h)
-    else:
-        h = activation_fn(activation)(h)
-    return mm(h.astype(dtype), down)
 
 
 def _within_capacity(top_e_BxLxK: Array, n_exp: int, factor: float) -> Array:

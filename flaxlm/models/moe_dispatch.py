@@ -13,7 +13,8 @@ communication):
    same semantics: a fixed-size ``jax.lax.all_to_all`` whose block per peer is padded to the
    most a device can send (all of its pairs).
 3. The received rows are sorted by local expert and go through ``jax.lax.ragged_dot`` (the
-   expert FFN); padding rows belong to no group and are left alone.
+   expert FFN, flaxlm/models/moe_ffn.py: in row chunks when the buffer is large); padding
+   rows belong to no group and are left alone.
 4. **Reverse exchange** (the same collective, sizes swapped) brings each pair's output home,
    where the router weights mix them per token.
 
