@@ -10,11 +10,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="convert_command", required=True)
     c = sub.add_parser("to-hf", help="checkpoint -> GPT2LMHeadModel / BertForPreTraining directory")
     c.add_argument("path", help="RUN_DIR or RUN_DIR/checkpoints/<step>")
-    c.add_argument("out", help="output directory")
+    c.add_argument("out", help="output directory (a folder, gs://... or s3://...)")
     c.set_defaults(func=convert_to_hf_command)
     c = sub.add_parser("from-hf", help="HF GPT-2 / BERT directory -> run dir with checkpoint 0")
     c.add_argument("hf_dir", help="a directory with config.json + model.safetensors")
-    c.add_argument("out", help="the run directory to create")
+    c.add_argument("out", help="the run directory to create (a folder or a bucket URL)")
     c.add_argument(
         "--tokenizer",
         help="a .model, tokenizer.json or HF tokenizer dir (default: HF_DIR's own tokenizer)",
@@ -26,9 +26,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def convert_to_hf_command(args: argparse.Namespace) -> int:
+    from flaxlm import storage
     from flaxlm.tools.convert import to_hf
 
-    print(f"wrote {to_hf(args.path, args.out)}")
+    if storage.is_posix(args.out):
+        print(f"wrote {to_hf(args.path, args.out)}")
+        return 0
+    # A bucket: written here first, then copied up with config.json last (HF loaders need
+    # it, so a half-copied directory does not load).
+    local = to_hf(args.path, storage.local_cache(args.out))
+    storage.publish(local, args.out, "config.json")
+    print(f"wrote {args.out}")
     return 0
 
 

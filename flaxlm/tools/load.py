@@ -7,12 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import yaml
 from flax import linen as nn
 from jax.sharding import Mesh
 
 from flaxlm import storage
 from flaxlm.checkpoint.manager import Checkpointer, CheckpointError, tokenizer_bytes_from_meta
-from flaxlm.config import Config, MeshConfig, from_dict, save_config, to_dict
+from flaxlm.config import Config, MeshConfig, from_dict, to_dict
 from flaxlm.families import build_model
 from flaxlm.parallel.sharding import build_mesh
 from flaxlm.tokenizers.sentencepiece import Tokenizer, check_vocab
@@ -85,7 +86,7 @@ def load_checkpoint(path: str | Path, mesh_cfg: MeshConfig | None = None) -> Loa
 
 def save_params_checkpoint(
     run_dir: str | Path, cfg: Config, params: Any, tokenizer: Tokenizer, step: int = 0
-) -> Path:
+) -> Path | str:
     """Writes ``params`` as checkpoint ``step`` of a run dir (fresh optimizer state, data
     position ``step``), with ``config.yaml`` and ``tokenizer.model`` beside it, so that
     :func:`load_checkpoint`, ``flaxlm eval``/``generate`` and ``flaxlm train`` (fine-tuning
@@ -94,15 +95,16 @@ def save_params_checkpoint(
     from flax.training.train_state import TrainState
 
     check_vocab(tokenizer, cfg.model.vocab_size)
-    run_dir = Path(run_dir)
-    cfg.train.run_dir = str(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = str(run_dir)  # a folder or a bucket URL (flaxlm.storage)
+    cfg.train.run_dir = run_dir
+    storage.make_dirs(run_dir)
     model = build_model(cfg.model)
     tx, _ = make_optimizer(cfg.optim, cfg.train.steps, cfg.model.d_model)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
     state = state.replace(step=jax.numpy.asarray(step, jax.numpy.int32))
-    save_config(cfg, run_dir / "config.yaml")
-    (run_dir / "tokenizer.model").write_bytes(tokenizer.model_bytes)
+    config = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    storage.write_text(storage.join(run_dir, "config.yaml"), config)
+    storage.write_bytes(storage.join(run_dir, "tokenizer.model"), tokenizer.model_bytes)
     ckpt = Checkpointer(run_dir, asynchronous=False)
     try:
         meta = {"data_index": step, "seed": cfg.train.seed, "config": to_dict(cfg)}
@@ -110,4 +112,4 @@ def save_params_checkpoint(
         ckpt.wait()
     finally:
         ckpt.close()
-    return run_dir / "checkpoints" / str(step)
+    return storage.native(storage.join(run_dir, "checkpoints", str(step)))
