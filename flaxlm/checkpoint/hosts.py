@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -154,6 +155,25 @@ def merge_parts(step: int, parts: list[dict[str, Any]]) -> tuple[dict[str, Any],
                     raise ValueError(f"the hosts hold different copies of {rel}")
                 differ.add(rel)
     return {"step": step, "files": files}, sorted(differ)
+
+
+def orbax_manager(directory: Path, asynchronous: bool, own_folders: bool) -> ocp.CheckpointManager:
+    """Orbax's manager of ``directory``: retention is ours (it must spare the known-good
+    checkpoint); with ``own_folders`` every host writes its own part into its own folder."""
+    if not own_folders:
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=None, enable_async_checkpointing=asynchronous, create=True
+        )
+        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
+    handlers, multiprocessing = orbax_items()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=None,
+        enable_async_checkpointing=asynchronous,
+        create=True,
+        multiprocessing_options=multiprocessing,
+        enable_per_process_directory_creation=True,
+    )
+    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 class _QuietOwnFolders(logging.Filter):

@@ -16,7 +16,9 @@ that keeps failing with an I/O error are one-line :class:`CheckpointError` s ins
 is walked past, so nothing gets deleted. A save that fails (a full disk) is a one-line
 CheckpointError too, raised by ``save`` or, for an asynchronous save, by the next ``save``,
 ``wait`` or ``close``. The manifest, the retries and the sorting of I/O errors are in
-:mod:`flaxlm.checkpoint.files`.
+:mod:`flaxlm.checkpoint.files`; the checks that choose what a restore takes in
+:mod:`flaxlm.checkpoint.checks`; several hosts writing their own parts in
+:mod:`flaxlm.checkpoint.hosts`.
 
 A run dir on an object store, or a fast local tier (``local_dir``), puts Orbax's folder on
 local disk and copies the sealed checkpoints into the run dir (:mod:`flaxlm.checkpoint.tiers`):
@@ -30,36 +32,33 @@ import json
 import shutil
 import threading
 import time
-import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
 # CheckpointError and MANIFEST are defined there and imported from here by the rest of flaxlm.
 from flaxlm import storage
 from flaxlm.checkpoint import hosts
+from flaxlm.checkpoint.checks import CheckpointChecks
 from flaxlm.checkpoint.files import (
     MANIFEST,
     CheckpointError,
     is_disk_full,
     is_io_error,
-    manifest_problem,
     one_line,
     retrying,
     write_manifest,
 )
-from flaxlm.checkpoint.fitting import fit_problem, saved_shapes
 from flaxlm.checkpoint.tiers import place_checkpoints
 
 ORBAX_TMP = ".orbax-checkpoint-tmp"  # in the names of the folders Orbax writes into
 SEAL_POLL_S = 0.05  # how often the sealing thread looks whether an asynchronous save is done
 
 
-class Checkpointer:
+class Checkpointer(CheckpointChecks):
     """Saves and restores the checkpoints of one run directory.
 
     Retention keeps the newest ``keep`` complete checkpoints plus any step in ``protect`` (the
@@ -99,7 +98,7 @@ class Checkpointer:
         self._intact: dict[int, dict[str, tuple]] = {}  # verified step -> saved array shapes
         self._persist: set[int] = set()  # saved steps the sealing copies into the tier
         self._seal_error: BaseException | None = None  # from the sealing thread
-        self._manager = _orbax_manager(self.directory, asynchronous, self.own_folders)
+        self._manager = hosts.orbax_manager(self.directory, asynchronous, self.own_folders)
 
     # -- what is on disk -------------------------------------------------------------------
 
@@ -120,109 +119,6 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         steps = self.steps()
         return steps[-1] if steps else None
-
-    def restorable_steps(self) -> list[int]:
-        """The steps a restore chooses from, oldest first: :meth:`steps`, and with several
-        hosts of their own folders the same list on every host (those in the run dir and
-        those every host holds locally). Every process must call it."""
-        if not self.own_folders:
-            return self.steps()
-        mine = [self.local_steps(), self.tier.steps() if self.is_writer else []]
-        said = [json.loads(text) for text in hosts.exchange("steps", json.dumps(mine))]
-        everywhere = set.intersection(*(set(local) for local, _ in said))
-        return sorted(everywhere | set(said[0][1]))
-
-    def verify(self, step: int) -> str | None:
-        """None if the checkpoint's files match its manifest and its metadata parses, else
-        what is wrong. An I/O error while reading raises OSError: that is not damage."""
-        folder = self.directory / str(step)
-        problem = manifest_problem(folder)
-        if problem is not None:
-            return problem
-        try:
-            json.loads((folder / "meta" / "metadata").read_text())
-        except FileNotFoundError:
-            return "meta/metadata is missing"
-        except ValueError:
-            return "meta/metadata is not valid JSON"
-        return None
-
-    def newest_intact(self) -> int:
-        """The newest checkpoint without verified damage. Damaged newer ones are skipped with
-        a warning naming each, and listed in ``walked_past`` (newest first)."""
-        steps = self.restorable_steps()
-        if not steps:
-            raise CheckpointError(f"no checkpoint in {self.directory}")
-        self.walked_past, problems = [], []
-        for step in reversed(steps):
-            problem = self._damage(step)
-            if problem is None:
-                return step
-            message = f"checkpoint {self.directory / str(step)} is damaged: {problem}"
-            warnings.warn(message + "; trying an older one", stacklevel=3)
-            self.walked_past.append(step)
-            problems.append(message)
-        raise CheckpointError(f"no intact checkpoint in {self.directory}: " + "; ".join(problems))
-
-    def check_intact(self, step: int) -> int:
-        """``step`` if that checkpoint has no verified damage, else a CheckpointError saying
-        what is wrong with it (no walking back: it was asked for by name)."""
-        folder = self.directory / str(step)
-        steps = self.restorable_steps()
-        if step not in steps:
-            raise CheckpointError(
-                f"no checkpoint {storage.join(self.location, str(step))} (have: {steps or 'none'})"
-            )
-        problem = self._damage(step)
-        if problem is not None:
-            raise CheckpointError(f"checkpoint {folder} is damaged: {problem}")
-        return step
-
-    def _damage(self, step: int) -> str | None:
-        """What is wrong with ``step``, the same answer on every host; None when intact (then
-        the saved array shapes are kept for :meth:`_check_fits`). The local copy serves when
-        every host's is intact; else the persistent tier's copy is fetched and checked."""
-        if step in self._intact:
-            return None
-        folder = self.directory / str(step)
-        problem = hosts.first_problem(f"local-{step}", self._local_damage(step))
-        if problem is not None and self.tier is not None and self.tier.manifest(step):
-            retrying(f"fetching checkpoint {folder}", lambda: self.tier.fetch(step, folder))
-            self._manager.reload()
-            self.fetched.add(step)
-            problem = hosts.first_problem(f"fetched-{step}", self._local_damage(step))
-        if problem is not None:
-            self._intact.pop(step, None)
-        return problem
-
-    def _local_damage(self, step: int) -> str | None:
-        """What is wrong with this host's local copy of ``step`` for this restore: damage
-        (:meth:`verify`), another host's part, a stale copy of a step the run dir holds anew,
-        unreadable Orbax metadata. None when it serves (its array shapes are then kept)."""
-        folder = self.directory / str(step)
-
-        def check() -> str | None:
-            problem = self.verify(step)
-            if problem is not None:
-                return problem
-            manifest = (folder / MANIFEST).read_bytes()
-            part = json.loads(manifest).get("host")
-            if part is not None:
-                problem = hosts.part_problem(part, self._layout)
-            elif self.tier is not None and self.tier.manifest(step) not in (None, manifest):
-                problem = "it is an older copy than the run dir's"
-            if problem is not None:
-                return problem
-            try:
-                tree = ocp.StandardCheckpointHandler().metadata(folder / "state")
-            except OSError:
-                raise
-            except Exception as exc:  # orbax raises many types for a bad _METADATA
-                return f"its array metadata cannot be read ({one_line(exc)})"
-            self._intact[step] = saved_shapes(getattr(tree, "tree", tree))
-            return None
-
-        return retrying(f"checking checkpoint {folder}", check)
 
     # -- saving ----------------------------------------------------------------------------
 
@@ -432,17 +328,6 @@ class Checkpointer:
         except Exception as exc:  # intact and fitting, yet orbax fails: name the checkpoint
             raise CheckpointError(f"cannot restore checkpoint {folder}: {one_line(exc)}") from exc
 
-    def _check_fits(self, step: int, abstract_state: TrainState) -> None:
-        """Raises CheckpointError naming the first parameter (then optimizer entry) whose
-        saved shape differs from the one asked for, or that only one side has."""
-        problem = fit_problem(self._intact[step], abstract_state)
-        if problem is not None:
-            raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} does not fit the model and optimizer "
-                f"it is restored into: {problem}; was the model config changed? "
-                "The checkpoint is intact and was left as it is"
-            )
-
     def _restore_step(self, step: int, abstract_state: TrainState, state_sh: TrainState):
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
@@ -494,25 +379,6 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
-
-
-def _orbax_manager(directory: Path, asynchronous: bool, own_folders: bool) -> ocp.CheckpointManager:
-    """Orbax's manager of ``directory``: retention is ours (it must spare the known-good
-    checkpoint); with ``own_folders`` every host writes its own part into its own folder."""
-    if not own_folders:
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=None, enable_async_checkpointing=asynchronous, create=True
-        )
-        return ocp.CheckpointManager(directory, options=options, item_names=("state", "meta"))
-    handlers, multiprocessing = hosts.orbax_items()
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=None,
-        enable_async_checkpointing=asynchronous,
-        create=True,
-        multiprocessing_options=multiprocessing,
-        enable_per_process_directory_creation=True,
-    )
-    return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def tokenizer_bytes_from_meta(meta: dict[str, Any]) -> bytes:
