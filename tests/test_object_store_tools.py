@@ -5,6 +5,7 @@ run dir into a bucket, and ``convert to-hf`` reads it and writes an HF directory
 from __future__ import annotations
 
 import jax
+import numpy as np
 import object_stores
 import pytest
 from flax import linen as nn
@@ -50,3 +51,28 @@ def test_convert_writes_run_dirs_and_hf_directories_into_a_bucket(
     assert sorted(there) == sorted(storage.walk(str(tmp_path / "hf")))
     for rel in there:
         assert storage.read_bytes(f"{bucket}/hf/{rel}") == (tmp_path / "hf" / rel).read_bytes()
+
+
+def test_finetune_output_goes_to_a_bucket_and_loads_on_another_host(
+    s3_server, tokenizer, tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    from flaxlm.tools.finetune import FinetuneOptions, load_classifier, save_classifier
+
+    monkeypatch.setenv("FLAXLM_CACHE", str(tmp_path / "host"))
+    out = object_stores.make_bucket("s3") + "/run/finetune"
+    params = {"classifier": {"kernel": np.arange(12.0).reshape(4, 3), "bias": np.ones(3)}}
+    base = SimpleNamespace(cfg=Config(), step=5, tokenizer=tokenizer)
+    keys = []
+    store_type = type(storage.store_of(out)[0])
+    write = store_type.write
+    monkeypatch.setattr(store_type, "write", lambda s, k, d: keys.append(k) or write(s, k, d))
+    assert save_classifier(out, params, base, ["a", "b", "c"], FinetuneOptions(), {}) == out
+    monkeypatch.undo()
+    assert keys[-1].endswith("finetune/classifier.json")  # the seal, after the weights
+    monkeypatch.setenv("FLAXLM_CACHE", str(tmp_path / "another-host"))
+    _, loaded, labels, tok = load_classifier(out)
+    assert labels == ["a", "b", "c"] and tok.model_bytes == tokenizer.model_bytes
+    for name in ("kernel", "bias"):
+        np.testing.assert_array_equal(loaded["classifier"][name], params["classifier"][name])

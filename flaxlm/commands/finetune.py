@@ -40,12 +40,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def finetune_command(args: argparse.Namespace) -> int:
+    from flaxlm import storage
     from flaxlm.families import family_of
     from flaxlm.tools.finetune import FinetuneOptions, finetune
     from flaxlm.tools.load import load_checkpoint, resolve_checkpoint
 
     loaded = load_checkpoint(args.path)
-    args.out = args.out or str(resolve_checkpoint(args.path)[0] / "finetune")
+    args.out = args.out or storage.join(str(resolve_checkpoint(args.path)[0]), "finetune")
     if family_of(loaded.cfg).encoder_decoder:
         return _seq2seq_command(args, loaded)
     opts = FinetuneOptions(

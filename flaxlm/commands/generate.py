@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -59,7 +58,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     """``--prompt`` as a list of one, or the non-empty lines of the ``--prompts`` file."""
     if not args.prompts:
         return [args.prompt]
-    lines = Path(args.prompts).read_text().splitlines()
+    from flaxlm import storage
+
+    lines = storage.read_text(args.prompts).splitlines()  # a file or a bucket's object
     prompts = [line for line in lines if line.strip()]
     if not prompts:
         raise ValueError(f"--prompts {args.prompts!r} holds no non-empty line")

@@ -32,6 +32,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import linen as nn
 
+from flaxlm import storage
 from flaxlm.config import ConfigError, ModelConfig, OptimConfig, from_dict
 from flaxlm.data.labelled import LabelledRow, read_labelled, split_rows
 from flaxlm.data.sources import DataError
@@ -183,14 +184,16 @@ def finetune(
 
 def _load_encoder(
     checkpoint: str | Path | LoadedModel, opts: FinetuneOptions
-) -> tuple[LoadedModel, Path]:
+) -> tuple[LoadedModel, Path | str]:
     """The pretrained run and the folder the classifier goes to; refuses a family without a
     [CLS] pooler to classify from."""
+    # out: a folder or a bucket URL (flaxlm.storage)
     if isinstance(checkpoint, LoadedModel):
-        loaded, out = checkpoint, Path(opts.out or Path(checkpoint.cfg.train.run_dir) / "finetune")
+        loaded = checkpoint
+        out = opts.out or storage.join(str(checkpoint.cfg.train.run_dir), "finetune")
     else:
         loaded = load_checkpoint(checkpoint)
-        out = Path(opts.out) if opts.out else resolve_checkpoint(checkpoint)[0] / "finetune"
+        out = opts.out or storage.join(str(resolve_checkpoint(checkpoint)[0]), "finetune")
     if not family_of(loaded.cfg).classifies:
         raise ConfigError(
             f"finetune needs an encoder with a [CLS] pooler (model.family=bert), got "
@@ -326,9 +329,14 @@ def _evaluate(predict, all_params, val: _Split, n_classes: int) -> tuple[float, 
     return float(np.mean(pred == val.labels)), macro_f1(pred, val.labels, n_classes)
 
 
-def save_classifier(out, params, loaded: LoadedModel, labels, opts, report) -> Path:
+def save_classifier(out, params, loaded: LoadedModel, labels, opts, report) -> Path | str:
     """Writes ``out/params`` (Orbax), ``out/classifier.json`` (labels, options, the run's
-    config, the report) and ``out/tokenizer.model``. Returns ``out``."""
+    config, the report) and ``out/tokenizer.model``. Returns ``out``. A bucket ``out`` is
+    written locally first and published with ``classifier.json`` last."""
+    if not storage.is_posix(str(out)):
+        local = save_classifier(storage.local_cache(str(out)), params, loaded, labels, opts, report)
+        storage.publish(local, str(out), "classifier.json")
+        return str(out)
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     with ocp.StandardCheckpointer() as ckptr:
@@ -348,8 +356,9 @@ def save_classifier(out, params, loaded: LoadedModel, labels, opts, report) -> P
 
 
 def load_classifier(path: str | Path) -> tuple[BertClassifier, Any, list[str], Tokenizer]:
-    """(model, params, labels, tokenizer) of a :func:`finetune` output folder."""
-    path = Path(path).absolute()
+    """(model, params, labels, tokenizer) of a :func:`finetune` output folder (or a bucket's,
+    copied to this host first)."""
+    path = storage.stage(str(path)).absolute()
     meta = json.loads((path / "classifier.json").read_text())
     cfg = from_dict(meta["config"], check_paths=False)
     model = BertClassifier(cfg.model, len(meta["labels"]), meta["options"]["dropout"])
