@@ -39,3 +39,40 @@ def test_report_of_an_empty_bucket_folder_is_one_line(bucket, capsys):
     assert main(["report", f"{bucket}/nothing"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{bucket}/nothing/metrics.jsonl does not exist" in err
+
+
+def test_the_goodput_ledger_of_a_run_in_a_bucket_survives_a_restart(bucket, tmp_path, monkeypatch):
+    from flaxlm.train import goodput
+    from flaxlm.train.goodput import GoodputClock, read_goodput
+
+    class Clock:  # time.time() for the ledger, advanced by hand
+        now = 1000.0
+
+        def time(self) -> float:
+            return self.now
+
+    def attempt(run_dir, clock: Clock, killed: bool) -> None:
+        ledger = GoodputClock.open(run_dir)
+        ledger.resumed(0 if not read_goodput(run_dir) else 2)
+        for step in (1, 2, 3):
+            ledger.enter("step", step)
+            clock.now += 2.0
+            if step == 2:
+                ledger.enter("checkpoint", 2)
+                clock.now += 1.0
+                ledger.saved(2)  # written through at once: a restart reads this line
+                if killed:
+                    clock.now += 5.0  # the kill, the scheduler
+                    return
+        ledger.close()
+
+    runs = {}
+    for name, run_dir in (("here", str(tmp_path / "run")), ("there", f"{bucket}/runs/r")):
+        clock = Clock()
+        monkeypatch.setattr(goodput, "time", clock)
+        storage.make_dirs(run_dir)
+        attempt(run_dir, clock, killed=True)
+        attempt(run_dir, clock, killed=False)
+        runs[name] = read_goodput(run_dir)
+    assert runs["there"] == runs["here"]  # the bucket's ledger is the folder's, line for line
+    assert runs["there"][-1]["parts"]["lost"] == 5.0

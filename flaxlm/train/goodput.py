@@ -37,8 +37,10 @@ from pathlib import Path
 from typing import Any
 
 from flaxlm import storage
+from flaxlm.train.metrics_segments import SegmentedLog, segment_lines
 
 LEDGER = "goodput.jsonl"
+LEDGER_SEGMENTS = "goodput"  # on an object store: the ledger's segments, RUN_DIR/goodput/
 PARTS = (
     "productive", "compile", "data", "eval", "checkpoint_save", "checkpoint_restore", "startup",
     "rollback_discarded", "restart_replayed", "lost", "other",
@@ -62,6 +64,7 @@ class GoodputClock:
         ``lines``: its records so far; ``now``: this attempt's start (time.time());
         ``log_every``: steps between two lines while only steps run."""
         self.path, self.log_every = path, log_every
+        self._segments: SegmentedLog | None = None  # the ledger on an object store
         self.began = lines[0]["t"] - lines[0]["wall"] if lines else now
         self.parts = dict.fromkeys(PARTS, 0.0)
         self._at_checkpoint: dict[int, float] = {}  # step -> productive seconds when saved
@@ -76,12 +79,18 @@ class GoodputClock:
 
     @classmethod
     def open(cls, run_dir: str | Path, write: bool = True, log_every: int = 1) -> GoodputClock:
-        """The clock of a new attempt on ``run_dir`` (a fresh run, or a restart). A run dir on
-        an object store (no appends) keeps the account in memory only: each attempt's
-        figures start afresh there."""
+        """The clock of a new attempt on ``run_dir`` (a fresh run, or a restart). On an object
+        store (no appends) the ledger's lines go into segments ``RUN_DIR/goodput/*.jsonl``
+        (:class:`flaxlm.train.metrics_segments.SegmentedLog`), written at every checkpoint's
+        line, at most every few seconds otherwise, and at the end."""
         now = time.time()
         if not storage.is_posix(str(run_dir)):
-            return cls(None, [], now, log_every)
+            lines = _parsed(segment_lines(str(run_dir), LEDGER_SEGMENTS))
+            clock = cls(None, lines, now, log_every)
+            if write:
+                clock._segments = SegmentedLog(str(run_dir), LEDGER_SEGMENTS)
+                clock._segments.open(lambda kept: kept)  # the ledger is never truncated
+            return clock
         path = Path(run_dir) / LEDGER
         return cls(path if write else None, _read(path), now, log_every)
 
@@ -137,6 +146,8 @@ class GoodputClock:
     def close(self) -> None:
         """The end of this attempt: the last phase's time, one last line."""
         self.enter("other", self._step)
+        if self._segments is not None:
+            self._segments.flush()
 
     def _part(self) -> str:
         """The part the running phase's time goes to: the first step of an attempt compiles."""
@@ -156,7 +167,7 @@ class GoodputClock:
 
     def _write(self, now: float, saved: bool = False) -> None:
         """One ledger line, the time booked up to ``now``."""
-        if self.path is None:
+        if self.path is None and self._segments is None:
             return
         wall = now - self.began
         record: dict[str, Any] = {
@@ -165,6 +176,11 @@ class GoodputClock:
         }  # fmt: skip
         if saved:
             record["saved"] = True
+        if self._segments is not None:
+            self._segments.append(json.dumps(record))
+            if saved:  # a restore of this checkpoint reads its line
+                self._segments.flush()
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -173,8 +189,12 @@ def _read(path: Path) -> list[dict[str, Any]]:
     """The ledger's complete lines (a kill may tear the last one)."""
     if not path.exists():
         return []
+    return _parsed(path.read_text().splitlines())
+
+
+def _parsed(lines: list[str]) -> list[dict[str, Any]]:
     out = []
-    for line in path.read_text().splitlines():
+    for line in lines:
         try:
             out.append(json.loads(line))
         except json.JSONDecodeError:
@@ -185,4 +205,6 @@ def _read(path: Path) -> list[dict[str, Any]]:
 def read_goodput(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of ``RUN_DIR/goodput.jsonl``, oldest first (the last one has the run's
     whole account); [] when the run has none."""
+    if not storage.is_posix(str(run_dir)):
+        return _parsed(segment_lines(str(run_dir), LEDGER_SEGMENTS))
     return _read(Path(run_dir) / LEDGER)

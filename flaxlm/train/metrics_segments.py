@@ -24,17 +24,17 @@ SEGMENT_LINES = 2000  # a new segment after this many lines: each PUT stays smal
 FLUSH_EVERY_S = 10.0  # the open segment is written at most this often (and at every flush)
 
 
-def _segments(run_dir: str) -> list[tuple[int, str]]:
-    """(first line number, URL) of every segment, in order."""
-    folder = storage.join(run_dir, SEGMENTS)
+def _segments(run_dir: str, name: str = SEGMENTS) -> list[tuple[int, str]]:
+    """(first line number, URL) of every segment of the folder ``name``, in order."""
+    folder = storage.join(run_dir, name)
     names = [n for n in storage.children(folder) if n.endswith(".jsonl") and n[:-6].isdigit()]
     return sorted((int(n[:-6]), storage.join(folder, n)) for n in names)
 
 
-def segment_lines(run_dir: str) -> list[str]:
-    """The lines of every segment, merged; [] when there are none."""
+def segment_lines(run_dir: str, name: str = SEGMENTS) -> list[str]:
+    """The lines of every segment (of the folder ``name``), merged; [] when there are none."""
     lines: list[str] = []
-    for start, url in _segments(run_dir):
+    for start, url in _segments(run_dir, name):
         if start != len(lines):
             break  # left behind by a truncation that was cut short
         lines += storage.read_text(url).splitlines()
@@ -42,8 +42,11 @@ def segment_lines(run_dir: str) -> list[str]:
 
 
 class SegmentedLog:
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
+    """One line file of ``run_dir`` as segments in its folder ``name`` (``metrics``: the
+    lines of metrics.jsonl; ``goodput``: those of goodput.jsonl)."""
+
+    def __init__(self, run_dir: str, name: str = SEGMENTS):
+        self.run_dir, self.name = run_dir, name
         self._start = 0  # line number of the open segment's first line
         self._open: list[str] = []  # the open segment's lines
         self._written_at = 0.0
@@ -51,11 +54,11 @@ class SegmentedLog:
 
     def open(self, keep: Callable[[list[str]], list[str]]) -> int:
         """Keeps ``keep(lines)`` of what is there (a prefix); returns how many lines that is."""
-        lines = segment_lines(self.run_dir)
+        lines = segment_lines(self.run_dir, self.name)
         kept = keep(lines)
         # The segments past the kept lines go first, newest first, so that a kill midway
         # leaves a readable prefix; then the segment holding the cut is rewritten.
-        segments = _segments(self.run_dir)
+        segments = _segments(self.run_dir, self.name)
         for start, url in reversed(segments):
             if start >= len(kept):
                 storage.delete(url)
@@ -79,6 +82,6 @@ class SegmentedLog:
         """Writes the open segment (whole), if it changed."""
         if not self._dirty:
             return
-        url = storage.join(self.run_dir, SEGMENTS, f"{self._start:09d}.jsonl")
+        url = storage.join(self.run_dir, self.name, f"{self._start:09d}.jsonl")
         storage.write_text(url, "".join(line + "\n" for line in self._open))
         self._written_at, self._dirty = time.monotonic(), False
