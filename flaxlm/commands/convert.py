@@ -10,7 +10,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sub = p.add_subparsers(dest="convert_command", required=True)
     c = sub.add_parser("to-hf", help="checkpoint -> GPT2LMHeadModel / BertForPreTraining directory")
     c.add_argument("path", help="RUN_DIR or RUN_DIR/checkpoints/<step>")
-    c.add_argument("out", help="output directory (a folder, gs://... or s3://...)")
+    c.add_argument("out", help="output directory (a folder or a bucket URL)")
     c.set_defaults(func=convert_to_hf_command)
     c = sub.add_parser("from-hf", help="HF GPT-2 / BERT directory -> run dir with checkpoint 0")
     c.add_argument("hf_dir", help="a directory with config.json + model.safetensors")
