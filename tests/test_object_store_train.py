@@ -48,23 +48,6 @@ def _metrics(records):
     return [{k: v for k, v in r.items() if k not in TIMING and "_s" not in k} for r in records]
 
 
-@pytest.fixture(autouse=True)
-def goodput_stays_local(tmp_path, monkeypatch):
-    """goodput.jsonl (flaxlm/train/goodput.py) is appended to with pathlib, which a bucket
-    cannot take yet: its ledger goes to a local folder here."""
-    try:
-        from flaxlm.train.goodput import GoodputClock
-    except ImportError:
-        return
-    original = GoodputClock.open.__func__
-
-    def local(cls, run_dir, *args, **kwargs):
-        return original(cls, tmp_path / "goodput", *args, **kwargs)
-
-    (tmp_path / "goodput").mkdir()
-    monkeypatch.setattr(GoodputClock, "open", classmethod(local))
-
-
 @pytest.fixture(scope="module")
 def local_run(small_corpus, tiny_cache_dir, tmp_path_factory):
     """The same run in a local folder, never interrupted: what the bucket runs must match."""
