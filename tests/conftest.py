@@ -7,6 +7,7 @@ import io
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,16 +38,6 @@ TINY_PLAYS = ("hamlet", "macbeth", "othello", "the-tempest", "twelfth-night", "k
 XLA_CACHE = "FLAXLM_TEST_XLA_CACHE"
 _made_xla_cache: list[str] = []
 
-# Without an accelerator, compile with XLA's backend optimizations off (LLVM -O0, no expensive
-# passes): the tests' programs are tiny, so compiling dominates and running them unoptimized
-# costs little. Compiles of the CPU steps take half the CPU time (test_remat: 95 -> 54 s), the
-# TPU-target compiles about a third, and the TPU compiler's memory figures are unchanged (the
-# four remat policies of test_tpu_compile.py, byte for byte). The HLO the tests lower and
-# inspect is the same. Set in the environment, so the xdist workers and the trainers the
-# tests start as subprocesses inherit it; JAX_DISABLE_MOST_OPTIMIZATIONS=0 turns it off. On
-# a GPU or TPU machine (benchmarks/gpu_check.sh) the tests compile as users do.
-FAST_COMPILE = "JAX_DISABLE_MOST_OPTIMIZATIONS"
-
 
 def pytest_configure(config: pytest.Config) -> None:
     import jax
@@ -61,15 +52,29 @@ def pytest_configure(config: pytest.Config) -> None:
     }
     for name, (value, kind) in settings.items():  # a JAX_... in the environment wins
         jax.config.update(name, kind(os.environ.setdefault(name.upper(), value)))
-    if FAST_COMPILE not in os.environ and not accelerator_attached():
-        os.environ[FAST_COMPILE] = "1"
-    fast = os.environ.get(FAST_COMPILE, "0").lower() in ("1", "true", "yes", "on")
-    jax.config.update(FAST_COMPILE.lower(), fast)
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
     for folder in _made_xla_cache:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture
+def unoptimized_compiles() -> Iterator[None]:
+    """Compiles in the test skip XLA's backend optimizations (LLVM -O0, no expensive passes),
+    without an accelerator. For tests whose cost is compiling, not running: the four remat
+    policies of test_tpu_compile.py compile in about a third of the time with byte-identical
+    TPU memory figures, test_remat.py's CPU gradients in 54 instead of 95 CPU-seconds. Not for
+    tests that run many steps: unoptimized code runs slower (test_finetune.py's 3 epochs: 40
+    -> 64 s). The HLO a test lowers and inspects is the same; the compilation cache keys on the
+    setting. Subprocesses keep the default."""
+    import jax
+
+    flag = "jax_disable_most_optimizations"
+    before = bool(jax.config.values[flag])
+    jax.config.update(flag, before or not accelerator_attached())
+    yield
+    jax.config.update(flag, before)
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,8 @@ LLAMA = ModelConfig(
 )  # fmt: skip
 POLICIES = [r for r in CHOICES["model.remat"] if r != "none"]
 TOKENS = jax.random.randint(jax.random.key(0), (2, 17), 0, 64)
+# Compiling the policies' gradients is the cost here, not running them (conftest.py).
+pytestmark = pytest.mark.usefixtures("unoptimized_compiles")
 
 
 def _loss(params, cfg: ModelConfig):

@@ -24,9 +24,13 @@ from flaxlm.tools import targets
 from flaxlm.tools.plan import plan
 from flaxlm.train.state import abstract_state, param_shardings
 
-pytestmark = pytest.mark.skipif(
-    not targets.libtpu_installed(), reason="needs libtpu: pip install -e '.[tpu]'"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not targets.libtpu_installed(), reason="needs libtpu: pip install -e '.[tpu]'"
+    ),
+    # Nothing runs, so XLA's backend optimizations only slow the compiles (conftest.py).
+    pytest.mark.usefixtures("unoptimized_compiles"),
+]
 
 # Lengths the kernels tile (128), head dim 64, every mesh axis used.
 TPU_TINY = (

@@ -23,9 +23,13 @@ from flaxlm.tools.generate import GenerateOptions, _sample_generate
 from flaxlm.tools.plan import format_plan, plan
 from flaxlm.train.state import abstract_state, param_shardings
 
-pytestmark = pytest.mark.skipif(
-    not targets.libtpu_installed(), reason="needs libtpu: pip install -e '.[tpu]'"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not targets.libtpu_installed(), reason="needs libtpu: pip install -e '.[tpu]'"
+    ),
+    # Nothing runs, so XLA's backend optimizations only slow the compiles (conftest.py).
+    pytest.mark.usefixtures("unoptimized_compiles"),
+]
 
 # The attention the steps compile with: "auto" picks the Pallas splash kernel on TPU.
 ATTENTION = "auto"
