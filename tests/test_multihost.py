@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, unoptimized_env
 
 from flaxlm.train import train
 
@@ -29,7 +29,9 @@ def _train_cmd(corpus, cache, run_dir, steps=6):
 
 
 def _run(cmd, env_extra, timeout=240):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env_extra
+    # Six steps: compiling is the cost, so the trainers compile unoptimized (conftest.py).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | unoptimized_env()
+    env |= env_extra
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -44,6 +46,7 @@ def _metrics(run_dir: Path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("bash") is None, reason="launch/local.sh needs bash")
+@pytest.mark.usefixtures("unoptimized_compiles")
 def test_two_processes_match_one_process_and_restore_into_one(
     small_corpus, tiny_cache_dir, tmp_path
 ):
