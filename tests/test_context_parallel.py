@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import unoptimized_env
 
 from flaxlm.config import ConfigError, load_config
 from flaxlm.models.context_parallel import load_balanced_order
@@ -28,7 +29,8 @@ WORKER = Path(__file__).parent / "context_worker.py"
 
 def run_worker(tmp_path: Path, *args: str) -> dict:
     out = tmp_path / "out.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # A few steps per mesh: compiling is the cost, so the worker compiles unoptimized.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | unoptimized_env()
     worker = subprocess.run(
         [sys.executable, str(WORKER), args[0], str(out), *args[1:]],
         env=env, capture_output=True, text=True, timeout=900,
@@ -98,6 +100,7 @@ def test_bert_under_context_2_and_4_equals_one_device(tmp_path):
 
 
 @pytest.mark.skipif(not targets.libtpu_installed(), reason="needs libtpu: pip install -e '.[tpu]'")
+@pytest.mark.usefixtures("unoptimized_compiles")
 def test_splash_compiles_under_the_context_axis_for_v5e_2x2():
     overrides = [
         "data.seq_len=512", "model.max_seq_len=512", "model.d_model=128", "model.n_heads=2",
