@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, unoptimized_env
 
 from flaxlm.checkpoint.manager import Checkpointer
 from flaxlm.train import train
@@ -43,11 +43,13 @@ def _wait_for_step(procs, run_dir: Path, step: int, timeout: float = 180) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("unoptimized_compiles")
 def test_sigterm_to_one_process_stops_all_at_one_step_with_a_restorable_checkpoint(
     small_corpus, tiny_cache_dir, tmp_path
 ):
     run_dir, port = tmp_path / "run", _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    # Compiling is most of a worker's time to step 10: it compiles unoptimized (conftest.py).
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | unoptimized_env()
     cmd = [sys.executable, str(REPO / "tests" / "preempt_worker.py"), str(small_corpus),
            str(tiny_cache_dir), str(run_dir), str(STEPS)]  # fmt: skip
     procs = [
