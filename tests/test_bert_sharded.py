@@ -13,6 +13,7 @@ from test_sharding import check_layouts_match_1_device
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("unoptimized_compiles")
 def test_bert_on_data_fsdp_and_tensor_at_once_matches_1_device(
     small_corpus, tiny_cache_dir, tmp_path
 ):

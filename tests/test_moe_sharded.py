@@ -11,6 +11,7 @@ MOE = ("model.moe.num_experts=8", "model.moe.top_k=2")
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("unoptimized_compiles")
 def test_moe_expert_data_and_fsdp_parallel_match_1_device(small_corpus, tiny_cache_dir, tmp_path):
     overrides = ("train.steps=4", "train.eval_every=2", "checkpoint.every=2", *MOE)
     check_layouts_match_1_device(

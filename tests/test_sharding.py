@@ -14,7 +14,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-from conftest import bert_tiny_config, tiny_config
+from conftest import bert_tiny_config, tiny_config, unoptimized_env
 
 from flaxlm.checkpoint.manager import Checkpointer
 from flaxlm.families import build_model
@@ -50,6 +50,7 @@ def check_layouts_match_1_device(
     """
     out = tmp_path / "o.json"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env |= unoptimized_env()  # compiles are the cost; the callers compile the 1-device run alike
     args = [family, str(corpus), str(cache), str(tmp_path), str(out), *meshes, *overrides]
     worker = subprocess.Popen(
         [sys.executable, str(WORKER), *args], env=env, stderr=subprocess.PIPE, text=True
@@ -105,6 +106,7 @@ def check_layouts_match_1_device(
 # with the plain logits (the same math: tests/test_head_loss.py). One worker trains all three.
 # (Pure data parallelism is 2,2,2's data axis; tests/test_moe_sharded.py adds the expert axis.)
 @pytest.mark.slow
+@pytest.mark.usefixtures("unoptimized_compiles")
 def test_gpt_on_every_layout_matches_1_device(small_corpus, tiny_cache_dir, tmp_path):
     overrides = ("train.steps=6", "train.eval_every=3", "checkpoint.every=3")
     meshes = ("1,8,1", "2,2,2", "1,4,2:train.head_chunk=8")
